@@ -1,0 +1,5 @@
+"""``python -m worker`` runs the same command line as ``supersim-worker``."""
+
+from worker.cli import main
+
+raise SystemExit(main())

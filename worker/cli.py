@@ -1,0 +1,39 @@
+"""The ``supersim-worker`` command line: one subcommand per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from worker import decode_file
+from worker.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supersim-worker",
+        description="Kinesis consumer for Super SIM Connection Events.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    decode_file.add_parser(subparsers)
+    try:
+        from worker import simulate
+    except ImportError:  # pragma: no cover - only while the simulator is being written
+        pass
+    else:
+        simulate.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except ConfigError as exc:
+        print(f"supersim-worker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status

@@ -1,0 +1,70 @@
+"""``supersim-worker decode FILE``: decode records from a file and report each one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+
+from worker.decode import decode
+from worker.errors import DecodeError
+from worker.records import ConnectionEvent, SinkTestEvent
+
+
+def iter_records(payload: bytes) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, record bytes): one record for a single JSON object document,
+    else one per non-blank line (JSON Lines)."""
+    stripped = payload.strip()
+    if stripped.startswith(b"{") and b"\n" in stripped:
+        try:
+            whole = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            yield 1, stripped
+            return
+    for number, line in enumerate(payload.splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+def describe(raw: bytes) -> tuple[bool, str]:
+    """One line about one record: its kind, or why it failed to decode."""
+    try:
+        event = decode(raw)
+    except DecodeError as exc:
+        return False, f"error: {exc.reason}"
+    if isinstance(event, ConnectionEvent):
+        return True, (
+            f"{event.kind.value} ({event.vendor.value}, schema v{event.schema_version}) "
+            f"{event.event_sid}"
+        )
+    if isinstance(event, SinkTestEvent):
+        return True, f"sink test event ({event.vendor.value})"
+    return True, f"skipped: not a connection event (type {event.type})"
+
+
+def run_decode(path: Path, out: TextIO) -> int:
+    payload = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    failed = total = 0
+    for number, raw in iter_records(payload):
+        total += 1
+        ok, line = describe(raw)
+        failed += not ok
+        out.write(f"{path}:{number}: {line}\n")
+    out.write(f"{total} records, {total - failed} decoded, {failed} failed\n")
+    return 1 if failed else 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "decode",
+        help="decode records from a file (JSON Lines or one JSON document)",
+        description="Print each record's kind or its decode error; exit 1 if any failed.",
+    )
+    parser.add_argument("file", type=Path, help="JSON Lines file, one JSON document, or - for stdin")
+    parser.set_defaults(func=lambda args: run_decode(args.file, sys.stdout))

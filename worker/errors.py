@@ -1,0 +1,33 @@
+"""Error types, classified by what the caller should do about them.
+
+``DecodeError`` is never retried: the record goes to the dead-letter store with its reason.
+``RetriableError`` marks failures worth retrying with backoff (throttling, timeouts,
+connection resets); anything else is permanent for the operation that raised it.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the worker's own errors."""
+
+    retriable: bool = False
+
+
+class DecodeError(WorkerError, ValueError):
+    """A record is not a valid event. ``reason`` says what is wrong in words a person can act on."""
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+class RetriableError(WorkerError):
+    """A transient failure: retry with capped, jittered backoff."""
+
+    retriable = True
+
+
+class ConfigError(WorkerError):
+    """Settings or arguments are invalid; the message names the variable and allowed values."""

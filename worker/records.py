@@ -1,0 +1,216 @@
+"""Typed records for Super SIM Connection Events and the Kinesis record they came in.
+
+One Kinesis record holds one CloudEvent in structured JSON. Its ``data`` object has the
+same shape for every connection event kind and for both vendors (Twilio, KORE); only
+the envelope differs. These models describe that shape; ``worker.decode`` builds them.
+
+All datetimes are timezone-aware and normalised to UTC. Byte counts are non-negative
+integers. Unknown fields are kept (``model_extra``), never fatal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
+
+MAX_RECORD_BYTES: Final = 1024 * 1024
+"""Kinesis' own limit for one record's data blob; anything larger is not a real record."""
+
+
+UtcDatetime = Annotated[AwareDatetime, Strict()]
+"""An aware datetime. ``worker.decode`` parses RFC 3339 strings and normalises them to UTC
+before validation (much faster than per-field validators); the model itself only accepts
+datetime instances, so a number or a malformed string is reported as a wrong type."""
+ByteCount = Annotated[StrictInt, Field(ge=0)]
+
+
+class EventKind(StrEnum):
+    """The seven connection event kinds, named by the suffix after ``supersim.connection.``."""
+
+    ATTACHMENT_ACCEPTED = "attachment.accepted"
+    ATTACHMENT_REJECTED = "attachment.rejected"
+    ATTACHMENT_FAILED = "attachment.failed"
+    DATA_SESSION_STARTED = "data-session.started"
+    DATA_SESSION_UPDATED = "data-session.updated"
+    DATA_SESSION_ENDED = "data-session.ended"
+    DATA_SESSION_FAILED = "data-session.failed"
+
+    @property
+    def is_data_session(self) -> bool:
+        return self.value.startswith("data-session.")
+
+    @property
+    def carries_usage(self) -> bool:
+        """True for the kinds whose ``data`` reports bytes used in a window."""
+        return self in (EventKind.DATA_SESSION_UPDATED, EventKind.DATA_SESSION_ENDED)
+
+
+class Vendor(StrEnum):
+    TWILIO = "twilio"
+    KORE = "kore"
+    OTHER = "other"
+
+
+class _Open(BaseModel):
+    """Base for small nested payload objects: unknown fields are kept, instances are immutable."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class _Closed(BaseModel):
+    """Base for the envelope and ``data``: unknown fields are kept by ``worker.decode`` in
+    ``ConnectionEvent.extra`` rather than by pydantic (``extra="allow"`` doubles the cost)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Network(_Open):
+    """The visited network the SIM attached or tried to attach to."""
+
+    mcc: StrictStr | None = None
+    mnc: StrictStr | None = None
+    sid: StrictStr | None = None
+    friendly_name: StrictStr | None = None
+    iso_country: StrictStr | None = None
+
+
+class Location(_Open):
+    """The cell the device was connected to, when the visited network reports it."""
+
+    cell_id: StrictStr | None = None
+    lac: StrictStr | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+class EventError(_Open):
+    """What went wrong, on rejected and failed events."""
+
+    code: StrictInt
+    message: StrictStr | None = None
+
+
+class ConnectionDataV1(_Closed):
+    """The ``data`` object of schema version 1 (no cumulative session totals)."""
+
+    event_sid: StrictStr
+    event_type: StrictStr
+    timestamp: UtcDatetime
+    account_sid: StrictStr
+    sim_sid: StrictStr
+    sim_iccid: StrictStr
+    sim_unique_name: StrictStr | None = None
+    fleet_sid: StrictStr | None = None
+    imsi: StrictStr | None = None
+    imei: StrictStr | None = None
+    apn: StrictStr | None = None
+    ip_address: StrictStr | None = None
+    rat_type: StrictStr | None = None
+    network: Network | None = None
+    location: Location | None = None
+    error: EventError | None = None
+    data_modifier: StrictStr | None = None
+    data_session_sid: StrictStr | None = None
+    data_session_start_time: UtcDatetime | None = None
+    data_session_end_time: UtcDatetime | None = None
+    data_session_update_start_time: UtcDatetime | None = None
+    data_session_update_end_time: UtcDatetime | None = None
+    data_download: ByteCount | None = None
+    data_upload: ByteCount | None = None
+    data_total: ByteCount | None = None
+
+
+class ConnectionDataV2(ConnectionDataV1):
+    """The ``data`` object of schema version 2: adds the session's cumulative totals."""
+
+    data_session_data_download: ByteCount | None = None
+    data_session_data_upload: ByteCount | None = None
+    data_session_data_total: ByteCount | None = None
+
+
+ConnectionData = ConnectionDataV2
+"""The model events are decoded with: v2 is a superset of v1."""
+
+
+class Envelope(_Closed):
+    """The CloudEvent envelope of a connection event (structured JSON mode)."""
+
+    specversion: StrictStr
+    type: StrictStr
+    source: StrictStr
+    id: StrictStr
+    dataschema: StrictStr | None = None
+    datacontenttype: StrictStr | None = None
+    time: UtcDatetime | None = None
+
+
+class ConnectionEnvelope(Envelope):
+    """A connection event as published: the envelope with its typed ``data``."""
+
+    data: ConnectionData
+
+
+class SinkTestEnvelope(Envelope):
+    """A sink test event (``com.twilio.eventstreams.test-event`` and KORE's equivalent)."""
+
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class KinesisMeta:
+    """Where a record came from: needed for checkpoints, lag and de-duplication."""
+
+    shard_id: str
+    sequence_number: str
+    partition_key: str
+    arrival: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """A decoded Super SIM connection event."""
+
+    kind: EventKind
+    vendor: Vendor
+    schema_version: int
+    envelope: ConnectionEnvelope
+    meta: KinesisMeta | None = None
+    extra: Mapping[str, Any] | None = None
+    """Unknown fields, by place: ``{"envelope": {...}, "data": {...}}``; None when there are none."""
+    category: Literal["connection"] = "connection"
+
+    @property
+    def data(self) -> ConnectionData:
+        return self.envelope.data
+
+    @property
+    def event_sid(self) -> str:
+        return self.envelope.data.event_sid
+
+
+@dataclass(frozen=True, slots=True)
+class SinkTestEvent:
+    """A sink test event: valid input that handlers skip."""
+
+    vendor: Vendor
+    envelope: SinkTestEnvelope
+    meta: KinesisMeta | None = None
+    category: Literal["sink_test"] = "sink_test"
+
+
+@dataclass(frozen=True, slots=True)
+class OtherEvent:
+    """A well-formed CloudEvent of another type: counted and skipped."""
+
+    type: str
+    id: str
+    meta: KinesisMeta | None = None
+    category: Literal["other"] = "other"
+
+
+DecodedEvent = ConnectionEvent | SinkTestEvent | OtherEvent
