@@ -36,7 +36,7 @@ schemas:
 	$(BIN)/python -m worker.schema_files schemas
 
 bench:
-	$(BIN)/python -m tests.bench
+	$(BIN)/python tests/bench/run.py
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info
