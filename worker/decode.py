@@ -107,7 +107,9 @@ def _load(raw: bytes) -> Any:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
-            raise DecodeError(f"record is not UTF-8 (invalid byte at offset {uexc.start})") from None
+            raise DecodeError(
+                f"record is not UTF-8 (invalid byte at offset {uexc.start})"
+            ) from None
         raise DecodeError(f"record is not JSON ({exc})") from None
 
 
@@ -144,7 +146,9 @@ def decode(raw: bytes, meta: KinesisMeta | None = None) -> DecodedEvent:
     mark = event_type.find(CONNECTION_MARK)
     if mark < 0:
         event_id = obj.get("id")
-        return OtherEvent(type=event_type, id=event_id if isinstance(event_id, str) else "", meta=meta)
+        return OtherEvent(
+            type=event_type, id=event_id if isinstance(event_id, str) else "", meta=meta
+        )
     kind = _KINDS.get(event_type[mark + len(CONNECTION_MARK) :])
     if kind is None:
         raise DecodeError(f"unknown connection event kind in type {event_type!r}", "type")
@@ -153,7 +157,9 @@ def decode(raw: bytes, meta: KinesisMeta | None = None) -> DecodedEvent:
         try:
             obj["data"] = data = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"field 'data' is a string that is not JSON ({exc})", "data") from None
+            raise DecodeError(
+                f"field 'data' is a string that is not JSON ({exc})", "data"
+            ) from None
     if not isinstance(data, dict):
         what = "missing" if data is None else f"a JSON {_type_name(data)}"
         raise DecodeError(f"field 'data' is {what}, expected an object", "data")
@@ -195,7 +201,9 @@ def _check_kind(kind: EventKind, envelope: ConnectionEnvelope) -> None:
         )
     if kind.is_data_session and kind is not EventKind.DATA_SESSION_FAILED:
         if data.data_session_sid is None:
-            raise DecodeError(f"{kind.value} event lacks data.data_session_sid", "data.data_session_sid")
+            raise DecodeError(
+                f"{kind.value} event lacks data.data_session_sid", "data.data_session_sid"
+            )
     if kind.carries_usage:
         for name in _USAGE_FIELDS:
             if getattr(data, name) is None:

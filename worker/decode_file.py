@@ -66,5 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="decode records from a file (JSON Lines or one JSON document)",
         description="Print each record's kind or its decode error; exit 1 if any failed.",
     )
-    parser.add_argument("file", type=Path, help="JSON Lines file, one JSON document, or - for stdin")
+    parser.add_argument(
+        "file", type=Path, help="JSON Lines file, one JSON document, or - for stdin"
+    )
     parser.set_defaults(func=lambda args: run_decode(args.file, sys.stdout))

@@ -78,11 +78,17 @@ class Settings(BaseSettings):
         None, description="Start time for initial_position AT_TIMESTAMP (RFC 3339)."
     )
     batch_limit: int = Field(1000, ge=1, le=10000, description="GetRecords Limit per call.")
-    idle_interval: float = Field(1.0, gt=0, description="Seconds between reads of a caught-up shard.")
+    idle_interval: float = Field(
+        1.0, gt=0, description="Seconds between reads of a caught-up shard."
+    )
     discovery_interval: float = Field(30.0, gt=0, description="Seconds between shard discoveries.")
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches read ahead per shard.")
-    handler_attempts: int = Field(3, ge=1, le=20, description="Tries of a failing batch before bisecting.")
-    shutdown_timeout: float = Field(20.0, gt=0, description="Seconds to finish the in-flight batch.")
+    handler_attempts: int = Field(
+        3, ge=1, le=20, description="Tries of a failing batch before bisecting."
+    )
+    shutdown_timeout: float = Field(
+        20.0, gt=0, description="Seconds to finish the in-flight batch."
+    )
     lease_ttl: float = Field(30.0, ge=3, description="Seconds a shard lease lasts without renewal.")
     dlq_maxlen: int = Field(100_000, ge=100, description="Capacity of the dead-letter stream.")
 

@@ -1,0 +1,81 @@
+"""Shared pytest fixtures.
+
+Real servers (see tests/servers.py) are session-scoped: each starts the first time a test
+asks for it and stops when the session ends. Tests should use the function-scoped
+fixtures (``redis_url``, ``moto_endpoint``, ``kinesalite_endpoint``), which reset the
+server before every test so no state leaks between tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import servers
+
+# --- hermetic AWS environment ------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy credentials for every test; never pick up a real profile or endpoint override."""
+    for name in list(os.environ):
+        if name.startswith("AWS_ENDPOINT_URL") or name in (
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_SECURITY_TOKEN",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# --- real servers, one per session (started lazily) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[servers.RedisServer]:
+    server = servers.start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[servers.MotoServer]:
+    server = servers.start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kinesalite_server() -> Iterator[servers.KinesaliteServer]:
+    server = servers.start_kinesalite()
+    yield server
+    server.stop()
+
+
+# --- per-test views of those servers, reset before each test ------------------------------
+
+
+@pytest.fixture
+def redis_url(redis_server: servers.RedisServer) -> str:
+    """``redis://127.0.0.1:PORT/0`` of an empty redis."""
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: servers.MotoServer) -> str:
+    """``http://127.0.0.1:PORT`` of a moto_server with no state (all services reset)."""
+    moto_server.reset()
+    return moto_server.url
+
+
+@pytest.fixture
+def kinesalite_endpoint(kinesalite_server: servers.KinesaliteServer) -> str:
+    """``http://127.0.0.1:PORT`` of a kinesalite with no streams."""
+    kinesalite_server.reset()
+    return kinesalite_server.url

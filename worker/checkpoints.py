@@ -1,0 +1,58 @@
+"""Fenced checkpoints: the last sequence number of a shard whose handling is complete.
+
+A write is one Lua script that checks the writer still holds the shard's lease with the
+same fencing token, then stores the checkpoint (and extends the lease). A stale owner's
+write is refused with ``LeaseLost``, and that reader stops. Checkpoints are written only
+after every handler has returned for the batch (at-least-once delivery).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from redis.asyncio import Redis
+
+from worker import keys
+from worker.errors import WorkerError
+from worker.leases import Lease
+
+_WRITE: Final = """
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class LeaseLost(WorkerError):
+    """This worker no longer owns the shard: another owner took the lease."""
+
+
+class Checkpoints:
+    def __init__(self, redis: Redis, key_prefix: str, lease_ttl_seconds: float) -> None:
+        self._redis = redis
+        self._prefix = key_prefix
+        self._key = keys.checkpoints(key_prefix)
+        self._ttl_ms = int(lease_ttl_seconds * 1000)
+        self._write = redis.register_script(_WRITE)
+
+    async def get(self, shard_id: str) -> str | None:
+        value = await self._redis.hget(self._key, shard_id)  # type: ignore[misc]  # redis-py types sync|async
+        return None if value is None else value.decode() if isinstance(value, bytes) else value
+
+    async def all(self) -> dict[str, str]:
+        raw = await self._redis.hgetall(self._key)  # type: ignore[misc]  # redis-py types sync|async
+        return {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+
+    async def write(self, lease: Lease, sequence: str) -> None:
+        """Store ``sequence`` (or ``keys.SHARD_END``) for the lease's shard; LeaseLost if stale."""
+        ok = await self._write(
+            keys=[keys.lease(self._prefix, lease.shard_id), self._key],
+            args=[lease.owner, lease.token, lease.shard_id, sequence, self._ttl_ms],
+        )
+        if not ok:
+            raise LeaseLost(f"shard {lease.shard_id}: lease token {lease.token} is no longer ours")

@@ -1,0 +1,31 @@
+"""The built-in ``log`` handler: one log line per batch with counts per event kind."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import structlog
+
+from worker.handlers.base import Batch, HandlerContext
+
+
+class LogHandler:
+    """Logs how many events of each kind each batch held. Stateless, so idempotent."""
+
+    name = "log"
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("worker.handlers.log")
+        self.totals: Counter[str] = Counter()
+
+    async def handle(self, batch: Batch) -> None:
+        counts = Counter(event.kind.value for event in batch.events)
+        self.totals.update(counts)
+        self._log.info("batch", shard_id=batch.shard_id, events=len(batch), kinds=dict(counts))
+
+    async def close(self) -> None:
+        self._log.info("totals", kinds=dict(self.totals))
+
+
+def create(_: HandlerContext) -> LogHandler:
+    return LogHandler()

@@ -1,0 +1,40 @@
+"""Redis key layout. Every key of one stream and consumer group shares one Redis Cluster
+hash tag, ``{sw:<stream>:<group>}``, so Lua scripts touching several of them stay in one slot.
+
+=====================================  =======  ============================================
+key                                    type     holds
+=====================================  =======  ============================================
+``{sw:S:G}:lease:<shard>``             hash     owner, token (fencing); expires with its TTL
+``{sw:S:G}:fence:<shard>``             string   fencing counter, +1 on every lease take
+``{sw:S:G}:checkpoints``               hash     shard id -> last handled sequence / SHARD_END
+``{sw:S:G}:dlq``                       stream   dead-lettered records with their reasons
+=====================================  =======  ============================================
+
+Handlers put their own keys under the same prefix (see their modules).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SHARD_END: Final = "SHARD_END"
+
+
+def prefix(stream: str, group: str) -> str:
+    return f"{{sw:{stream}:{group}}}"
+
+
+def lease(key_prefix: str, shard_id: str) -> str:
+    return f"{key_prefix}:lease:{shard_id}"
+
+
+def fence(key_prefix: str, shard_id: str) -> str:
+    return f"{key_prefix}:fence:{shard_id}"
+
+
+def checkpoints(key_prefix: str) -> str:
+    return f"{key_prefix}:checkpoints"
+
+
+def dead_letters(key_prefix: str) -> str:
+    return f"{key_prefix}:dlq"

@@ -1,0 +1,187 @@
+"""One shard batch, from raw records to handled: decode → dead-letter → handlers.
+
+Decode failures go to the dead-letter store at once. Each handler gets the batch's
+connection events; a handler that raises is retried with backoff (``handler_attempts``
+tries). If it still fails, the batch is bisected to isolate the failing record(s), which
+are dead-lettered with the handler's name and exception, and the rest is handled: a
+poison record never stalls the shard and nothing is skipped without a dead-letter entry.
+
+Infrastructure failures (Redis or network down, timeouts, ``RetriableError``) are not the
+records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
+reader stops without checkpointing and is restarted from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiohttp
+import redis.exceptions
+import structlog
+
+from worker.backoff import Backoff
+from worker.deadletter import DECODE, DeadLetter, DeadLetterStore
+from worker.decode import decode
+from worker.errors import DecodeError, RetriableError
+from worker.handlers.base import Batch, Handler
+from worker.metrics import Metrics
+from worker.records import ConnectionEvent, KinesisMeta, SinkTestEvent
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record as GetRecords returned it."""
+
+    data: bytes
+    sequence_number: str
+    partition_key: str
+    arrival: datetime | None = None
+
+
+class HandlerUnavailable(RetriableError):
+    """A handler's infrastructure kept failing; the batch is not checkpointed."""
+
+
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    return getattr(exc, "retriable", False) is True or isinstance(
+        exc,
+        redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | aiohttp.ClientConnectionError
+        | asyncio.TimeoutError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    records: int = 0
+    handled: int = 0
+    dead_lettered: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+
+
+class BatchProcessor:
+    """Runs the handlers over one batch at a time. Shared by all shard readers."""
+
+    def __init__(
+        self,
+        handlers: Sequence[Handler],
+        dead_letters: DeadLetterStore,
+        metrics: Metrics,
+        attempts: int = 3,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.handlers = list(handlers)
+        self._dlq = dead_letters
+        self._metrics = metrics
+        self._attempts = attempts
+        self._backoff = backoff or Backoff(base=0.2, cap=5.0)
+        self._log = structlog.get_logger("worker.pipeline")
+
+    def decode_all(
+        self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
+    ) -> tuple[list[ConnectionEvent], list[DeadLetter]]:
+        events: list[ConnectionEvent] = []
+        letters: list[DeadLetter] = []
+        for record in records:
+            meta = KinesisMeta(shard_id, record.sequence_number, record.partition_key, record.arrival)
+            try:
+                event = decode(record.data, meta)
+            except DecodeError as exc:
+                letters.append(_letter(record, shard_id, exc.reason, DECODE, exc))
+                continue
+            if isinstance(event, ConnectionEvent):
+                events.append(event)
+                outcome.kinds[event.kind.value] += 1
+            elif isinstance(event, SinkTestEvent):
+                outcome.skipped["sink_test"] += 1
+            else:
+                outcome.skipped["other_type"] += 1
+        return events, letters
+
+    async def process(self, shard_id: str, records: Sequence[RawRecord]) -> BatchOutcome:
+        """Handle one batch completely; returns when it may be checkpointed."""
+        outcome = BatchOutcome(records=len(records))
+        events, letters = self.decode_all(shard_id, records, outcome)
+        await self._dlq.add(letters)
+        poisoned: dict[str, DeadLetter] = {}
+        if events:
+            raw = {record.sequence_number: record for record in records}
+            batch = Batch(shard_id, events)
+            for handler in self.handlers:
+                for event, exc in await self._run(handler, batch, self._attempts):
+                    assert event.meta is not None  # events from records always carry it
+                    record = raw[event.meta.sequence_number]
+                    reason = f"handler {handler.name} failed on this record after retries"
+                    letter = _letter(record, shard_id, reason, handler.name, exc)
+                    poisoned.setdefault(record.sequence_number, letter)
+        await self._dlq.add(list(poisoned.values()))
+        outcome.dead_lettered = len(letters) + len(poisoned)
+        outcome.handled = len(events) - len(poisoned)
+        self._metrics.incr("records", outcome.records)
+        self._metrics.incr("events_handled", outcome.handled)
+        for name, count in outcome.skipped.items():
+            self._metrics.incr(f"skipped_{name}", count)
+        return outcome
+
+    async def _run(
+        self, handler: Handler, batch: Batch, attempts: int
+    ) -> list[tuple[ConnectionEvent, Exception]]:
+        """Handle ``batch`` with ``handler``; return the events it keeps failing on."""
+        error: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                await handler.handle(batch)
+            except Exception as exc:
+                error = exc
+                infra = is_infrastructure_failure(exc)
+                self._log.warning(
+                    "handler_failed",
+                    handler=handler.name,
+                    shard_id=batch.shard_id,
+                    events=len(batch),
+                    attempt=attempt,
+                    attempts_left=attempts - attempt,
+                    infrastructure=infra,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if attempt < attempts:
+                    await asyncio.sleep(self._backoff.delay(attempt))
+                    continue
+                if infra:
+                    raise HandlerUnavailable(
+                        f"handler {handler.name} kept failing: {type(exc).__name__}: {exc}"
+                    ) from exc
+            else:
+                return []
+        assert error is not None
+        if len(batch) == 1:
+            return [(batch.events[0], error)]
+        left, right = batch.split()
+        # Halves get one try; a lone record gets the full retries before it is dead-lettered.
+        return [
+            *await self._run(handler, left, 1 if len(left) > 1 else self._attempts),
+            *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
+        ]
+
+
+def _letter(
+    record: RawRecord, shard_id: str, reason: str, handler: str, exc: BaseException
+) -> DeadLetter:
+    return DeadLetter(
+        raw=record.data,
+        shard_id=shard_id,
+        sequence_number=record.sequence_number,
+        partition_key=record.partition_key,
+        arrival=record.arrival,
+        reason=reason,
+        handler=handler,
+        exception=f"{type(exc).__name__}: {exc}",
+    )
