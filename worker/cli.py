@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from worker import decode_file
+from botocore.exceptions import NoCredentialsError
+
+from worker import decode_file, dlq, replay, run_cmd
 from worker.errors import ConfigError
 
 
@@ -16,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kinesis consumer for Super SIM Connection Events.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_cmd.add_parser(subparsers)
+    replay.add_parser(subparsers)
+    dlq.add_parser(subparsers)
     decode_file.add_parser(subparsers)
     try:
         from worker import simulate
@@ -33,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except ConfigError as exc:
         print(f"supersim-worker: {exc}", file=sys.stderr)
+        return 2
+    except NoCredentialsError:
+        print(
+            "supersim-worker: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with a role)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -91,7 +91,9 @@ class BatchProcessor:
         events: list[ConnectionEvent] = []
         letters: list[DeadLetter] = []
         for record in records:
-            meta = KinesisMeta(shard_id, record.sequence_number, record.partition_key, record.arrival)
+            meta = KinesisMeta(
+                shard_id, record.sequence_number, record.partition_key, record.arrival
+            )
             try:
                 event = decode(record.data, meta)
             except DecodeError as exc:
@@ -129,6 +131,8 @@ class BatchProcessor:
         self._metrics.incr("events_handled", outcome.handled)
         for name, count in outcome.skipped.items():
             self._metrics.incr(f"skipped_{name}", count)
+        for kind, count in outcome.kinds.items():
+            self._metrics.incr(f"kind:{kind}", count)
         return outcome
 
     async def _run(

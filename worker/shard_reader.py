@@ -183,7 +183,9 @@ class ShardReader:
                 await asyncio.sleep(pause)
             last_call = time.monotonic()
             try:
-                response = await self._kinesis.get_records(ShardIterator=iterator, Limit=self._limit)
+                response = await self._kinesis.get_records(
+                    ShardIterator=iterator, Limit=self._limit
+                )
             except Exception as exc:
                 if error_code(exc) == EXPIRED_ITERATOR:
                     self._log.info("iterator_expired", restart=start.iterator_type)

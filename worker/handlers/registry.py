@@ -5,6 +5,8 @@ A third-party package registers a handler factory (a callable taking a
 
     [project.entry-points."supersim_worker.handlers"]
     my_handler = "my_package.module:create"
+
+A factory can also be named directly by its import path, ``my_package.module:create``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def _importable(target: str) -> bool:
 
 
 def find(name: str) -> HandlerFactory:
+    """A handler factory by name, or by import path ``package.module:factory``."""
+    if ":" in name:
+        try:
+            return _load(name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"SUPERSIM_HANDLERS: cannot import handler {name!r}: {exc}") from None
     targets = available()
     target = targets.get(name)
     if target is None:

@@ -1,0 +1,154 @@
+"""The worker process: builds the pieces from the settings, runs them, stops them cleanly.
+
+SIGTERM or SIGINT stops reading, lets in-flight batches finish (bounded by
+``shutdown_timeout``), checkpoints, releases leases and returns; a second signal exits
+at once with status 130.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+from redis.asyncio import Redis
+
+from worker import keys, kinesis
+from worker.checkpoints import Checkpoints
+from worker.deadletter import DeadLetterStore
+from worker.handlers import registry
+from worker.handlers.base import Handler, HandlerContext
+from worker.leases import LeaseManager
+from worker.metrics import Metrics
+from worker.pipeline import BatchProcessor
+from worker.progress import ProgressReporter
+from worker.settings import Settings
+from worker.supervisor import Supervisor
+
+
+@dataclass(slots=True)
+class RunSummary:
+    seconds: float = 0.0
+    caught_up: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_dsn, health_check_interval=30, socket_timeout=10)
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a running worker holds, for the commands that need part of it."""
+
+    settings: Settings
+    redis: Redis
+    key_prefix: str
+    metrics: Metrics
+    dead_letters: DeadLetterStore
+    handlers: list[Handler]
+
+
+@asynccontextmanager
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    """Redis, the dead-letter store and the configured handlers; closed on exit."""
+    redis = redis_client(settings)
+    key_prefix = keys.prefix(settings.stream_name, settings.consumer_group)
+    metrics = Metrics()
+    handlers: list[Handler] = []
+    try:
+        await redis.ping()  # type: ignore[misc]  # redis-py types sync|async
+        dlq = DeadLetterStore(redis, keys.dead_letters(key_prefix), settings.dlq_maxlen, metrics)
+        handlers = registry.build(settings.handlers, HandlerContext(settings, redis, key_prefix))
+        yield Services(settings, redis, key_prefix, metrics, dlq, handlers)
+    finally:
+        for handler in handlers:
+            try:
+                await handler.close()
+            except Exception as exc:
+                structlog.get_logger("worker.app").warning(
+                    "handler_close_failed", handler=handler.name, error=str(exc)
+                )
+        await redis.aclose()
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    from_start: bool = False,
+    at_timestamp: datetime | None = None,
+    until_caught_up: bool = False,
+    install_signals: bool = True,
+    show_progress: bool | None = None,
+) -> RunSummary:
+    """Consume the stream until stopped (or caught up); returns what happened."""
+    log = structlog.get_logger("worker.app")
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        svc = await stack.enter_async_context(services(settings))
+        client = await stack.enter_async_context(kinesis.client(settings))
+        supervisor = Supervisor(
+            settings=settings,
+            kinesis=client,
+            leases=LeaseManager(svc.redis, svc.key_prefix, owner_id(), settings.lease_ttl),
+            checkpoints=Checkpoints(svc.redis, svc.key_prefix, settings.lease_ttl),
+            processor=BatchProcessor(
+                svc.handlers, svc.dead_letters, svc.metrics, attempts=settings.handler_attempts
+            ),
+            from_start=from_start,
+            at_timestamp=at_timestamp,
+            until_caught_up=until_caught_up,
+        )
+        if install_signals:
+            _install_signals(supervisor)
+        backfill = from_start or at_timestamp is not None or until_caught_up
+        tty = sys.stderr.isatty() if show_progress is None else show_progress
+        reporter = ProgressReporter(supervisor.progress, svc.metrics, tty=tty, enabled=backfill)
+        log.info(
+            "worker_started",
+            stream=settings.stream_name,
+            consumer_group=settings.consumer_group,
+            handlers=list(settings.handlers),
+            from_start=from_start,
+            at_timestamp=at_timestamp.isoformat() if at_timestamp else None,
+        )
+        async with reporter:
+            await supervisor.run()
+        summary = RunSummary(
+            seconds=time.monotonic() - started,
+            caught_up=supervisor.caught_up,
+            metrics=svc.metrics.snapshot(),
+        )
+        log.info("worker_stopped", seconds=round(summary.seconds, 2), **summary.metrics)
+        return summary
+
+
+def _install_signals(supervisor: Supervisor) -> None:
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger("worker.app")
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if received:
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(130)
+        received.append(signum)
+        log.info("stopping", signal=signal.Signals(signum).name)
+        supervisor.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal, signum)
