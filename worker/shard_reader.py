@@ -16,6 +16,7 @@ checkpoint becomes ``SHARD_END``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -231,10 +232,8 @@ class ShardReader:
         await queue.put(_STOPPED)
 
     async def _idle_wait(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._idle)
-        except TimeoutError:
-            pass
 
     async def _iterator(self, start: StartPosition) -> str:
         failures = 0

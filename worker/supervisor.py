@@ -13,6 +13,7 @@ batch finish (bounded by ``shutdown_timeout``), checkpoints, and releases the le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,10 +110,8 @@ class Supervisor:
                     break
                 self._wake.clear()
                 interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
-                except TimeoutError:
-                    pass
         finally:
             await self._shutdown()
             renewer.cancel()
@@ -247,7 +246,7 @@ class Supervisor:
         for item in running:
             item.reader.stop()
         if running:
-            done, pending = await asyncio.wait(
+            _done, pending = await asyncio.wait(
                 [item.task for item in running], timeout=self._settings.shutdown_timeout
             )
             for task in pending:
