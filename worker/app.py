@@ -93,6 +93,7 @@ async def run_worker(
     until_caught_up: bool = False,
     install_signals: bool = True,
     show_progress: bool | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Consume the stream until stopped (or caught up); returns what happened."""
     log = structlog.get_logger("worker.app")
@@ -126,7 +127,10 @@ async def run_worker(
             at_timestamp=at_timestamp.isoformat() if at_timestamp else None,
         )
         async with reporter:
-            await supervisor.run()
+            if stop is None:
+                await supervisor.run()
+            else:
+                await _run_until(supervisor, stop)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,
@@ -134,6 +138,17 @@ async def run_worker(
         )
         log.info("worker_stopped", seconds=round(summary.seconds, 2), **summary.metrics)
         return summary
+
+
+async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:
+    """Run the supervisor until it returns or ``stop`` is set (then stop it gracefully)."""
+    waiter = asyncio.create_task(stop.wait(), name="stop-waiter")
+    waiter.add_done_callback(lambda _: supervisor.stop())
+    try:
+        await supervisor.run()
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
 
 
 def _install_signals(supervisor: Supervisor) -> None:

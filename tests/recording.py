@@ -1,0 +1,59 @@
+"""A handler for tests: records every event it handles in Redis, in handling order.
+
+Named by import path (``recording:create``) so worker subprocesses find it with
+``PYTHONPATH=tests``. ``RECORDING_DELAY`` (seconds per batch) slows it down; an event whose
+``sim_unique_name`` is ``poison`` makes it raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from redis.asyncio import Redis
+
+from worker.handlers.base import Batch, HandlerContext
+
+POISON = "poison"
+
+
+def seen_key(key_prefix: str) -> str:
+    return f"{key_prefix}:test:seen"
+
+
+class RecordingHandler:
+    name = "recording"
+
+    def __init__(self, context: HandlerContext) -> None:
+        self._redis = context.redis
+        self._key = seen_key(context.key_prefix)
+        self._delay = float(os.environ.get("RECORDING_DELAY", "0"))
+
+    async def handle(self, batch: Batch) -> None:
+        for event in batch.events:
+            if event.data.sim_unique_name == POISON:
+                raise ValueError("poison record")
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        entries = []
+        for event in batch.events:
+            assert event.meta is not None
+            entries.append(f"{event.meta.shard_id}|{event.meta.sequence_number}|{event.event_sid}")
+        await self._redis.rpush(self._key, *entries)  # type: ignore[misc]
+
+    async def close(self) -> None:
+        return None
+
+
+def create(context: HandlerContext) -> RecordingHandler:
+    return RecordingHandler(context)
+
+
+async def seen(redis_url: str, key_prefix: str) -> list[tuple[str, str, str]]:
+    """(shard id, sequence number, event sid) of every handled event, in handling order."""
+    client = Redis.from_url(redis_url)
+    try:
+        raw = await client.lrange(seen_key(key_prefix), 0, -1)  # type: ignore[misc]
+    finally:
+        await client.aclose()
+    return [tuple(item.decode().split("|")) for item in raw]  # type: ignore[misc]

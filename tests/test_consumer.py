@@ -1,0 +1,203 @@
+"""The consumer end to end, in process, against real Kinesis servers and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import pytest
+from kinesis_support import create_stream, events, put, worker_settings
+from recording import seen
+from redis.asyncio import Redis
+
+from worker import keys
+from worker.app import run_worker
+from worker.deadletter import DeadLetterStore
+from worker.dlq import redrive
+from worker.handlers import registry
+from worker.handlers.base import HandlerContext
+from worker.metrics import Metrics
+
+
+@pytest.fixture(params=["moto", "kinesalite"])
+def kinesis_endpoint(request: pytest.FixtureRequest) -> str:
+    """Each test runs against both Kinesis implementations."""
+    fixture = "moto_endpoint" if request.param == "moto" else "kinesalite_endpoint"
+    return str(request.getfixturevalue(fixture))
+
+
+def stream_name() -> str:
+    return f"s-{uuid.uuid4().hex[:8]}"
+
+
+def prefix(stream: str, group: str = "supersim-worker") -> str:
+    return keys.prefix(stream, group)
+
+
+async def test_every_record_is_handled_once_across_shards(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """A backfill over a 4-shard stream hands every record to the handlers exactly once."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=4)
+    records = events(200)
+    await put(kinesis_endpoint, stream, records)
+    settings = worker_settings(kinesis_endpoint, redis_url, stream)
+    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    handled = await seen(redis_url, prefix(stream))
+    assert Counter(sid for _, _, sid in handled) == Counter(
+        sid for sid in (e.split(b'"id":"')[1].split(b'"')[0].decode() for e in records)
+    )
+    assert len({shard for shard, _, _ in handled}) > 1
+
+
+async def test_restart_resumes_exactly_after_clean_stop(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """A second run resumes after the checkpoints: nothing lost, nothing read twice."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=2)
+    await put(kinesis_endpoint, stream, events(60))
+    settings = worker_settings(kinesis_endpoint, redis_url, stream)
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    await put(kinesis_endpoint, stream, events(40, start=60))
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    handled = await seen(redis_url, prefix(stream))
+    sids = [sid for _, _, sid in handled]
+    assert len(sids) == 100
+    assert len(set(sids)) == 100
+
+
+async def test_checkpoints_follow_each_shard_in_sequence_order(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """Per shard, events are handled in sequence order and the checkpoint is the last one."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=2)
+    await put(kinesis_endpoint, stream, events(80))
+    settings = worker_settings(kinesis_endpoint, redis_url, stream, batch_limit=7)
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    handled = await seen(redis_url, prefix(stream))
+    by_shard: dict[str, list[int]] = {}
+    for shard, sequence, _ in handled:
+        by_shard.setdefault(shard, []).append(int(sequence))
+    client = Redis.from_url(redis_url)
+    try:
+        stored = await client.hgetall(keys.checkpoints(prefix(stream)))  # type: ignore[misc]
+    finally:
+        await client.aclose()
+    for shard, sequences in by_shard.items():
+        assert sequences == sorted(sequences)
+        assert int(stored[shard.encode()]) == sequences[-1]
+
+
+async def test_poison_record_is_dead_lettered_and_the_shard_moves_on(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """A record a handler always fails on is isolated and dead-lettered; the good ones are handled."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=1)
+    good = events(30)
+    poison = events(1, start=500, **{"data.sim_unique_name": "poison"})
+    garbage = [
+        b"not json at all",
+        b'{"type": "com.twilio.iot.supersim.connection.attachment.accepted"}',
+    ]
+    await put(kinesis_endpoint, stream, good[:15] + poison + garbage + good[15:])
+    settings = worker_settings(kinesis_endpoint, redis_url, stream, handler_attempts=2)
+    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    handled = await seen(redis_url, prefix(stream))
+    assert len(handled) == 30
+    client = Redis.from_url(redis_url)
+    try:
+        store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
+        letters = await store.list()
+    finally:
+        await client.aclose()
+    assert len(letters) == 3
+    by_handler = Counter(letter.handler for letter in letters)
+    assert by_handler == {"decode": 2, "recording": 1}
+    poison_letter = next(letter for letter in letters if letter.handler == "recording")
+    assert poison_letter.raw == poison[0]
+    assert "poison record" in poison_letter.exception
+    assert all(letter.reason for letter in letters)
+    assert all(letter.sequence_number and letter.shard_id for letter in letters)
+
+
+async def test_redrive_handles_dead_letters_that_now_succeed(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """Redrive re-runs the current handlers and removes the entries that now succeed."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=1)
+    poison = events(2, start=700, **{"data.sim_unique_name": "poison"})
+    await put(kinesis_endpoint, stream, [*poison, b"\xff\xfe not utf-8"])
+    settings = worker_settings(kinesis_endpoint, redis_url, stream, handler_attempts=1)
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    client = Redis.from_url(redis_url)
+    try:
+        store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
+        assert await store.length() == 3
+        handlers = registry.build(["log"], HandlerContext(settings, client, prefix(stream)))
+        result = await redrive(store, handlers, limit=100)
+        assert (result.redriven, result.still_failing) == (2, 1)
+        remaining = await store.list()
+    finally:
+        await client.aclose()
+    assert [letter.handler for letter in remaining] == ["decode"]
+    assert "UTF-8" in remaining[0].reason
+
+
+async def test_backfill_from_start_ignores_checkpoints(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """--from-start reads every shard again from TRIM_HORIZON despite existing checkpoints."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=2)
+    await put(kinesis_endpoint, stream, events(20))
+    settings = worker_settings(kinesis_endpoint, redis_url, stream)
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    await run_worker(settings, from_start=True, until_caught_up=True, install_signals=False)
+    sids = Counter(sid for _, _, sid in await seen(redis_url, prefix(stream)))
+    assert len(sids) == 20
+    assert set(sids.values()) == {2}
+
+
+async def test_latest_start_skips_history(kinesis_endpoint: str, redis_url: str) -> None:
+    """With no checkpoint and the default LATEST position, older records are not read."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=1)
+    await put(kinesis_endpoint, stream, events(5))
+    settings = worker_settings(kinesis_endpoint, redis_url, stream, initial_position="LATEST")
+    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    assert await seen(redis_url, prefix(stream)) == []
+
+
+async def test_stop_event_stops_gracefully_and_checkpoints(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """Stopping a live worker finishes its batch, writes the checkpoint and releases leases."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=1)
+    await put(kinesis_endpoint, stream, events(10))
+    settings = worker_settings(kinesis_endpoint, redis_url, stream)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    for _ in range(200):
+        if len(await seen(redis_url, prefix(stream))) == 10:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    client = Redis.from_url(redis_url)
+    try:
+        leases = await client.keys(keys.lease(prefix(stream), "*"))  # type: ignore[misc]
+        checkpoint = await client.hget(keys.checkpoints(prefix(stream)), "shardId-000000000000")  # type: ignore[misc]
+    finally:
+        await client.aclose()
+    assert leases == []
+    assert checkpoint is not None
