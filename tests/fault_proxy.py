@@ -1,0 +1,107 @@
+"""A fault-injecting HTTP proxy in front of a Kinesis server, for what no local server does.
+
+It forwards every request to the upstream server and can answer some GetRecords calls
+itself with throttling (``ProvisionedThroughputExceededException``), an expired iterator
+(``ExpiredIteratorException``) or a server error, as AWS would. It also counts GetRecords
+calls per shard by following the iterators it sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+TARGET_PREFIX = "Kinesis_20131202."
+
+
+@dataclass
+class Faults:
+    throttle_every: int = 0
+    expire_every: int = 0
+    server_error_every: int = 0
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    faults: Faults = field(default_factory=Faults)
+    calls: Counter[str] = field(default_factory=Counter)
+    injected: Counter[str] = field(default_factory=Counter)
+    get_records_by_shard: Counter[str] = field(default_factory=Counter)
+    _iterator_shard: dict[str, str] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    _session: aiohttp.ClientSession | None = None
+    url: str = ""
+
+    async def start(self) -> FaultProxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _fault(self, operation: str) -> tuple[int, str] | None:
+        if operation != "GetRecords":
+            return None
+        n = self.calls["GetRecords"]
+        f = self.faults
+        if f.throttle_every and n % f.throttle_every == 0:
+            return 400, "ProvisionedThroughputExceededException"
+        if f.expire_every and n % f.expire_every == 0:
+            return 400, "ExpiredIteratorException"
+        if f.server_error_every and n % f.server_error_every == 0:
+            return 500, "InternalFailure"
+        return None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        operation = request.headers.get("X-Amz-Target", "").removeprefix(TARGET_PREFIX)
+        self.calls[operation] += 1
+        payload = json.loads(body) if body else {}
+        if operation == "GetRecords":
+            shard = self._iterator_shard.get(payload.get("ShardIterator", ""), "?")
+            self.get_records_by_shard[shard] += 1
+        fault = self._fault(operation)
+        if fault is not None:
+            status, code = fault
+            self.injected[code] += 1
+            return web.json_response(
+                {"__type": code, "message": f"injected {code}"},
+                status=status,
+                content_type="application/x-amz-json-1.1",
+            )
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
+        assert self._session is not None
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as upstream:
+            content = await upstream.read()
+            status = upstream.status
+            content_type = upstream.headers.get("Content-Type", "application/x-amz-json-1.1")
+        if status == 200 and operation in ("GetShardIterator", "GetRecords"):
+            self._follow(operation, payload, json.loads(content))
+        return web.Response(body=content, status=status, headers={"Content-Type": content_type})
+
+    def _follow(self, operation: str, request: dict[str, str], response: dict[str, str]) -> None:
+        if operation == "GetShardIterator":
+            self._iterator_shard[response["ShardIterator"]] = request["ShardId"]
+        elif response.get("NextShardIterator"):
+            shard = self._iterator_shard.pop(request["ShardIterator"], "?")
+            self._iterator_shard[response["NextShardIterator"]] = shard

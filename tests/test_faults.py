@@ -1,0 +1,73 @@
+"""Throttling, expired iterators and server errors injected by a real HTTP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from fault_proxy import FaultProxy, Faults
+from kinesis_support import create_stream, events, put, put_to_shard, worker_settings
+from recording import seen
+
+from worker import keys
+from worker.app import run_worker
+
+
+@pytest.fixture
+async def proxy(kinesalite_endpoint: str) -> AsyncIterator[FaultProxy]:
+    """A fault-injecting proxy in front of kinesalite."""
+    running = await FaultProxy(kinesalite_endpoint).start()
+    yield running
+    await running.stop()
+
+
+async def test_throttling_expiry_and_server_errors_lose_nothing(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Every record is handled exactly once while GetRecords is throttled, expires and fails."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=2)
+    await put(kinesalite_endpoint, stream, events(300))
+    proxy.faults = Faults(throttle_every=3, expire_every=5, server_error_every=7)
+    settings = worker_settings(proxy.url, redis_url, stream, batch_limit=20)
+    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    handled = await seen(redis_url, keys.prefix(stream, "supersim-worker"))
+    sids = [sid for _, _, sid in handled]
+    assert len(sids) == 300
+    assert len(set(sids)) == 300
+    assert proxy.injected["ProvisionedThroughputExceededException"] > 0
+    assert proxy.injected["ExpiredIteratorException"] > 0
+    assert proxy.injected["InternalFailure"] > 0
+
+
+async def test_idle_shards_never_delay_a_busy_shard(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """With 3 idle shards beside it, a busy shard is read back to back, as if it were alone.
+
+    The idle interval is far longer than the whole read, so any wait on an idle shard would
+    show up as the busy shard needing the idle shards to be polled again: it never does.
+    """
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=4)
+    await put_to_shard(kinesalite_endpoint, stream, events(1000), hash_key="0")
+    settings = worker_settings(proxy.url, redis_url, stream, batch_limit=50, idle_interval=60)
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    try:
+        for _ in range(600):
+            if len(await seen(redis_url, key_prefix)) >= 1000:
+                break
+            await asyncio.sleep(0.05)
+        busy_calls = proxy.get_records_by_shard["shardId-000000000000"]
+        idle_calls = [proxy.get_records_by_shard[f"shardId-00000000000{i}"] for i in (1, 2, 3)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
+    assert len(await seen(redis_url, key_prefix)) == 1000
+    assert busy_calls >= 1000 // 50
+    assert idle_calls == [1, 1, 1]

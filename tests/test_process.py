@@ -1,0 +1,154 @@
+"""The worker as a process: SIGTERM mid-batch, kill -9 and restart, fenced checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from kinesis_support import create_stream, events, put
+from recording import seen
+from redis.asyncio import Redis
+
+from worker import keys
+from worker.checkpoints import Checkpoints, LeaseLost
+from worker.leases import LeaseManager
+
+TESTS = Path(__file__).parent
+
+
+def worker_env(endpoint: str, redis_url: str, stream: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")}
+    env.update(
+        PYTHONPATH=str(TESTS),
+        SUPERSIM_STREAM_NAME=stream,
+        SUPERSIM_ENDPOINT_URL=endpoint,
+        SUPERSIM_REDIS_URL=redis_url,
+        SUPERSIM_HANDLERS="recording:create",
+        SUPERSIM_INITIAL_POSITION="TRIM_HORIZON",
+        SUPERSIM_IDLE_INTERVAL="0.2",
+        SUPERSIM_LEASE_TTL="5",
+        SUPERSIM_LOG_FORMAT="json",
+        **extra,
+    )
+    return env
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_seen(redis_url: str, key_prefix: str, count: int, timeout: float = 60) -> int:
+    for _ in range(int(timeout / 0.05)):
+        handled = len(await seen(redis_url, key_prefix))
+        if handled >= count:
+            return handled
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"only {len(await seen(redis_url, key_prefix))} handled, wanted {count}")
+
+
+async def checkpoint_of(redis_url: str, key_prefix: str, shard: str) -> str | None:
+    client = Redis.from_url(redis_url)
+    try:
+        value = await client.hget(keys.checkpoints(key_prefix), shard)  # type: ignore[misc]
+    finally:
+        await client.aclose()
+    return None if value is None else value.decode()
+
+
+async def test_sigterm_mid_batch_exits_zero_with_checkpoint(
+    moto_endpoint: str, redis_url: str
+) -> None:
+    """SIGTERM while a batch is being handled: the batch finishes, is checkpointed, exit 0."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(moto_endpoint, stream, shards=1)
+    await put(moto_endpoint, stream, events(100))
+    env = worker_env(
+        moto_endpoint, redis_url, stream, SUPERSIM_BATCH_LIMIT="10", RECORDING_DELAY="0.5"
+    )
+    process = start_worker(env)
+    try:
+        await wait_seen(redis_url, key_prefix, 10)
+        await asyncio.sleep(0.2)  # the second batch is now in its handler's delay
+        process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(process.wait, 30)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert returncode == 0, stderr.decode()[-2000:]
+    handled = await seen(redis_url, key_prefix)
+    assert len(handled) == 20, "the in-flight batch was finished, no further batch started"
+    assert await checkpoint_of(redis_url, key_prefix, "shardId-000000000000") == handled[-1][1]
+    assert b"stopping" in stderr
+
+
+async def test_kill_9_then_restart_loses_nothing(moto_endpoint: str, redis_url: str) -> None:
+    """After kill -9 and a restart every record is handled; repeats come only from the batch in flight."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(moto_endpoint, stream, shards=2)
+    await put(moto_endpoint, stream, events(200))
+    batch = 10
+    env = worker_env(
+        moto_endpoint, redis_url, stream, SUPERSIM_BATCH_LIMIT=str(batch), RECORDING_DELAY="0.1"
+    )
+    process = start_worker(env)
+    try:
+        await wait_seen(redis_url, key_prefix, 60)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    before = len(await seen(redis_url, key_prefix))
+    assert before < 200
+    env["RECORDING_DELAY"] = "0"
+    env["SUPERSIM_LEASE_TTL"] = "3"  # the dead worker's leases expire before the restart takes them
+    rerun = start_worker(env, "--until-caught-up")
+    _, stderr = await asyncio.to_thread(rerun.communicate, timeout=90)
+    assert rerun.returncode == 0, stderr.decode()[-2000:]
+    sids = [sid for _, _, sid in await seen(redis_url, key_prefix)]
+    assert set(sids) == {e.split(b'"id":"')[1].split(b'"')[0].decode() for e in events(200)}
+    repeats = len(sids) - len(set(sids))
+    assert repeats <= 2 * batch, "at most the in-flight batch of each shard is delivered again"
+
+
+async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:
+    """Once another owner takes the lease, the old owner's checkpoint write is refused."""
+    client = Redis.from_url(redis_url)
+    try:
+        key_prefix = keys.prefix("stream", "group")
+        first = LeaseManager(client, key_prefix, "worker-a", ttl_seconds=3)
+        second = LeaseManager(client, key_prefix, "worker-b", ttl_seconds=3)
+        checkpoints = Checkpoints(client, key_prefix, lease_ttl_seconds=3)
+        old = await first.acquire("shard-1")
+        assert old is not None
+        assert await second.acquire("shard-1") is None, "a live lease is not taken"
+        await checkpoints.write(old, "100")
+        await client.delete(keys.lease(key_prefix, "shard-1"))  # as if it had expired
+        new = await second.acquire("shard-1")
+        assert new is not None
+        assert int(new.token) > int(old.token)
+        try:
+            await checkpoints.write(old, "150")
+        except LeaseLost:
+            pass
+        else:
+            raise AssertionError("stale write accepted")
+        assert await checkpoints.get("shard-1") == "100"
+        await checkpoints.write(new, "200")
+        assert await checkpoints.get("shard-1") == "200"
+        assert not await first.renew(old)
+        assert await second.renew(new)
+        assert await second.release(new)
+        assert await first.holder("shard-1") is None
+    finally:
+        await client.aclose()
