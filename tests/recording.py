@@ -57,3 +57,13 @@ async def seen(redis_url: str, key_prefix: str) -> list[tuple[str, str, str]]:
     finally:
         await client.aclose()
     return [tuple(item.decode().split("|")) for item in raw]  # type: ignore[misc]
+
+
+async def wait_handled(redis_url: str, key_prefix: str, count: int, within: float = 60) -> int:
+    """Poll until at least ``count`` events were handled; fail after ``within`` seconds."""
+    for _ in range(int(within / 0.05)):
+        handled = len(await seen(redis_url, key_prefix))
+        if handled >= count:
+            return handled
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"only {len(await seen(redis_url, key_prefix))} of {count} handled")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 from kinesis_support import create_stream, events, put, worker_settings
-from recording import seen
+from recording import seen, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
@@ -187,10 +187,7 @@ async def test_stop_event_stops_gracefully_and_checkpoints(
     settings = worker_settings(kinesis_endpoint, redis_url, stream)
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
-    for _ in range(200):
-        if len(await seen(redis_url, prefix(stream))) == 10:
-            break
-        await asyncio.sleep(0.05)
+    await wait_handled(redis_url, prefix(stream), 10)
     stop.set()
     await asyncio.wait_for(task, 30)
     client = Redis.from_url(redis_url)

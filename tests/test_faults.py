@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from fault_proxy import FaultProxy, Faults
 from kinesis_support import create_stream, events, put, put_to_shard, worker_settings
-from recording import seen
+from recording import seen, wait_handled
 
 from worker import keys
 from worker.app import run_worker
@@ -59,10 +59,7 @@ async def test_idle_shards_never_delay_a_busy_shard(
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
     try:
-        for _ in range(600):
-            if len(await seen(redis_url, key_prefix)) >= 1000:
-                break
-            await asyncio.sleep(0.05)
+        await wait_handled(redis_url, key_prefix, 1000)
         busy_calls = proxy.get_records_by_shard["shardId-000000000000"]
         idle_calls = [proxy.get_records_by_shard[f"shardId-00000000000{i}"] for i in (1, 2, 3)]
     finally:

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from kinesis_support import create_stream, events, put
-from recording import seen
+from recording import seen, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
@@ -47,15 +47,6 @@ def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def wait_seen(redis_url: str, key_prefix: str, count: int, timeout: float = 60) -> int:
-    for _ in range(int(timeout / 0.05)):
-        handled = len(await seen(redis_url, key_prefix))
-        if handled >= count:
-            return handled
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"only {len(await seen(redis_url, key_prefix))} handled, wanted {count}")
-
-
 async def checkpoint_of(redis_url: str, key_prefix: str, shard: str) -> str | None:
     client = Redis.from_url(redis_url)
     try:
@@ -78,7 +69,7 @@ async def test_sigterm_mid_batch_exits_zero_with_checkpoint(
     )
     process = start_worker(env)
     try:
-        await wait_seen(redis_url, key_prefix, 10)
+        await wait_handled(redis_url, key_prefix, 10)
         await asyncio.sleep(0.2)  # the second batch is now in its handler's delay
         process.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(process.wait, 30)
@@ -104,7 +95,7 @@ async def test_kill_9_then_restart_loses_nothing(moto_endpoint: str, redis_url: 
     )
     process = start_worker(env)
     try:
-        await wait_seen(redis_url, key_prefix, 60)
+        await wait_handled(redis_url, key_prefix, 60)
     finally:
         process.send_signal(signal.SIGKILL)
         process.communicate()

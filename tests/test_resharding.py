@@ -6,20 +6,12 @@ import asyncio
 import uuid
 
 from kinesis_support import create_stream, events, kinesis_client, put, wait_active, worker_settings
-from recording import seen
+from recording import seen, wait_handled
 
 from worker import keys
 from worker.app import run_worker
 
 MAX_HASH = 2**128 - 1
-
-
-async def wait_for_count(redis_url: str, key_prefix: str, count: int, timeout: float = 60) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if len(await seen(redis_url, key_prefix)) >= count:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"only {len(await seen(redis_url, key_prefix))} of {count} handled")
 
 
 async def test_split_then_merge_loses_nothing_and_reads_parents_first(
@@ -34,7 +26,7 @@ async def test_split_then_merge_loses_nothing_and_reads_parents_first(
     worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
     try:
         await put(kinesalite_endpoint, stream, events(100))
-        await wait_for_count(redis_url, key_prefix, 20)
+        await wait_handled(redis_url, key_prefix, 20)
         async with kinesis_client(kinesalite_endpoint) as client:
             await client.split_shard(
                 StreamName=stream,
@@ -51,7 +43,7 @@ async def test_split_then_merge_loses_nothing_and_reads_parents_first(
             )
             await wait_active(client, stream)
         await put(kinesalite_endpoint, stream, events(100, start=200))
-        await wait_for_count(redis_url, key_prefix, 300)
+        await wait_handled(redis_url, key_prefix, 300)
     finally:
         stop.set()
         await asyncio.wait_for(worker, 30)
