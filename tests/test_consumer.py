@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 
+import orjson
 import pytest
 from kinesis_support import create_stream, events, put, worker_settings
 from recording import seen, wait_handled
@@ -47,9 +49,7 @@ async def test_every_record_is_handled_once_across_shards(
     summary = await run_worker(settings, until_caught_up=True, install_signals=False)
     assert summary.caught_up
     handled = await seen(redis_url, prefix(stream))
-    assert Counter(sid for _, _, sid in handled) == Counter(
-        sid for sid in (e.split(b'"id":"')[1].split(b'"')[0].decode() for e in records)
-    )
+    assert Counter(sid for _, _, sid in handled) == Counter(sid_of(r) for r in records)
     assert len({shard for shard, _, _ in handled}) > 1
 
 
@@ -198,3 +198,29 @@ async def test_stop_event_stops_gracefully_and_checkpoints(
         await client.aclose()
     assert leases == []
     assert checkpoint is not None
+
+
+async def test_at_timestamp_backfill_starts_at_that_time(
+    moto_endpoint: str, redis_url: str
+) -> None:
+    """--at-timestamp reads only records that arrived at or after the given time."""
+    stream = stream_name()
+    await create_stream(moto_endpoint, stream, shards=1)
+    await put(moto_endpoint, stream, events(10))
+    await asyncio.sleep(1.5)
+    middle = datetime.now(UTC)
+    await asyncio.sleep(1.5)
+    later = events(10, start=10)
+    await put(moto_endpoint, stream, later)
+    settings = worker_settings(moto_endpoint, redis_url, stream)
+    summary = await run_worker(
+        settings, at_timestamp=middle, until_caught_up=True, install_signals=False
+    )
+    assert summary.caught_up
+    handled = await seen(redis_url, prefix(stream))
+    assert len(handled) == 10
+    assert {sid for _, _, sid in handled} == {sid_of(r) for r in later}
+
+
+def sid_of(record: bytes) -> str:
+    return str(orjson.loads(record)["id"])

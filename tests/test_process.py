@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import orjson
 from kinesis_support import create_stream, events, put
 from recording import seen, wait_handled
 from redis.asyncio import Redis
@@ -107,7 +108,7 @@ async def test_kill_9_then_restart_loses_nothing(moto_endpoint: str, redis_url: 
     _, stderr = await asyncio.to_thread(rerun.communicate, timeout=90)
     assert rerun.returncode == 0, stderr.decode()[-2000:]
     sids = [sid for _, _, sid in await seen(redis_url, key_prefix)]
-    assert set(sids) == {e.split(b'"id":"')[1].split(b'"')[0].decode() for e in events(200)}
+    assert set(sids) == {str(orjson.loads(record)["id"]) for record in events(200)}
     repeats = len(sids) - len(set(sids))
     assert repeats <= 2 * batch, "at most the in-flight batch of each shard is delivered again"
 
