@@ -16,7 +16,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 MAX_RECORD_BYTES: Final = 1024 * 1024
 """Kinesis' own limit for one record's data blob; anything larger is not a real record."""
@@ -25,7 +34,7 @@ MAX_RECORD_BYTES: Final = 1024 * 1024
 UtcDatetime = Annotated[AwareDatetime, Strict()]
 """An aware datetime. ``worker.decode`` parses RFC 3339 strings and normalises them to UTC
 before validation (much faster than per-field validators); the model itself only accepts
-datetime instances, so a number or a malformed string is reported as a wrong type."""
+datetime instances, so a number (or a string reaching it undecoded) is a wrong type."""
 ByteCount = Annotated[StrictInt, Field(ge=0)]
 
 
@@ -84,8 +93,8 @@ class Location(_Open):
 
     cell_id: StrictStr | None = None
     lac: StrictStr | None = None
-    lat: float | None = None
-    lon: float | None = None
+    lat: StrictFloat | None = None
+    lon: StrictFloat | None = None
 
 
 class EventError(_Open):
@@ -181,7 +190,8 @@ class ConnectionEvent:
     envelope: ConnectionEnvelope
     meta: KinesisMeta | None = None
     extra: Mapping[str, Any] | None = None
-    """Unknown fields, by place: ``{"envelope": {...}, "data": {...}}``; None when there are none."""
+    """Unknown fields by place, ``{"envelope": {...}, "data": {...}}``; None if there are none.
+    Unknown fields of ``network``, ``location`` and ``error`` are in their ``model_extra``."""
     category: Literal["connection"] = "connection"
 
     @property

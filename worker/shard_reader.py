@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -35,6 +35,7 @@ from worker.pipeline import BatchProcessor, RawRecord
 MIN_CALL_INTERVAL: Final = 0.2
 """Kinesis allows 5 GetRecords calls per second per shard."""
 MAX_FETCH_FAILURES: Final = 8
+LATEST_MARGIN: Final = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,7 @@ class ShardReader:
         fetcher = asyncio.create_task(self._fetch(queue), name=f"fetch-{self.shard_id}")
         try:
             while True:
-                item = await queue.get()
+                item = await self._next(queue)
                 if item is _STOPPED or self._stopping.is_set():
                     return False
                 if isinstance(item, _Failed):
@@ -151,6 +152,23 @@ class ShardReader:
         finally:
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
+
+    async def _next(self, queue: asyncio.Queue[object]) -> object:
+        """The next fetched item, or ``_STOPPED`` as soon as a stop is asked for (the fetcher
+        may be in a slow call or a backoff sleep; it is cancelled on the way out)."""
+        if not queue.empty():
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (getter, stopper):
+                waiter.cancel()
+            await asyncio.gather(getter, stopper, return_exceptions=True)
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return _STOPPED
 
     async def _handle(self, fetched: _Fetched) -> None:
         progress = self.progress
@@ -176,6 +194,10 @@ class ShardReader:
     async def _fetch_loop(self, queue: asyncio.Queue[object]) -> None:
         start = self._start
         iterator = await self._iterator(start)
+        if start.iterator_type == "LATEST":
+            # Should this iterator expire before a record arrives, start again from when it
+            # was taken (with a margin for clock skew), never from a newer LATEST.
+            start = StartPosition("AT_TIMESTAMP", timestamp=datetime.now(UTC) - LATEST_MARGIN)
         last_call = 0.0
         failures = 0
         while not self._stopping.is_set():
