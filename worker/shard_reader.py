@@ -173,6 +173,10 @@ class ShardReader:
     async def _handle(self, fetched: _Fetched) -> None:
         progress = self.progress
         if fetched.records:
+            structlog.contextvars.bind_contextvars(
+                batch_first_sequence=fetched.records[0].sequence_number,
+                batch_last_sequence=fetched.records[-1].sequence_number,
+            )
             outcome = await self._processor.process(self.shard_id, fetched.records)
             last = fetched.records[-1].sequence_number
             await self._checkpoints.write(self.lease, last)
