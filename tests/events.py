@@ -7,11 +7,12 @@ that SIM, network and data session so a test can follow one device through its s
 
 Overrides name a field and set it; ``drop`` removes fields. A name is an envelope key
 (``type``, ``id``, ``source``, ``time``, ``dataschema``, ...) or else a ``data`` field;
-nested values are reached with ``__`` (keyword arguments) or ``.`` (``drop``, ``fields``)::
+``envelope__<name>`` adds a new envelope key. Nested values are reached with ``__``
+(keyword arguments) or ``.`` (``drop``, ``fields``)::
 
     make_event("attachment.rejected", vendor="kore", error__code=83702)
     make_event(drop=("location", "network.sid"), imei=None, location__lat=1.5)
-    make_event(fields={"data.network.mcc": "234"})
+    make_event(fields={"data.network.mcc": "234"}, envelope__traceparent="00-...")
 """
 
 from __future__ import annotations
@@ -285,8 +286,11 @@ def _schema_base(vendor: str) -> str:
 
 
 def _split(path: str) -> list[str]:
-    """``location__lat`` or ``location.lat`` → ["data", "location", "lat"]; envelope keys stay."""
+    """``location__lat`` → ["data", "location", "lat"]; envelope keys stay as they are, and
+    ``envelope__x`` names a key ``x`` of the envelope that the real format does not have."""
     parts = path.replace("__", ".").split(".")
+    if parts[0] == "envelope" and len(parts) > 1:
+        return parts[1:]
     if parts[0] not in ENVELOPE_KEYS:
         parts.insert(0, "data")
     return parts

@@ -11,25 +11,35 @@ from typing import TextIO
 import orjson
 
 from worker.decode import decode
-from worker.errors import DecodeError
+from worker.errors import ConfigError, DecodeError
 from worker.records import ConnectionEvent, SinkTestEvent
 
 
 def iter_records(payload: bytes) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, record bytes): one record for a single JSON object document,
-    else one per non-blank line (JSON Lines)."""
+    """Yield (line number, record bytes): one record for a single JSON document spread over
+    several lines, else one per non-blank line (JSON Lines)."""
     stripped = payload.strip()
-    if stripped.startswith(b"{") and b"\n" in stripped:
-        try:
-            whole = orjson.loads(stripped)
-        except orjson.JSONDecodeError:
-            whole = None
-        if isinstance(whole, dict):
-            yield 1, stripped
-            return
+    if b"\n" in stripped and _one_document(stripped):
+        yield 1, stripped
+        return
     for number, line in enumerate(payload.splitlines(), start=1):
         if line.strip():
             yield number, line
+
+
+def _one_document(stripped: bytes) -> bool:
+    """True for a multi-line JSON object, and for anything pretty-printed: its first line
+    holds only ``{`` or ``[``, which no JSON Lines record does. A broken pretty document (a
+    truncated file, bad bytes, a JSON array) is then reported once, not line by line."""
+    if stripped.split(b"\n", 1)[0].strip() in (b"{", b"["):
+        return True
+    if not stripped.startswith(b"{"):
+        return False
+    try:
+        whole = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(whole, dict)
 
 
 def describe(raw: bytes) -> tuple[bool, str]:
@@ -49,7 +59,10 @@ def describe(raw: bytes) -> tuple[bool, str]:
 
 
 def run_decode(path: Path, out: TextIO) -> int:
-    payload = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    try:
+        payload = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     failed = total = 0
     for number, raw in iter_records(payload):
         total += 1

@@ -2,11 +2,13 @@
 
 Context (``shard_id``, ``sequence_number``) is bound per shard and per record with
 contextvars. Personal data in events (IMSI, IMEI, ICCID, IP address, location) is
-replaced by ``REDACTED`` unless redaction is turned off in the settings.
+replaced by ``REDACTED`` unless redaction is turned off in the settings, wherever it sits
+in a logged value (nested dicts and lists, decoded events and their models).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -14,6 +16,7 @@ from typing import Any, Final
 
 import orjson
 import structlog
+from pydantic import BaseModel
 
 REDACTED: Final = "[redacted]"
 PII_KEYS: Final = frozenset(
@@ -21,14 +24,48 @@ PII_KEYS: Final = frozenset(
 )
 
 
+_MAX_DEPTH: Final = 8
+"""Containers nested deeper than this are replaced whole by the marker."""
+_CONTAINERS: Final = (dict, list, tuple, BaseModel)
+
+
 def redact_pii(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace personal data, at the top level and one level down, by a marker."""
+    """Replace personal data by a marker, at any depth of dicts, lists and tuples.
+
+    Pydantic models (a decoded event's ``data``) and dataclasses (a ``ConnectionEvent``) are
+    turned into dicts first: rendered as they are, their repr would show every field. Values
+    are replaced by redacted copies; the caller's objects are never changed. None stays None.
+    """
     for key, value in event_dict.items():
-        if key in PII_KEYS and value is not None:
-            event_dict[key] = REDACTED
-        elif isinstance(value, dict) and not PII_KEYS.isdisjoint(value):
-            event_dict[key] = {k: (REDACTED if k in PII_KEYS else v) for k, v in value.items()}
+        if key in PII_KEYS:
+            if value is not None:
+                event_dict[key] = REDACTED
+        elif isinstance(value, _CONTAINERS) or _is_dataclass_instance(value):
+            event_dict[key] = _redacted(value, _MAX_DEPTH)
     return event_dict
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _redacted(value: Any, depth: int) -> Any:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif _is_dataclass_instance(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        if depth <= 0:
+            return REDACTED
+        return {
+            k: (REDACTED if v is not None else None) if k in PII_KEYS else _redacted(v, depth - 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return REDACTED
+        return [_redacted(v, depth - 1) for v in value]
+    return value
 
 
 def configure(fmt: str = "auto", level: str = "INFO", redact: bool = True) -> None:

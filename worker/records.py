@@ -5,7 +5,9 @@ same shape for every connection event kind and for both vendors (Twilio, KORE); 
 the envelope differs. These models describe that shape; ``worker.decode`` builds them.
 
 All datetimes are timezone-aware and normalised to UTC. Byte counts are non-negative
-integers. Unknown fields are kept (``model_extra``), never fatal.
+integers. Unknown fields are kept, never fatal: the envelope's and ``data``'s in
+``ConnectionEvent.extra``, those of ``network``, ``location`` and ``error`` in the nested
+models' ``model_extra``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run the benchmarks (``make bench``) and record their figures in ``BENCHMARKS.md``.
 
-Each benchmark is a module in this directory, listed in ``BENCHMARKS``, with:
+Each benchmark is a module ``<name>_bench.py`` in this directory (found by that name), with:
 
 - ``KEY``: a short id, used to find its section in ``BENCHMARKS.md`` again;
 - ``TITLE``: the section heading;
@@ -9,7 +9,8 @@ Each benchmark is a module in this directory, listed in ``BENCHMARKS``, with:
 This script prints every body and writes each one into ``BENCHMARKS.md`` between
 ``<!-- bench:KEY -->`` markers, headed by the command, date, Python and machine it was run
 on. A re-run replaces its section in place; other sections and text outside the markers are
-kept, so benchmarks can be run one at a time (``run.py decode``).
+kept, so benchmarks can be run one at a time (``run.py decode``). ``--quick`` asks each
+module for a short smoke run; ``--no-write`` only prints.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ for _path in (REPO, REPO / "tests", BENCH_DIR):  # worker, tests/events.py, the 
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-BENCHMARKS: tuple[str, ...] = ("decode_bench",)
-"""Benchmark modules, in the order their sections are first added to BENCHMARKS.md."""
+FIRST = ("decode_bench",)
+BENCHMARKS: tuple[str, ...] = tuple(
+    sorted(
+        (path.stem for path in BENCH_DIR.glob("*_bench.py")),
+        key=lambda name: (name not in FIRST, FIRST.index(name) if name in FIRST else 0, name),
+    )
+)
+"""Every ``*_bench.py`` module here: those in ``FIRST``, then the rest by name. This is the
+order in which their sections are first added to BENCHMARKS.md."""
 
 COMMAND = "make bench"
 OUTPUT = REPO / "BENCHMARKS.md"
