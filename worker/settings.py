@@ -102,6 +102,16 @@ class Settings(BaseSettings):
             return names
         return value
 
+    @field_validator("log_level", "initial_position", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("redis_url", mode="after")
     @classmethod
     def _check_redis_scheme(cls, value: SecretStr) -> SecretStr:
