@@ -33,6 +33,7 @@ from worker.pipeline import BatchProcessor
 from worker.progress import ProgressReporter
 from worker.settings import Settings
 from worker.supervisor import Supervisor
+from worker.ticker import Ticker
 
 
 @dataclass(slots=True)
@@ -126,7 +127,10 @@ async def run_worker(
             from_start=from_start,
             at_timestamp=at_timestamp.isoformat() if at_timestamp else None,
         )
-        async with reporter:
+        ticker = Ticker(
+            svc.handlers, supervisor.all_caught_up, svc.metrics, interval=settings.idle_interval
+        )
+        async with reporter, ticker:
             if stop is None:
                 await supervisor.run()
             else:

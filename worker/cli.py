@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from botocore.exceptions import NoCredentialsError
 
-from worker import decode_file, dlq, replay, run_cmd
+from worker import decode_file, dlq, replay, run_cmd, simulate, usage
 from worker.errors import ConfigError
 
 
@@ -21,13 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(subparsers)
     replay.add_parser(subparsers)
     dlq.add_parser(subparsers)
+    usage.add_parser(subparsers)
     decode_file.add_parser(subparsers)
-    try:
-        from worker import simulate
-    except ImportError:  # pragma: no cover - only while the simulator is being written
-        pass
-    else:
-        simulate.add_parser(subparsers)
+    simulate.add_parser(subparsers)
     return parser
 
 

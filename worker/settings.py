@@ -16,7 +16,9 @@ from typing import Annotated, Any, Final
 from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.alerts.settings import AlertSettings
 from worker.errors import ConfigError
+from worker.handlers.metering import MeteringSettings
 
 ENV_PREFIX: Final = "SUPERSIM_"
 
@@ -44,7 +46,11 @@ class Settings(BaseSettings):
     """All settings of the worker. Field docs are the README's reference."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
     )
 
     stream_name: str = Field("", description="Kinesis stream to consume (required by `run`).")
@@ -91,6 +97,12 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(30.0, ge=3, description="Seconds a shard lease lasts without renewal.")
     dlq_maxlen: int = Field(100_000, ge=100, description="Capacity of the dead-letter stream.")
+    metering: MeteringSettings = Field(
+        default_factory=MeteringSettings, description="Usage metering retention."
+    )
+    alerts: AlertSettings = Field(
+        default_factory=AlertSettings, description="Alert handlers and sinks (worker.alerts)."
+    )
 
     @field_validator("handlers", mode="before")
     @classmethod
@@ -149,13 +161,14 @@ def load_settings(**overrides: Any) -> Settings:
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
-        name = str(err["loc"][0]) if err["loc"] else "settings"
+        path = [str(part) for part in err["loc"] if not isinstance(part, int)]
+        name = path[0] if path else "settings"
         field = Settings.model_fields.get(name)
         allowed = ""
         annotation = field.annotation if field else None
         if isinstance(annotation, type) and issubclass(annotation, StrEnum):
             allowed = " (allowed: " + ", ".join(m.value for m in annotation) + ")"
-        lines.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}{allowed}")
+        lines.append(f"{ENV_PREFIX}{'__'.join(path).upper()}: {err['msg']}{allowed}")
     return "invalid settings: " + "; ".join(lines)
 
 

@@ -104,7 +104,7 @@ class Supervisor:
                     if not is_retriable(exc):
                         raise
                     self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
-                if self._until_caught_up and self._all_caught_up():
+                if self._until_caught_up and self.all_caught_up():
                     self.caught_up = True
                     self._log.info("caught_up", shards=len(self.progress))
                     break
@@ -216,7 +216,8 @@ class Supervisor:
                 self._ended.add(sid)
             await self._leases.release(running.reader.lease)
 
-    def _all_caught_up(self) -> bool:
+    def all_caught_up(self) -> bool:
+        """True when every shard is ended, or read by us and at its tip."""
         if self._restart_at and max(self._restart_at.values()) > time.monotonic():
             return False
         for sid in self._shards:

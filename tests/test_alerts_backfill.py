@@ -1,0 +1,129 @@
+"""Backfills: old episodes are recorded but not sent as new alerts; recent ones are sent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+from alerts_support import (
+    NOISY,
+    SECRET,
+    Clock,
+    Receiver,
+    at,
+    close_all,
+    event,
+    feed,
+    finish,
+    handler,
+    iso,
+    parse,
+    settings,
+    sim_end,
+    simulated,
+    stream_alerts,
+    webhook_settings,
+)
+
+NAMES = ("rejections", "data_limit", "attach_loops")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver(SECRET)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_backfill_of_last_week_records_episodes_but_sends_none(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """A backfill a week later sends no alert anywhere but records (and logs) every episode."""
+    events, truth = simulated(**NOISY)
+    end = sim_end(NOISY)
+    tuned = webhook_settings(receiver.url).model_copy(update={"stale_after": timedelta(hours=1)})
+    handlers = [handler(name, redis, Clock(end + timedelta(days=7)), tuned) for name in NAMES]
+    with capture_logs() as logs:
+        await feed(handlers, events, batch_size=500)
+        await finish(handlers, end + timedelta(hours=1))
+    assert await stream_alerts(redis) == []
+    assert receiver.requests == 0
+    recorded = {
+        line["alert_id"]
+        for line in logs
+        if line["event"] == "alert_recorded_not_sent" and line["status"] == "open"
+    }
+    episodes = sum(
+        len(truth[key])
+        for key in (
+            "rejection_storms",
+            "fleet_rejection_episodes",
+            "failure_bursts",
+            "data_limit_episodes",
+            "attach_loops",
+        )
+    )
+    assert len(recorded) == episodes
+    assert not [line for line in logs if line["event"] == "alert_opened"]
+    await close_all(handlers)
+
+
+async def test_backfill_reaching_the_present_sends_only_episodes_still_recent(
+    redis: Redis,
+) -> None:
+    """A backfill up to now sends exactly the episodes with events in the last hour or still going."""
+    events, _ = simulated(**NOISY)
+    end = sim_end(NOISY)
+    clock = Clock(end + timedelta(minutes=10))
+    reference = [handler(name, redis, clock) for name in NAMES]
+    await feed(reference, events, batch_size=500)
+    await finish(reference, end + timedelta(hours=1))
+    everything = await stream_alerts(redis)
+    await close_all(reference)
+    await redis.flushdb()
+
+    limited = settings(stale_after=timedelta(hours=1))
+    handlers = [handler(name, redis, clock, limited) for name in NAMES]
+    await feed(handlers, events, batch_size=500)
+    await finish(handlers, end + timedelta(hours=1))
+    sent = await stream_alerts(redis)
+    cutoff = end + timedelta(minutes=10) - timedelta(hours=1)
+    final = {a["id"]: a for a in everything}  # the last alert of each episode wins
+    ongoing = {i for i, a in final.items() if a["status"] == "open"}  # still open at the end
+    recent = {i for i, a in final.items() if parse(a["last_seen"]) >= cutoff} | ongoing
+    assert recent
+    assert len(recent) < len(final)
+    assert {a["id"] for a in sent} == recent
+    assert {a["id"] for a in sent if a["status"] == "open"} == recent
+    await close_all(handlers)
+
+
+async def test_old_episode_still_going_is_announced_once_it_is_recent(redis: Redis) -> None:
+    """A storm that began before the limit and goes on is sent once, with its whole history."""
+    clock = Clock(at(7200 + 60))
+    handlers = [handler("rejections", redis, clock, settings(stale_after=timedelta(hours=1)))]
+    storm = [event("attachment.rejected", i, i * 20) for i in range(361)]  # 0 s .. 7200 s
+    with capture_logs() as logs:
+        await feed(handlers, storm, batch_size=50)
+        await finish(handlers, at(7200 + 400))
+    opened, resolved = await stream_alerts(redis)
+    assert (opened["status"], resolved["status"]) == ("open", "resolved")
+    assert opened["first_seen"] == iso(at(0))
+    assert opened["opened_at"] == iso(at(180))
+    assert parse(opened["last_seen"]) >= at(60 + 3600)
+    assert resolved["count"] == 361
+    assert [line["status"] for line in logs if line["event"] == "alert_recorded_not_sent"] == [
+        "open"
+    ]
+    await close_all(handlers)

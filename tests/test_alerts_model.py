@@ -1,0 +1,155 @@
+"""The alert model and settings, and what alerts must never contain."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import orjson
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+from alerts_support import (
+    FLEET_A,
+    FLEET_B,
+    Clock,
+    at,
+    close_all,
+    context,
+    event,
+    feed,
+    finish,
+    handler,
+    stream_alerts,
+)
+
+from worker.alerts.model import alert_id
+from worker.alerts.settings import (
+    AlertSettings,
+    SinkName,
+    ThresholdOverrides,
+    Thresholds,
+    alert_settings,
+)
+from worker.handlers import registry
+from worker.settings import Settings
+
+
+class EnvSettings(BaseSettings):
+    """How the worker's Settings carries the alert settings (``alerts`` field)."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPERSIM_", env_nested_delimiter="__")
+    alerts: AlertSettings = AlertSettings()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def test_alert_id_names_the_episode_not_the_delivery() -> None:
+    """The alert id depends only on kind, subject and episode start."""
+    first = alert_id("rejection_storm", "sim:HS1", 1_709_251_285_000)
+    assert first == alert_id("rejection_storm", "sim:HS1", 1_709_251_285_000)
+    assert first.startswith("rejection_storm-")
+    assert first != alert_id("rejection_storm", "sim:HS1", 1_709_251_286_000)
+    assert first != alert_id("attach_loop", "sim:HS1", 1_709_251_285_000)
+    assert first != alert_id("rejection_storm", "sim:HS2", 1_709_251_285_000)
+
+
+def test_alert_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SUPERSIM_ALERTS__...`` variables set every field; log is always among the sinks."""
+    env = {
+        "SUPERSIM_ALERTS__SINKS": "webhook, stream",
+        "SUPERSIM_ALERTS__WEBHOOK__URL": "https://alerts.example.com/hook",
+        "SUPERSIM_ALERTS__WEBHOOK__SECRET": "s3cret",
+        "SUPERSIM_ALERTS__WEBHOOK__TIMEOUT": "2.5",
+        "SUPERSIM_ALERTS__STALE_AFTER": "PT2H",
+        "SUPERSIM_ALERTS__THRESHOLDS__STORM_REJECTIONS": "7",
+        "SUPERSIM_ALERTS__FLEETS": '{"HF1": {"storm_window": 60, "fleet_sims": 5}}',
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    alerts = EnvSettings().alerts
+    assert alerts.sinks == (SinkName.LOG, SinkName.STREAM, SinkName.WEBHOOK)
+    assert alerts.webhook.url == "https://alerts.example.com/hook"
+    assert alerts.webhook.secret is not None
+    assert alerts.webhook.secret.get_secret_value() == "s3cret"
+    assert alerts.webhook.timeout == timedelta(seconds=2.5)
+    assert alerts.stale_after == timedelta(hours=2)
+    assert alerts.thresholds.storm_rejections == 7
+    assert alerts.fleets["HF1"].storm_window == timedelta(minutes=1)
+    assert "s3cret" not in repr(alerts)
+
+
+def test_webhook_sink_needs_a_url_and_a_secret() -> None:
+    """Choosing the webhook sink without where and how to sign fails at start-up."""
+    with pytest.raises(ValidationError, match=r"webhook\.url and webhook\.secret"):
+        AlertSettings(sinks="webhook", webhook={"url": "https://example.com"})
+    with pytest.raises(ValidationError, match="http"):
+        AlertSettings(webhook={"url": "ftp://example.com"})
+
+
+def test_fleet_overrides_apply_to_that_fleet_only() -> None:
+    """A fleet's overrides replace just the fields they set."""
+    alerts = AlertSettings(
+        thresholds=Thresholds(storm_rejections=12),
+        fleets={FLEET_A: ThresholdOverrides(fleet_sims=3, storm_window=timedelta(minutes=1))},
+    )
+    tuned = alerts.for_fleet(FLEET_A)
+    assert (tuned.fleet_sims, tuned.storm_window, tuned.storm_rejections) == (
+        3,
+        timedelta(minutes=1),
+        12,
+    )
+    assert alerts.for_fleet(FLEET_B) == alerts.thresholds
+    assert alerts.for_fleet(None) == alerts.thresholds
+
+
+def test_handlers_use_the_alerts_settings_or_the_defaults() -> None:
+    """Without an ``alerts`` field in the worker settings the defaults apply."""
+    assert alert_settings(Settings()) == AlertSettings()
+    mine = AlertSettings(stale_after=None)
+    assert alert_settings(EnvSettings(alerts=mine)) is mine
+
+
+async def test_registry_builds_the_alert_handlers_by_name(redis: Redis) -> None:
+    """``rejections``, ``data_limit`` and ``attach_loops`` are built-in handler names."""
+    built = registry.build(["rejections", "data_limit", "attach_loops"], context(redis))
+    assert [h.name for h in built] == ["rejections", "data_limit", "attach_loops"]
+    for item in built:
+        await item.close()
+
+
+PERSONAL = {
+    "imsi": "732123209999999",
+    "imei": "358600849999999",
+    "sim_iccid": "89883070000009999999",
+    "ip_address": "100.99.88.77",
+    "location__lat": 12.3456789,
+    "location__cell_id": "987654321",
+}
+
+
+async def test_alerts_and_their_logs_hold_no_personal_data(redis: Redis) -> None:
+    """IMSI, IMEI, ICCID, IP address and location never reach an alert or a log line."""
+    clock = Clock(at(3600))
+    handlers = [handler(n, redis, clock) for n in ("rejections", "data_limit", "attach_loops")]
+    events = [
+        *[event("attachment.rejected", i, i * 10, **PERSONAL) for i in range(12)],
+        *[event("attachment.accepted", i, 200 + i * 10, **PERSONAL) for i in range(6)],
+        event("data-session.updated", 1, 300, data_modifier="blocked", **PERSONAL),
+    ]
+    with capture_logs() as logs:
+        await feed(handlers, events)
+        await finish(handlers, at(2000))
+    alerts = await stream_alerts(redis)
+    assert {a["kind"] for a in alerts} == {"rejection_storm", "attach_loop", "data_limit_reached"}
+    text = orjson.dumps(alerts).decode() + orjson.dumps(logs, default=str).decode()
+    for value in PERSONAL.values():
+        assert str(value) not in text
+    await close_all(handlers)

@@ -1,0 +1,86 @@
+"""The ``attach_loops`` handler against a real redis: devices that attach but never get data."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from redis.asyncio import Redis
+from alerts_support import (
+    NOISY,
+    SIM_A,
+    Clock,
+    at,
+    event,
+    feed,
+    finish,
+    handler,
+    iso,
+    match,
+    sim_end,
+    sim_subject,
+    simulated,
+    stream_alerts,
+)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_one_alert_per_attach_loop_and_none_for_normal_sims(redis: Redis) -> None:
+    """Every attach loop of the ground truth alerts once, exactly, and normal SIMs never alert."""
+    events, truth = simulated(**NOISY)
+    end = sim_end(NOISY)
+    handlers = [handler("attach_loops", redis, Clock(end))]
+    await feed(handlers, events, batch_size=300)
+    await finish(handlers, end + timedelta(hours=1))
+    alerts = await stream_alerts(redis)
+    assert truth["attach_loops"]
+    matched = match(alerts, "attach_loop", truth["attach_loops"], sim_subject)
+    assert matched.not_exactly_once == []
+    assert matched.extra == []
+    for episode, (alert,) in matched.found:
+        assert alert["status"] == "resolved"
+        assert (alert["first_seen"], alert["last_seen"]) == (episode["first"], episode["last"])
+        assert alert["count"] == episode["count"]
+
+
+async def test_repeated_accepts_without_session_open_one_alert_with_apn_hint(redis: Redis) -> None:
+    """Five attachments in the window without a data session open one alert hinting at the APN."""
+    handlers = [handler("attach_loops", redis, Clock(at(3600)))]
+    await feed(handlers, [event("attachment.accepted", i, i * 30) for i in range(5)])
+    await finish(handlers, at(130))
+    (alert,) = await stream_alerts(redis)
+    assert (alert["kind"], alert["sim_sid"], alert["count"]) == ("attach_loop", SIM_A, 5)
+    assert alert["opened_at"] == iso(at(120))
+    assert "APN is `super`" in alert["hint"]
+    assert alert["details"]["networks"] == [
+        {"network": "US-310-260", "name": "T-Mobile", "count": 5}
+    ]
+
+
+async def test_data_sessions_between_attachments_prevent_the_alert(redis: Redis) -> None:
+    """Attachments each followed by a data session never alert, even if the sessions arrive first."""
+    accepts = [event("attachment.accepted", i, i * 30) for i in range(8)]
+    starts = [event("data-session.started", i, i * 30 + 5) for i in range(8)]
+    handlers = [handler("attach_loops", redis, Clock(at(3600)))]
+    await feed(handlers, starts + accepts, batch_size=100)
+    await finish(handlers, at(1000))
+    assert await stream_alerts(redis) == []
+
+
+async def test_loop_resolves_when_a_data_session_starts(redis: Redis) -> None:
+    """A data session after the loop resolves it, at the session's event time."""
+    handlers = [handler("attach_loops", redis, Clock(at(3600)))]
+    loop = [event("attachment.accepted", i, i * 30) for i in range(6)]
+    await feed(handlers, [*loop, event("data-session.started", 1, 200)])
+    await finish(handlers, at(300))
+    opened, resolved = await stream_alerts(redis)
+    assert (resolved["id"], resolved["status"]) == (opened["id"], "resolved")
+    assert resolved["resolved_at"] == iso(at(200))
+    assert resolved["resolution"] == "a data session started"

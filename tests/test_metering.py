@@ -1,0 +1,593 @@
+"""The ``metering`` handler: byte-exact usage against the simulator's ground truth, whatever
+the order, duplicates, replays, replicas and subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import date, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import orjson
+import pytest
+import redis
+import redis.asyncio
+from events import SIM, make_record
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
+from worker.decode import decode
+from worker.handlers.base import Batch, HandlerContext
+from worker.handlers.metering import (
+    MeteringHandler,
+    MeteringSettings,
+    create,
+    hourly_key,
+)
+from worker.records import ConnectionEvent
+from worker.settings import Settings
+from worker.simulator import SimulationOptions, generate
+from worker.simulator.catalog import NETWORKS
+from worker.usage import figures, sessions
+
+PREFIX = "{sw:test-stream:test-group}"
+DAY = 86_400
+
+
+# --- simulated streams --------------------------------------------------------------------
+
+
+@functools.cache
+def simulated(**options: Any) -> tuple[tuple[ConnectionEvent, ...], dict[str, Any]]:
+    """Decoded connection events of a simulated stream (in stream order) and its truth."""
+    base: dict[str, Any] = {"sims": 30, "hours": 30.0, "seed": 7}
+    records, truth = generate(SimulationOptions(**(base | options)))
+    events = tuple(e for e in map(decode, records) if isinstance(e, ConnectionEvent))
+    return events, truth
+
+
+def batches(events: Sequence[ConnectionEvent], rng: random.Random) -> list[Batch]:
+    """The events cut into batches of random sizes (1 to 400)."""
+    out, i = [], 0
+    while i < len(events):
+        size = rng.randint(1, 400)
+        out.append(Batch("shardId-000000000000", events[i : i + size]))
+        i += size
+    return out
+
+
+def shuffled(
+    events: Sequence[ConnectionEvent], seed: int, extra_duplicates: float = 0.0
+) -> list[ConnectionEvent]:
+    """A random permutation of the events, with a share of them delivered once more."""
+    rng = random.Random(seed)
+    out = list(events) + [e for e in events if rng.random() < extra_duplicates]
+    rng.shuffle(out)
+    return out
+
+
+def period(truth: dict[str, Any]) -> tuple[date, date]:
+    options = truth["options"]
+    start = datetime.fromisoformat(options["start"])
+    end = start + timedelta(hours=options["hours"])
+    return start.date(), end.date()
+
+
+def _nonzero(table: dict[str, dict[str, int]]) -> dict[str, tuple[int, int]]:
+    return {k: (v["down"], v["up"]) for k, v in table.items() if v["down"] or v["up"]}
+
+
+def expected(truth: dict[str, Any]) -> dict[str, Any]:
+    """The truth's usage tables as {key: (down, up)}, zero entries left out."""
+    usage = truth["usage"]
+    out: dict[str, Any] = {
+        name: _nonzero(usage[name]) for name in ("per_fleet", "per_account", "per_network")
+    }
+    out["per_day"] = _nonzero(usage["per_day"])
+    for name in ("per_sim_day", "per_sim_hour"):
+        out[name] = {sim: _nonzero(inner) for sim, inner in usage[name].items()}
+        out[name] = {sim: inner for sim, inner in out[name].items() if inner}
+    return out
+
+
+def metered(client: redis.Redis, truth: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+    """What Redis holds, read with ``worker.usage.figures``, shaped like ``expected``."""
+    first, last = period(truth)
+
+    def rows(dimension: str, ident: str, hourly: bool = False) -> dict[str, tuple[int, int]]:
+        found = figures(client, prefix, dimension, ident, first, last, hourly=hourly)
+        return {r.period[:13]: (r.down, r.up) for r in found if r.down or r.up}
+
+    def totals(dimension: str, idents: set[str]) -> dict[str, tuple[int, int]]:
+        out = {}
+        for ident in sorted(idents):
+            found = rows(dimension, ident)
+            down, up = sum(v[0] for v in found.values()), sum(v[1] for v in found.values())
+            if down or up:
+                out[ident] = (down, up)
+        return out
+
+    sims = truth["sims"]
+    per_day: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    accounts = {s["account_sid"] for s in sims.values()}
+    for account in accounts:
+        for day, (down, up) in rows("account", account).items():
+            per_day[day][0] += down
+            per_day[day][1] += up
+    out: dict[str, Any] = {
+        "per_fleet": totals("fleet", {s["fleet_sid"] for s in sims.values()}),
+        "per_account": totals("account", accounts),
+        "per_network": totals("network", {n.key for n in NETWORKS} | {"unknown"}),
+        "per_day": {day: (v[0], v[1]) for day, v in per_day.items()},
+        "per_sim_day": {},
+        "per_sim_hour": {},
+    }
+    for sim in sims:
+        if daily := rows("sim", sim):
+            out["per_sim_day"][sim] = daily
+        if hourly := rows("sim", sim, hourly=True):
+            out["per_sim_hour"][sim] = hourly
+    return out
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    yield connection
+    await connection.aclose()
+
+
+@pytest.fixture
+def reader(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+def handler(connection: redis.asyncio.Redis, **settings: int) -> MeteringHandler:
+    return MeteringHandler(connection, PREFIX, MeteringSettings(**settings))
+
+
+async def handle_all(target: MeteringHandler, parts: Sequence[Batch]) -> None:
+    for part in parts:
+        await target.handle(part)
+
+
+def record_events(*records: bytes) -> list[ConnectionEvent]:
+    out = [decode(raw) for raw in records]
+    assert all(isinstance(e, ConnectionEvent) for e in out)
+    return cast(list[ConnectionEvent], out)
+
+
+# --- exactness -----------------------------------------------------------------------------
+
+MESSY: dict[str, Any] = {
+    "duplicate_share": 0.3,
+    "shuffle_window": 3600,
+    "kore_share": 0.4,
+    "data_as_string_share": 0.2,
+    "schema_version": "mixed",
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_totals_equal_ground_truth_for_any_permutation_with_duplicates(
+    client: redis.asyncio.Redis, reader: redis.Redis, seed: int
+) -> None:
+    """Shuffled, duplicated, mixed v1/v2, both vendors: every table equals the truth to the byte."""
+    events, truth = simulated(**MESSY)
+    stream = shuffled(events, seed, extra_duplicates=0.2)
+    await handle_all(handler(client), batches(stream, random.Random(seed)))
+    assert metered(reader, truth) == expected(truth)
+
+
+async def test_v1_stream_is_exact_per_hour(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Schema v1 (no cumulative totals) windows are de-duplicated by session and window."""
+    events, truth = simulated(schema_version=1, duplicate_share=0.5)
+    await handle_all(handler(client), batches(shuffled(events, 3, 0.5), random.Random(3)))
+    assert metered(reader, truth) == expected(truth)
+
+
+async def test_ended_only_equals_updated_and_ended_per_sim_and_day(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """With v2 events, metering ended events alone gives the same daily totals per SIM."""
+    full, truth = simulated(duplicate_share=0.2)
+    ended_only, ended_truth = simulated(duplicate_share=0.2, subscription="ended-only")
+    assert ended_truth["ended_only_exact"]
+    await handle_all(handler(client), batches(shuffled(full, 4), random.Random(4)))
+    other = MeteringHandler(client, "{sw:test-stream:ended-only}", MeteringSettings())
+    await handle_all(other, batches(shuffled(ended_only, 5), random.Random(5)))
+    both = metered(reader, truth)
+    alone = metered(reader, truth, prefix="{sw:test-stream:ended-only}")
+    for table in ("per_sim_day", "per_fleet", "per_account", "per_network", "per_day"):
+        assert alone[table] == both[table] == expected(truth)[table], table
+
+
+async def test_ended_only_puts_each_session_in_the_hour_it_ended(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Under ended-only, a session's cumulative bytes land in the UTC hour of its end."""
+    events, truth = simulated(subscription="ended-only")
+    await handle_all(handler(client), batches(events, random.Random(6)))
+    hours: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for session in truth["sessions"].values():
+        if session["end"] and session["total"]:
+            pair = hours[session["sim_sid"]][session["end"][:13]]
+            pair[0] += session["down"]
+            pair[1] += session["up"]
+    want = {sim: {h: (v[0], v[1]) for h, v in inner.items()} for sim, inner in hours.items()}
+    assert metered(reader, truth)["per_sim_hour"] == want
+
+
+async def test_late_updated_events_move_bytes_from_the_ended_hour_to_their_own(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Ended events first, their updated events after: the hourly buckets end up exact."""
+    events, truth = simulated()
+    ended = [e for e in events if e.kind.value != "data-session.updated"]
+    updated = [e for e in events if e.kind.value == "data-session.updated"]
+    target = handler(client)
+    await handle_all(target, batches(ended, random.Random(7)))
+    await handle_all(target, batches(shuffled(updated, 8), random.Random(8)))
+    assert metered(reader, truth) == expected(truth)
+
+
+async def test_two_replicas_on_the_same_events_concurrently_stay_exact(
+    redis_url: str, reader: redis.Redis
+) -> None:
+    """Two handlers on two connections, handling the same events interleaved, count each once."""
+    events, truth = simulated(**MESSY)
+    first = redis.asyncio.Redis.from_url(redis_url)
+    second = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        one, two = handler(first), handler(second)
+        await asyncio.gather(
+            handle_all(one, batches(shuffled(events, 9), random.Random(9))),
+            handle_all(two, batches(shuffled(events, 10), random.Random(10))),
+        )
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert metered(reader, truth) == expected(truth)
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
+    return {key: client.hgetall(key) for key in client.scan_iter(match=PREFIX + ":m:*")}
+
+
+async def test_crash_replay_of_a_prefix_of_batches_changes_nothing(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Re-handling batches already handled (a replay after kill -9) leaves Redis unchanged."""
+    events, truth = simulated(**MESSY)
+    parts = batches(events, random.Random(11))
+    cut = len(parts) * 2 // 3
+    target = handler(client)
+    await handle_all(target, parts[:cut])
+    before = snapshot(reader)
+    await handle_all(handler(client), parts[cut // 3 : cut])
+    assert snapshot(reader) == before
+    await handle_all(target, parts[cut // 2 :])
+    assert metered(reader, truth) == expected(truth)
+
+
+async def test_session_crossing_midnight_goes_to_the_ended_day_under_ended_only(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Documented limit: per-window days with updated events, the ended day without them."""
+
+    def usage(kind: str, seq: int, start: str, end: str, down: int, cum: int) -> bytes:
+        extra: dict[str, Any] = {"data_session_end_time": end} if kind.endswith("ended") else {}
+        return make_record(
+            f"data-session.{kind}",
+            seq=seq,
+            data_session_start_time="2024-03-01T23:50:00Z",
+            data_session_update_start_time=start,
+            data_session_update_end_time=end,
+            timestamp=end,
+            data_download=down,
+            data_upload=0,
+            data_total=down,
+            data_session_data_download=cum,
+            data_session_data_upload=0,
+            data_session_data_total=cum,
+            **extra,
+        )
+
+    windows = record_events(
+        usage("updated", 1, "2024-03-01T23:50:00Z", "2024-03-01T23:56:00Z", 100, 100),
+        usage("updated", 2, "2024-03-01T23:56:00Z", "2024-03-02T00:02:00Z", 200, 300),
+        usage("ended", 3, "2024-03-02T00:02:00Z", "2024-03-02T00:05:00Z", 50, 350),
+    )
+    await handler(client).handle(Batch("s", windows))
+    alone = MeteringHandler(client, "{sw:test-stream:ended-only}", MeteringSettings())
+    await alone.handle(Batch("s", windows[2:]))
+    sim = windows[0].data.sim_sid
+    days = (date(2024, 3, 1), date(2024, 3, 2))
+    assert [r.down for r in figures(reader, PREFIX, "sim", sim, *days)] == [100, 250]
+    ended_only = figures(reader, "{sw:test-stream:ended-only}", "sim", sim, *days)
+    assert [r.down for r in ended_only] == [0, 350]
+
+
+async def test_v1_copy_of_an_ended_event_is_upgraded_by_its_v2_copy(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """An ended event first seen without cumulative totals, then with them, counts the session."""
+    v1, v2 = record_events(
+        make_record("data-session.ended", schema_version=1),
+        make_record("data-session.ended", vendor="kore"),
+    )
+    target = handler(client)
+    await target.handle(Batch("s", [v1]))
+    sim = v1.data.sim_sid
+    day = date(2022, 12, 14)
+    assert figures(reader, PREFIX, "sim", sim, day, day)[0].down == v1.data.data_download
+    await target.handle(Batch("s", [v2, v1]))
+    assert (
+        figures(reader, PREFIX, "sim", sim, day, day)[0].down == v2.data.data_session_data_download
+    )
+
+
+# --- one session, any delivery (property) -------------------------------------------------
+
+SESSION_START = datetime(2024, 3, 1, 22, 10)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def session_records(windows: Sequence[tuple[int, int]], schema: int) -> list[bytes]:
+    """started, one updated per window but the last, ended for the last: 20-minute windows
+    from 22:10 UTC, so they span several hours and cross midnight."""
+    out = [
+        make_record(
+            "data-session.started",
+            seq=0,
+            schema_version=schema,
+            timestamp=_iso(SESSION_START),
+            data_session_start_time=_iso(SESSION_START),
+        )
+    ]
+    cum = [0, 0]
+    for n, (down, up) in enumerate(windows):
+        begin, end = (
+            SESSION_START + timedelta(minutes=20 * n),
+            SESSION_START + timedelta(minutes=20 * (n + 1)),
+        )
+        cum = [cum[0] + down, cum[1] + up]
+        kind = "data-session.ended" if n == len(windows) - 1 else "data-session.updated"
+        fields: dict[str, Any] = {
+            "timestamp": _iso(end),
+            "data_session_start_time": _iso(SESSION_START),
+            "data_session_update_start_time": _iso(begin),
+            "data_session_update_end_time": _iso(end),
+            "data_download": down,
+            "data_upload": up,
+            "data_total": down + up,
+        }
+        if schema == 2:
+            fields |= {
+                "data_session_data_download": cum[0],
+                "data_session_data_upload": cum[1],
+                "data_session_data_total": sum(cum),
+            }
+        if kind == "data-session.ended":
+            fields["data_session_end_time"] = _iso(end)
+        out.append(make_record(kind, seq=n + 1, schema_version=schema, **fields))
+    return out
+
+
+def _hour(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    windows=st.lists(
+        st.tuples(st.integers(0, 10**9), st.integers(0, 10**6)), min_size=1, max_size=7
+    ),
+    schema=st.sampled_from([1, 2]),
+    data=st.data(),
+)
+def test_any_subset_order_and_repetition_of_a_sessions_events_meters_the_invariant(
+    redis_url: str, windows: list[tuple[int, int]], schema: int, data: st.DataObject
+) -> None:
+    """Buckets = each distinct updated window in its hour + (cumulative - those) in the ended hour."""
+    records = session_records(windows, schema)
+    picked = data.draw(st.lists(st.sampled_from(range(len(records))), max_size=3 * len(records)))
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=len(picked), max_size=len(picked)))
+    replicas = data.draw(st.sampled_from([1, 2]))
+    events = record_events(*(records[i] for i in picked))
+    prefix = "{sw:property:" + uuid.uuid4().hex + "}"
+
+    async def deliver() -> None:
+        connections = [redis.asyncio.Redis.from_url(redis_url) for _ in range(replicas)]
+        try:
+            handlers = [MeteringHandler(c, prefix, MeteringSettings()) for c in connections]
+            parts, i = [], 0
+            for size in sizes:
+                if i >= len(events):
+                    break
+                parts.append(Batch("s", events[i : i + size]))
+                i += size
+            await asyncio.gather(
+                *(handle_all(h, parts[n::replicas]) for n, h in enumerate(handlers))
+            )
+        finally:
+            for connection in connections:
+                await connection.aclose()
+
+    asyncio.run(deliver())
+    want: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    seen = {i - 1 for i in picked if i > 0}  # window numbers delivered
+    last = len(windows) - 1
+    for n in seen - {last}:
+        pair = want[_hour(SESSION_START + timedelta(minutes=20 * (n + 1)))]
+        pair[0] += windows[n][0]
+        pair[1] += windows[n][1]
+    if last in seen:
+        pair = want[_hour(SESSION_START + timedelta(minutes=20 * (last + 1)))]
+        if schema == 2:
+            pair[0] += sum(w[0] for w in windows) - sum(windows[n][0] for n in seen - {last})
+            pair[1] += sum(w[1] for w in windows) - sum(windows[n][1] for n in seen - {last})
+        else:
+            pair[0] += windows[last][0]
+            pair[1] += windows[last][1]
+    reader = redis.Redis.from_url(redis_url)
+    try:
+        sim = SIM["sim_sid"]
+        rows = figures(reader, prefix, "sim", sim, date(2024, 3, 1), date(2024, 3, 2), hourly=True)
+        got = {r.period[:13]: [r.down, r.up] for r in rows if r.down or r.up}
+        assert got == {h: v for h, v in want.items() if v != [0, 0]}
+        listed = sessions(reader, prefix, sim, date(2024, 3, 1), date(2024, 3, 1))
+        assert len(listed) == (1 if picked else 0)
+        if listed:
+            total = [sum(v[0] for v in want.values()), sum(v[1] for v in want.values())]
+            assert [listed[0]["data_download"], listed[0]["data_upload"]] == total
+    finally:
+        reader.close()
+
+
+# --- session records -----------------------------------------------------------------------
+
+
+async def test_session_records_mirror_every_data_session(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Each session's record has its SIM, times, bytes and the ended event's operator and cell."""
+    events, truth = simulated(**MESSY)
+    await handle_all(handler(client), batches(shuffled(events, 12, 0.3), random.Random(12)))
+    first, last = period(truth)
+    ended = {
+        e.data.data_session_sid: e.data for e in events if e.kind.value == "data-session.ended"
+    }
+    found = {}
+    for sim in truth["sims"]:
+        for item in sessions(reader, PREFIX, sim, first, last):
+            found[item["sid"]] = item
+    assert found.keys() == truth["sessions"].keys()
+    for sid, want in truth["sessions"].items():
+        item = found[sid]
+        got = {k: item[k] for k in ("sim_sid", "start", "end")}
+        got |= {
+            "down": item["data_download"],
+            "up": item["data_upload"],
+            "total": item["data_total"],
+        }
+        assert got == want
+        data = ended.get(sid)
+        if data is not None and data.network is not None:
+            assert item["operator_mcc"] == data.network.mcc
+            assert item["operator_name"] == data.network.friendly_name
+            assert item["operator_country"] == data.network.iso_country
+            assert item["radio_link"] == data.rat_type
+            assert item["account_sid"] == data.account_sid
+            if data.location is not None and data.location.cell_id:
+                assert item["cell_id"] == data.location.cell_id
+                assert item["cell_location_estimate"] == {
+                    "lat": data.location.lat,
+                    "lon": data.location.lon,
+                }
+            if data.imei:
+                assert item["imei"] == data.imei
+
+
+# --- round trips, keys, retention ----------------------------------------------------------
+
+
+async def test_one_redis_round_trip_per_batch(client: redis.asyncio.Redis) -> None:
+    """Once the script is loaded, a batch costs one round trip; a batch without sessions none."""
+    events, _ = simulated()
+    parts = batches(events, random.Random(13))
+    target = handler(client)
+    await target.handle(parts[0])
+    calls: list[str] = []
+    original = client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        calls.append(str(args[0]))
+        return await original(*args, **options)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    await handle_all(target, parts[1:])
+    attachments = [e for e in events if e.kind.value.startswith("attachment.")]
+    await target.handle(Batch("s", attachments[:50]))
+    assert calls == ["EVALSHA"] * (len(parts) - 1)
+
+
+async def test_every_key_is_under_the_prefix_and_expires(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """All keys carry the prefix (one Cluster slot) and a TTL within their retention."""
+    events, _ = simulated()
+    await handle_all(
+        handler(client, hour_retention_days=2, day_retention_days=9, session_retention_days=4),
+        batches(events, random.Random(14)),
+    )
+    limits = {b":m:h:": 2 * DAY, b":m:d:": 9 * DAY, b":m:s:": 4 * DAY}
+    seen = set()
+    for key in reader.scan_iter():
+        assert key.startswith(PREFIX.encode())
+        kind = key[len(PREFIX) : len(PREFIX) + 5]
+        seen.add(kind)
+        assert limits[kind] - 60 < reader.ttl(key) <= limits[kind]
+    assert seen == set(limits)
+
+
+def test_day_retention_must_cover_session_retention() -> None:
+    """Daily buckets may not expire before the sessions whose late windows move bytes in them."""
+    with pytest.raises(ValidationError, match="day_retention_days"):
+        MeteringSettings(day_retention_days=10, session_retention_days=30)
+
+
+async def test_factory_reads_settings_metering_or_uses_defaults(
+    client: redis.asyncio.Redis,
+) -> None:
+    """``create`` takes ``settings.metering`` when present, else the default retention."""
+    plain = create(HandlerContext(Settings(), client, PREFIX))
+    assert plain.settings == MeteringSettings()
+    custom = MeteringSettings(hour_retention_days=3)
+    carrying = cast(Settings, SimpleNamespace(metering=custom))
+    assert create(HandlerContext(carrying, client, PREFIX)).settings is custom
+
+
+async def test_logs_carry_no_personal_data(client: redis.asyncio.Redis) -> None:
+    """Handling and closing log counts only, never IMSI, IMEI, ICCID, IP or location."""
+    events, _ = simulated()
+    target = handler(client)
+    with capture_logs() as logs:
+        await handle_all(target, batches(events[:2000], random.Random(15)))
+        await target.close()
+    text = orjson.dumps(logs).decode()
+    assert logs
+    for event in events[:2000]:
+        data = event.data
+        for value in (data.imsi, data.imei, data.sim_iccid, data.ip_address):
+            assert not value or value not in text
+
+
+async def test_buckets_hold_hours_of_a_day_and_days_of_a_month(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """An hourly bucket is field ``HHd``/``HHu`` of the day's hash (the documented layout)."""
+    (event,) = record_events(make_record("data-session.ended"))
+    await handler(client).handle(Batch("s", [event]))
+    stored = reader.hgetall(hourly_key(PREFIX, "sim", event.data.sim_sid, "20221214"))
+    cumulative = event.data.data_session_data_download, event.data.data_session_data_upload
+    assert stored == {b"13d": str(cumulative[0]).encode(), b"13u": str(cumulative[1]).encode()}

@@ -1,0 +1,186 @@
+"""The webhook sink against a real aiohttp receiver: signatures, retries, outages, dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import servers
+from redis.asyncio import Redis
+from alerts_support import (
+    NOISY,
+    SECRET,
+    Clock,
+    Receiver,
+    at,
+    close_all,
+    event,
+    feed,
+    finish,
+    handler,
+    sim_end,
+    simulated,
+    stream_alerts,
+    webhook_settings,
+)
+
+from worker.alerts.handler import AlertHandler
+from worker.alerts.webhook import (
+    ALERT_ID_HEADER,
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+    verify,
+)
+from worker.records import ConnectionEvent
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver(SECRET)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def storm(seq0: int = 0) -> list[ConnectionEvent]:
+    return [event("attachment.rejected", seq0 + i, i * 10) for i in range(12)]
+
+
+async def test_receiver_verifies_each_signed_alert(redis: Redis, receiver: Receiver) -> None:
+    """An alert arrives as one signed POST whose body is the stream's alert, keyed by its delivery key."""
+    handlers = [handler("rejections", redis, Clock(at(3600)), webhook_settings(receiver.url))]
+    await feed(handlers, storm())
+    await finish(handlers, at(130))
+    (alert,) = await stream_alerts(redis)
+    key = f"{alert['id']}:open"
+    assert list(receiver.accepted) == [key]
+    assert receiver.accepted[key] == alert
+    assert receiver.headers[key][ALERT_ID_HEADER] == alert["id"]
+    assert receiver.headers[key]["Content-Type"] == "application/json"
+    assert (receiver.requests, receiver.bad_signatures) == (1, 0)
+    await close_all(handlers)
+
+
+def test_signature_check_rejects_tampering_wrong_keys_and_old_requests() -> None:
+    """``verify`` accepts the signed body only: not another body, key or a stale timestamp."""
+    body, now = b'{"id":"x"}', 1_700_000_000
+    header = sign(SECRET, now, body)
+    assert header.startswith("v1=")
+    assert verify(SECRET, body, timestamp=str(now), signature=header, now=now + 10)
+    assert not verify(SECRET, body + b" ", timestamp=str(now), signature=header, now=now)
+    assert not verify("other", body, timestamp=str(now), signature=header, now=now)
+    assert not verify(SECRET, body, timestamp=str(now), signature=header, now=now + 301)
+    assert not verify(SECRET, body, timestamp="soon", signature=header, now=now)
+    assert not verify(SECRET, body, timestamp=None, signature=header, now=now)
+
+
+async def test_server_errors_and_timeouts_are_retried_in_the_same_round(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """503s and a timeout are retried with backoff; the alert is accepted once."""
+    tuned = webhook_settings(receiver.url, timeout=0.3, attempts=4)
+    handlers = [handler("rejections", redis, Clock(at(3600)), tuned)]
+    receiver.fail_next = 2
+    await feed(handlers, storm())
+    await handlers[0].flush()
+    assert (receiver.requests, len(receiver.accepted), receiver.repeats) == (3, 1, 0)
+    receiver.delay = 1.0
+    await feed(handlers, [event("attachment.accepted", 1, 200)])
+    await finish(handlers, at(300))
+    assert receiver.requests == 5
+    assert sorted(k.rsplit(":", 1)[1] for k in receiver.accepted) == ["open", "resolved"]
+    assert await handlers[0].outbox.pending() == 0
+    await close_all(handlers)
+
+
+async def deliver_pending(handlers: list[AlertHandler], clock: Clock) -> None:
+    """Let retry delays pass and tick until nothing is pending."""
+    for _ in range(20):
+        clock.advance(3600)
+        for item in handlers:
+            await item.tick()
+            await item.flush()
+        if all([await item.outbox.pending() == 0 for item in handlers]):
+            return
+    raise AssertionError("deliveries still pending")
+
+
+async def test_outage_then_recovery_delivers_each_alert_once(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """Alerts wait in the outbox during an outage and reach the receiver exactly once after it."""
+    events, _ = simulated(**NOISY)
+    end = sim_end(NOISY)
+    clock = Clock(end)
+    tuned = webhook_settings(receiver.url, attempts=2)
+    handlers = [handler(name, redis, clock, tuned) for name in ("rejections", "attach_loops")]
+    receiver.status = 503
+    await feed(handlers, events, batch_size=500)
+    await finish(handlers, end + timedelta(hours=1))
+    streamed = await stream_alerts(redis)
+    assert len(streamed) > 100
+    assert receiver.accepted == {}
+    assert receiver.requests >= len(streamed)
+    assert sum([await h.outbox.pending() for h in handlers]) >= len(streamed)
+    receiver.status = 200
+    await deliver_pending(handlers, clock)
+    assert receiver.repeats == 0
+    assert receiver.bad_signatures == 0
+    assert receiver.accepted == {f"{a['id']}:{a['status']}": a for a in streamed}
+    await close_all(handlers)
+
+
+async def test_client_errors_are_dead_lettered_not_retried(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """A 4xx answer cannot succeed by repetition: the alert is kept in the dead letters."""
+    handlers = [handler("rejections", redis, Clock(at(3600)), webhook_settings(receiver.url))]
+    receiver.status = 422
+    await feed(handlers, storm())
+    await handlers[0].flush()
+    dead = await handlers[0].outbox.dead()
+    ((entry, letter),) = dead.items()
+    assert entry.startswith("webhook|rejection_storm|")
+    assert letter["reason"] == "HTTP 422"
+    assert receiver.requests == 1
+    assert await handlers[0].outbox.pending() == 0
+    await close_all(handlers)
+
+
+async def test_unreachable_receiver_keeps_the_alert_for_a_later_round(redis: Redis) -> None:
+    """Connection errors are retriable: the alert stays pending with a later due time."""
+    url = f"http://{servers.HOST}:{servers.free_port()}/alerts"
+    clock = Clock(at(3600))
+    handlers = [handler("rejections", redis, clock, webhook_settings(url, attempts=2))]
+    await feed(handlers, storm())
+    await handlers[0].flush()
+    assert await handlers[0].outbox.pending() == 1
+    tries = f"{handlers[0].store.prefix}:tries"
+    await handlers[0].tick(at(130))
+    await handlers[0].flush()
+    assert list((await redis.hgetall(tries)).values()) == [b"1"]
+    clock.advance(2)
+    await handlers[0].tick(at(130))
+    await handlers[0].flush()
+    assert list((await redis.hgetall(tries)).values()) == [b"2"]
+    assert await handlers[0].outbox.pending() == 1
+    await close_all(handlers)
+
+
+def test_headers_carry_timestamp_signature_and_idempotency_key() -> None:
+    """The header names receivers rely on stay stable."""
+    assert (TIMESTAMP_HEADER, SIGNATURE_HEADER, IDEMPOTENCY_HEADER) == (
+        "X-Supersim-Timestamp",
+        "X-Supersim-Signature",
+        "Idempotency-Key",
+    )

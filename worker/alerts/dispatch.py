@@ -1,0 +1,173 @@
+"""Delivering claimed outbox entries to their sinks, off the batch path.
+
+``handle`` only records transitions and claims due entries (one round trip); the
+dispatcher's background task renders each claimed entry, sends it to its sink and
+settles the round in the outbox (one more round trip per round, not per batch). A slow
+or failing webhook therefore never holds up the shard.
+
+Guarantees: an entry is claimed by one replica at a time (lease); a process that dies
+mid-round leaves its claims to expire and be claimed again, so every entry is delivered
+at least once and, through the stream sink's atomic append and the webhook's idempotency
+key, observed once. The task is owned here: ``close`` waits for it (bounded), cancels
+it, and its failures surface on the next ``submit`` or ``flush``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+
+import structlog
+from redis.exceptions import RedisError
+
+from worker.alerts.episodes import Transition
+from worker.alerts.model import Alert
+from worker.alerts.outbox import ClaimedEntry, Outbox, Outcome, Settlement
+from worker.alerts.sinks import AlertSink
+
+Render = Callable[[Transition], Alert]
+
+
+class RetryPolicy:
+    """When a failed entry is due again, and when it is given up on."""
+
+    def __init__(self, base: timedelta, cap: timedelta, max_age: timedelta) -> None:
+        self._base_ms = base.total_seconds() * 1000
+        self._cap_ms = cap.total_seconds() * 1000
+        self._max_age_ms = max_age.total_seconds() * 1000
+
+    def next_due(self, now_ms: int, tries: int) -> int:
+        delay: float = min(self._cap_ms, self._base_ms * 2.0 ** min(tries, 32))
+        return now_ms + round(delay)
+
+    def expired(self, now_ms: int, created_ms: int) -> bool:
+        return now_ms - created_ms > self._max_age_ms
+
+
+class Dispatcher:
+    """Delivers claimed entries in a background task, a round at a time."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        sinks: Mapping[str, AlertSink],
+        render: Render,
+        retry: RetryPolicy,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 8,
+    ) -> None:
+        self._outbox = outbox
+        self._sinks = dict(sinks)
+        self._render = render
+        self._retry = retry
+        self._clock = clock
+        self._limit = asyncio.Semaphore(concurrency)
+        self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._log = structlog.get_logger("worker.alerts")
+
+    def submit(self, entries: Sequence[ClaimedEntry]) -> None:
+        """Queue claimed entries (ones already queued here are skipped)."""
+        self._surface_failure()
+        if self._closed:
+            return
+        for entry in entries:
+            if entry.entry not in self._queued:
+                self._queued.add(entry.entry)
+                self._queue.put_nowait(entry)
+        if self._queued and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far has been delivered or settled."""
+        self._surface_failure()
+        if self._task is None:
+            return
+        joined = asyncio.ensure_future(self._queue.join())
+        try:
+            await asyncio.wait({joined, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+        self._surface_failure()
+
+    async def close(self, grace: float) -> None:
+        """Finish the queued rounds within ``grace`` seconds, then stop the task.
+
+        Entries not settled by then stay claimed in Redis and are delivered after their
+        lease ends, by this or another replica.
+        """
+        self._closed = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._queue.join()), grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def _surface_failure(self) -> None:
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise RuntimeError("the alert dispatcher failed") from exc
+
+    async def _run(self) -> None:
+        while True:
+            round_ = [await self._queue.get()]
+            while not self._queue.empty():
+                round_.append(self._queue.get_nowait())
+            try:
+                await self._deliver(round_)
+            finally:
+                for entry in round_:
+                    self._queued.discard(entry.entry)
+                    self._queue.task_done()
+
+    async def _deliver(self, entries: list[ClaimedEntry]) -> None:
+        results = await asyncio.gather(*(self._one(entry) for entry in entries))
+        now_ms = round(self._clock() * 1000)
+        try:
+            await self._outbox.settle(results, now_ms)
+        except RedisError as exc:
+            self._log.warning(
+                "alert_settle_failed",
+                entries=len(results),
+                error=f"{type(exc).__name__}: {exc}",
+                note="deliveries are repeated when their claims expire",
+            )
+
+    async def _one(self, entry: ClaimedEntry) -> Settlement:
+        sink = self._sinks.get(entry.sink)
+        if sink is None:
+            return Settlement(entry.entry, Outcome.DEAD, reason=f"sink {entry.sink} is not enabled")
+        try:
+            transition = Transition.parse(entry.payload)
+            alert = self._render(transition)
+        except (ValueError, KeyError, TypeError) as exc:
+            return Settlement(entry.entry, Outcome.DEAD, reason=f"cannot render: {exc}")
+        async with self._limit:
+            result = await sink.send(alert)
+        if result.delivered:
+            return Settlement(entry.entry, Outcome.DONE, stream_fields=result.stream_fields)
+        now_ms = round(self._clock() * 1000)
+        fields = {
+            "alert_id": alert.id,
+            "status": alert.status.value,
+            "sink": sink.name,
+            "reason": result.reason,
+            "failed_rounds": entry.tries + 1,
+        }
+        if not result.retriable or self._retry.expired(now_ms, transition.created_ms):
+            self._log.error("alert_delivery_dead", **fields)
+            return Settlement(entry.entry, Outcome.DEAD, reason=result.reason)
+        due = self._retry.next_due(now_ms, entry.tries)
+        self._log.warning("alert_delivery_deferred", retry_in_s=(due - now_ms) / 1000, **fields)
+        return Settlement(entry.entry, Outcome.RETRY, due_ms=due, reason=result.reason)

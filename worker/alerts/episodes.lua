@@ -1,0 +1,501 @@
+--[==[
+Event-time episode detection for alert handlers: one call per batch, atomic.
+
+KEYS[1]  P, the handler's key prefix (every key below is P..':'..<name>, one hash tag)
+ARGV[1]  JSON request (times are event-time milliseconds unless said otherwise); the
+         event-time fields (shard, wm, tick, idle, warmup) are read by event_time.lua:
+  now    wall clock ms: outbox due times and claim leases
+  fresh  transitions at earlier event times are recorded but not sent (stale)
+  grace  ms a quiet episode waits past its deadline before it closes
+  ttl    seconds state lives after its last change
+  sinks  sink names; each sent transition gets one outbox entry per sink
+  claim  how many due outbox entries to claim; lease: ms a claim lasts
+  subs   one per subject: {k kind, s subject, g group, m meta JSON, n threshold,
+         w window ms (0: unbounded), d 1 = count distinct members, q 1 = closes when quiet,
+         l lateness ms, h hits [[member, ts, tags, info]] in ts order, c clears [ts] in order}
+
+Per subject (kind K, subject S):
+  P:s:K:S  hash   state: max (newest event seen), config (w g m d q) and the current
+                  episode: key (id basis), first, last, at (met threshold), n, state
+                  (open|closed), sent (0|1), pend (earliest clear after first, 0 none:
+                  the episode ends there once event time is past it by grace),
+                  closed (ts), why (recovered|quiet), info
+  P:h:K:S  zset   hits: member -> ts. Members are event SIDs, so duplicates and both
+                  vendor envelopes of one event count once; in distinct mode members
+                  are SIM SIDs scored by their newest hit.
+  P:x:K:S  hash   event SID -> its tags (count mode), trimmed with P:h
+  P:c:K:S  zset   clears (events that end an episode and split windows), by ts; for a
+                  subject without state only the recent ones, briefly
+  P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts)
+Per handler:
+  P:open   zset   'K\tS' -> event time at which the open episode ends: its pending
+                  clear, else its last hit plus window (quiet)
+  P:active hash   'K\tgroup\tS' -> ts the episode opened (gauges)
+  P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
+  P:due    zset   entry -> wall ms when it may be (re)claimed
+  P:tries  hash   entry -> failed delivery rounds
+  (and the event-time keys of event_time.lua, which runs first: LOW, WARM)
+
+Episodes close when event time (LOW) passes their end by grace; hits are kept until LOW
+(or their subject's newest event, if earlier) passes them by l + w.
+
+Returns {transitions (JSON strings), claimed (flat: entry, payload, tries, ...)}.
+]==]
+
+local OPEN_KEY, ACTIVE_KEY = P .. ':open', P .. ':active'
+local OUTBOX_KEY, DUE_KEY, TRIES_KEY = P .. ':outbox', P .. ':due', P .. ':tries'
+local transitions = {}
+
+local function fmt(x)
+  if x == INF then return '+inf' elseif x == -INF then return '-inf' end
+  return string.format('%.0f', x)
+end
+
+local function excl(x)
+  if x == INF or x == -INF then return fmt(x) end
+  return '(' .. fmt(x)
+end
+
+local function key(part, st)
+  return P .. ':' .. part .. ':' .. st.kind .. ':' .. st.subject
+end
+
+local function split(text)
+  local parts = {}
+  if text and text ~= '' then
+    for part in string.gmatch(text, '[^\t]+') do parts[#parts + 1] = part end
+  end
+  return parts
+end
+
+-- Run a command over many arguments in chunks (unpack has a limit); HMGET results joined.
+local function chunked(command, k, items)
+  local out = {}
+  for i = 1, #items, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #items) do part[#part + 1] = items[j] end
+    local reply = redis.call(command, k, unpack(part))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do out[#out + 1] = value end
+    end
+  end
+  return out
+end
+
+local NUMERIC = {max = true, w = true, key = true, first = true, last = true, at = true,
+  n = true, closed = true, pend = true}
+local FIELDS = {'max', 'w', 'g', 'm', 'd', 'q', 'key', 'first', 'last', 'at', 'n', 'state',
+  'sent', 'pend', 'closed', 'why', 'info'}
+
+local function load(kind, subject)
+  local st = {kind = kind, subject = subject}
+  local raw = redis.call('HGETALL', key('s', st))
+  for i = 1, #raw, 2 do
+    local field, value = raw[i], raw[i + 1]
+    if NUMERIC[field] then st[field] = tonumber(value) else st[field] = value end
+  end
+  return st
+end
+
+local function save(st)
+  local args = {}
+  for _, field in ipairs(FIELDS) do
+    local value = st[field]
+    if value ~= nil then
+      args[#args + 1] = field
+      args[#args + 1] = type(value) == 'number' and fmt(value) or value
+    end
+  end
+  local sk = key('s', st)
+  redis.call('HSET', sk, unpack(args))
+  redis.call('EXPIRE', sk, TTL)
+end
+
+local function member_of(st) return st.kind .. '\t' .. st.subject end
+local function active_of(st) return st.kind .. '\t' .. (st.g or '') .. '\t' .. st.subject end
+
+local function tags_of(st)
+  local raw = redis.call('HGETALL', key('t', st))
+  local tags = {}
+  for i = 1, #raw, 2 do
+    local value = tonumber(raw[i + 1])
+    if st.d ~= '1' then
+      tags[raw[i]] = value
+    elseif value >= st.first then
+      tags[raw[i]] = 1
+    end
+  end
+  return tags
+end
+
+local function emit(st, event, at, sent)
+  local count = st.n
+  if st.d == '1' then count = redis.call('ZCOUNT', key('h', st), fmt(st.first), '+inf') end
+  local closed, why = nil, nil
+  if event == 'resolved' then closed, why = st.closed, st.why end
+  local payload = cjson.encode({
+    k = st.kind, s = st.subject, g = st.g or '', m = st.m or '', key = st.key, ev = event,
+    at = at, opened = st.at, first = st.first, last = st.last, closed = closed, why = why,
+    n = count, tags = tags_of(st), info = st.info or '', sent = sent, cat = NOW,
+  })
+  transitions[#transitions + 1] = payload
+  if sent then
+    for _, sink in ipairs(req.sinks) do
+      local entry = table.concat({sink, st.kind, st.subject, fmt(st.key), event}, '|')
+      if redis.call('HSETNX', OUTBOX_KEY, entry, payload) == 1 then
+        redis.call('ZADD', DUE_KEY, NOW, entry)
+      end
+    end
+  end
+end
+
+local function pending(st) return st.pend ~= nil and st.pend > 0 end
+
+-- When the open episode ends in event time if nothing changes: at its pending clear, or
+-- when quiet for its window; nil if it only ends at a clear.
+local function deadline(st)
+  if pending(st) then return st.pend end
+  if st.q == '1' then return st.last + st.w end
+  return nil
+end
+
+local function schedule(st)
+  local due = deadline(st)
+  if due then redis.call('ZADD', OPEN_KEY, due, member_of(st)) end
+end
+
+local function close(st, at, why)
+  st.state, st.closed, st.why, st.pend = 'closed', at, why, 0
+  redis.call('ZREM', OPEN_KEY, member_of(st))
+  redis.call('HDEL', ACTIVE_KEY, active_of(st))
+  emit(st, 'resolved', at, st.sent == '1')
+end
+
+-- Whether a hit at ts belongs to the subject's current (or last) episode.
+local function covered(st, ts)
+  if st.state == nil then return false end
+  if pending(st) and ts > st.pend then return false end
+  if st.w > 0 and ts < st.first - st.w then return false end
+  if st.why == 'recovered' then return ts < st.closed end
+  if st.w == 0 then return st.state == 'open' end
+  return ts <= st.last + st.w
+end
+
+-- The event time after which a new episode may start.
+local function edge_of(st)
+  if st.state == nil then return -INF end
+  if pending(st) then return st.pend end
+  if st.why == 'recovered' then return st.closed end
+  return st.last
+end
+
+-- Add tag counts to the episode's tag hash in one HINCRBY per distinct tag.
+local function add_tags(st, list_of_tag_strings)
+  local counts = {}
+  for _, tags in ipairs(list_of_tag_strings) do
+    if tags then
+      for _, tag in ipairs(split(tags)) do counts[tag] = (counts[tag] or 0) + 1 end
+    end
+  end
+  local tk = key('t', st)
+  for tag, count in pairs(counts) do redis.call('HINCRBY', tk, tag, count) end
+end
+
+-- Count the stored hits between lo and hi (range strings) not counted in this call yet.
+-- Invariant: the hits counted in an episode are the stored hits within [first, last], so
+-- only the ranges the episode grows by hold uncounted ones (plus new late hits inside).
+local function absorb(st, lo, hi, counted)
+  if st.d == '1' then return end
+  local found = {}
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key('h', st), lo, hi)) do
+    if not counted[m] then
+      counted[m] = true
+      found[#found + 1] = m
+    end
+  end
+  if #found > 0 then
+    st.n = st.n + #found
+    add_tags(st, chunked('HMGET', key('x', st), found))
+  end
+end
+
+-- The episode's announcement, once it has a recent enough event (see 'fresh').
+local function announce(st, ts)
+  if st.state == 'open' and st.sent ~= '1' and ts >= FRESH then
+    st.sent = '1'
+    emit(st, 'open', ts, true)
+  end
+end
+
+-- Grow the episode to cover ts, then through stored hits that chain on from it (no more
+-- than w apart: they may have arrived before the hits that connect them), counting them.
+local function grow(st, ts, info, counted)
+  local f0, l0, w = st.first, st.last, st.w
+  local first, last = math.min(f0, ts), math.max(l0, ts)
+  if w > 0 then
+    local hk, ck = key('h', st), key('c', st)
+    local ceil = INF
+    if pending(st) then ceil = st.pend end
+    if st.why == 'recovered' and st.closed < ceil then ceil = st.closed end
+    local nc = redis.call('ZRANGEBYSCORE', ck, excl(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
+    local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), excl(ceil), 'WITHSCORES')
+    for i = 2, #ahead, 2 do
+      local t = tonumber(ahead[i])
+      if t - last > w then break end
+      last = t
+    end
+    if first < f0 then
+      local pc = redis.call('ZREVRANGEBYSCORE', ck, excl(first), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      local floor = pc[2] and tonumber(pc[2]) or -INF
+      local back = redis.call('ZREVRANGEBYSCORE', hk, excl(first), excl(floor), 'WITHSCORES')
+      for i = 2, #back, 2 do
+        local t = tonumber(back[i])
+        if first - t > w then break end
+        first = t
+      end
+    end
+  end
+  if first < f0 then
+    absorb(st, fmt(first), excl(f0), counted)
+    if info ~= '' then st.info = info end
+  end
+  if last > l0 then absorb(st, excl(l0), fmt(last), counted) end
+  st.first, st.last = first, last
+  if st.state == 'open' then schedule(st) end
+end
+
+-- A new hit that belongs to the episode: counted alone if inside it, else it grows it.
+local function extend(st, hit, counted)
+  local member, ts = hit[1], hit[2]
+  if ts >= st.first and ts <= st.last then
+    if st.d ~= '1' and not counted[member] then
+      counted[member] = true
+      st.n = st.n + 1
+      add_tags(st, {hit[3]})
+    end
+  else
+    grow(st, ts, hit[4], counted)
+  end
+  announce(st, ts)
+end
+
+-- A window of at most w holding n hits, around ts, between the clears and after the
+-- previous episode: returns its first and last hit times and the bounds, or nil.
+local function qualifying(st, ts)
+  local hk, ck, w, n = key('h', st), key('c', st), st.w, st.need
+  local before = redis.call('ZREVRANGEBYSCORE', ck, excl(ts), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local after = redis.call('ZRANGEBYSCORE', ck, excl(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local floor = before[2] and tonumber(before[2]) or -INF
+  local ceil = after[2] and tonumber(after[2]) or INF
+  local edge = edge_of(st)
+  if edge > floor then floor = edge end
+  if n <= 1 then return ts, ts, floor, ceil end
+  local lo, hi = excl(floor), excl(ceil)
+  if w > 0 and ts - w > floor then lo = fmt(ts - w) end
+  if w > 0 and ts + w < ceil then hi = fmt(ts + w) end
+  local raw = redis.call('ZRANGEBYSCORE', hk, lo, hi, 'WITHSCORES')
+  local times = {}
+  for i = 2, #raw, 2 do times[#times + 1] = tonumber(raw[i]) end
+  local i = 1
+  for j = 1, #times do
+    while w > 0 and times[j] - times[i] > w do i = i + 1 end
+    if j - i + 1 >= n then return times[i], times[j], floor, ceil end
+  end
+  return nil
+end
+
+-- Widen [a, b] to the whole chain of hits no more than w apart, within the bounds.
+local function chain(st, a, b, floor, ceil)
+  local hk, w = key('h', st), st.w
+  local first, last = a, b
+  local back = redis.call('ZREVRANGEBYSCORE', hk, excl(a), excl(floor), 'WITHSCORES')
+  for i = 2, #back, 2 do
+    local t = tonumber(back[i])
+    if w > 0 and first - t > w then break end
+    first = t
+  end
+  local ahead = redis.call('ZRANGEBYSCORE', hk, excl(b), excl(ceil), 'WITHSCORES')
+  for i = 2, #ahead, 2 do
+    local t = tonumber(ahead[i])
+    if w > 0 and t - last > w then break end
+    last = t
+  end
+  return first, last
+end
+
+local function open_episode(st, a, b, floor, ceil, info, counted)
+  if st.state == 'open' then
+    if pending(st) then close(st, st.pend, 'recovered') else close(st, st.last + st.w, 'quiet') end
+  end
+  local first, last = chain(st, a, b, floor, ceil)
+  local hk, tk = key('h', st), key('t', st)
+  st.key, st.first, st.last, st.at = first, first, last, b
+  st.state, st.sent, st.pend, st.closed, st.why, st.info = 'open', '0', 0, 0, '', info
+  if ceil < INF then st.pend = ceil end  -- a clear already seen after it ends it there
+  if st.d == '1' then
+    st.n = 0
+  else
+    redis.call('DEL', tk)
+    local members = redis.call('ZRANGEBYSCORE', hk, fmt(first), fmt(last))
+    for _, m in ipairs(members) do counted[m] = true end
+    add_tags(st, chunked('HMGET', key('x', st), members))
+    st.n = #members
+  end
+  schedule(st)
+  redis.call('HSET', ACTIVE_KEY, active_of(st), fmt(b))
+  local sent = last >= FRESH  -- stale only if even its newest event is
+  if sent then st.sent = '1' end
+  emit(st, 'open', b, sent)
+end
+
+-- A clear after an open episode's start ends it there, once event time has passed it by
+-- grace (so an earlier clear arriving late still wins).
+local function on_clear(st, ts)
+  if st.state == 'open' and ts > st.first then
+    if not pending(st) or ts < st.pend then
+      st.pend = ts
+      schedule(st)
+    end
+  elseif st.why == 'recovered' and ts > st.first and ts < st.closed then
+    st.closed = ts
+  end
+end
+
+-- Ingest a subject's hits and clears (new ones only), then walk them in event-time order.
+local function process(sub)
+  local st = load(sub.k, sub.s)
+  if st.max == nil and #sub.h == 0 then
+    -- No state yet: keep the clears briefly, in case hits they precede arrive late.
+    if #sub.c > 0 then
+      local ck, newest = key('c', st), math.min(sub.c[#sub.c], LOW)
+      for _, ts in ipairs(sub.c) do redis.call('ZADD', ck, ts, fmt(ts)) end
+      if WARM then redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(newest - sub.l - sub.w)) end
+      redis.call('EXPIRE', ck, math.ceil((sub.l + sub.w) / 1000) + 60)
+    end
+    return
+  end
+  st.w, st.d, st.q, st.need = sub.w, tostring(sub.d), tostring(sub.q), sub.n
+  if sub.g ~= '' then st.g = sub.g end
+  if sub.m ~= '' then st.m = sub.m end
+  local hk, ck, tk, xk = key('h', st), key('c', st), key('t', st), key('x', st)
+  local newest = st.max or -INF
+
+  local clears = {}
+  for _, ts in ipairs(sub.c) do
+    if redis.call('ZADD', ck, ts, fmt(ts)) == 1 then
+      clears[#clears + 1] = ts
+      if ts > newest then newest = ts end
+    end
+  end
+  local hits = {}
+  for _, hit in ipairs(sub.h) do
+    local ts = hit[2]
+    -- A hit before the current episode that it does not belong to can change nothing.
+    if covered(st, ts) or ts > edge_of(st) then
+      local changed
+      if st.d == '1' then
+        changed = redis.call('ZADD', hk, 'GT', 'CH', ts, hit[1])
+        if changed == 1 then
+          for _, tag in ipairs(split(hit[3])) do
+            local seen = tonumber(redis.call('HGET', tk, tag) or '0')
+            if ts > seen then redis.call('HSET', tk, tag, fmt(ts)) end
+          end
+        end
+      else
+        changed = redis.call('ZADD', hk, 'NX', ts, hit[1])
+        if changed == 1 and hit[3] ~= '' then redis.call('HSET', xk, hit[1], hit[3]) end
+      end
+      if changed == 1 then
+        hits[#hits + 1] = hit
+        if ts > newest then newest = ts end
+      end
+    end
+  end
+  if newest == -INF then return end
+
+  -- Walk in event-time order. 'counted' holds the hits of this call already counted (by
+  -- an opening or a growth that took in stored hits).
+  local i, j, counted = 1, 1, {}
+  while i <= #hits or j <= #clears do
+    if j <= #clears and (i > #hits or clears[j] < hits[i][2]) then
+      on_clear(st, clears[j])
+      j = j + 1
+    else
+      local hit = hits[i]
+      local ts = hit[2]
+      i = i + 1
+      if counted[hit[1]] and st.d ~= '1' then
+        announce(st, ts)
+      elseif covered(st, ts) then
+        extend(st, hit, counted)
+      elseif ts > edge_of(st) then
+        local a, b, floor, ceil = qualifying(st, ts)
+        if a then open_episode(st, a, b, floor, ceil, hit[4], counted) end
+      end
+    end
+  end
+
+  st.max = newest
+  -- Keep hits until no shard can still deliver one that needs them (not before warm-up).
+  local cut = -INF
+  if WARM then cut = math.min(newest, LOW) - sub.l - sub.w end
+  if st.d ~= '1' then
+    chunked('HDEL', xk, redis.call('ZRANGEBYSCORE', hk, '-inf', excl(cut)))
+  end
+  redis.call('ZREMRANGEBYSCORE', hk, '-inf', excl(cut))
+  redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(cut))
+  if st.d == '1' then
+    local raw = redis.call('HGETALL', tk)
+    for x = 1, #raw, 2 do
+      if tonumber(raw[x + 1]) < cut then redis.call('HDEL', tk, raw[x]) end
+    end
+  end
+  redis.call('EXPIRE', hk, TTL)
+  redis.call('EXPIRE', ck, TTL)
+  redis.call('EXPIRE', tk, TTL)
+  redis.call('EXPIRE', xk, TTL)
+  st.need = nil
+  save(st)
+end
+
+for _, sub in ipairs(req.subs) do process(sub) end
+
+-- Episodes whose end (pending clear, or quiet for the window) is older than event time
+-- minus grace close.
+local closable = {}
+if WARM then
+  closable = redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(LOW - GRACE), 'LIMIT', 0, 1000)
+end
+for _, m in ipairs(closable) do
+  local tab = string.find(m, '\t', 1, true)
+  local st = load(string.sub(m, 1, tab - 1), string.sub(m, tab + 1))
+  if st.state == 'open' and pending(st) then
+    close(st, st.pend, 'recovered')
+    save(st)
+  elseif st.state == 'open' and st.q == '1' then
+    close(st, st.last + st.w, 'quiet')
+    save(st)
+  else
+    redis.call('ZREM', OPEN_KEY, m)
+  end
+end
+
+-- Claim due outbox entries for delivery: nobody else takes them until the lease ends.
+local claimed = {}
+if req.claim > 0 then
+  local due = redis.call('ZRANGEBYSCORE', DUE_KEY, '-inf', fmt(NOW), 'LIMIT', 0, req.claim)
+  for _, entry in ipairs(due) do
+    local payload = redis.call('HGET', OUTBOX_KEY, entry)
+    if payload then
+      redis.call('ZADD', DUE_KEY, NOW + req.lease, entry)
+      claimed[#claimed + 1] = entry
+      claimed[#claimed + 1] = payload
+      claimed[#claimed + 1] = redis.call('HGET', TRIES_KEY, entry) or '0'
+    else
+      redis.call('ZREM', DUE_KEY, entry)
+    end
+  end
+end
+
+return {transitions, claimed}

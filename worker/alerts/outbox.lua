@@ -1,0 +1,54 @@
+--[==[
+Settle claimed outbox entries after a delivery round (see episodes.lua for the layout).
+
+KEYS[1]  P, the handler's key prefix;  KEYS[2]  the alert stream
+ARGV[1]  JSON {now, maxlen, results: [{e entry, o done|retry|dead, x stream fields,
+         due wall ms (retry), r reason (dead)}]}
+
+done:  the entry is removed; if it carries stream fields they are appended to the stream
+       only when this call removed the entry, so the stream gets each alert once even
+       when two replicas deliver the same entry.
+retry: the entry stays, due again at 'due', one more failed round counted.
+dead:  the entry moves to P:dead with its reason.
+Returns {done, retried, dead}.
+]==]
+
+local P, STREAM = KEYS[1], KEYS[2]
+local req = cjson.decode(ARGV[1])
+local OUTBOX_KEY, DUE_KEY, TRIES_KEY = P .. ':outbox', P .. ':due', P .. ':tries'
+local done, retried, dead = 0, 0, 0
+
+local function forget(entry)
+  redis.call('ZREM', DUE_KEY, entry)
+  redis.call('HDEL', TRIES_KEY, entry)
+end
+
+for _, result in ipairs(req.results) do
+  local entry = result.e
+  if result.o == 'done' then
+    if redis.call('HDEL', OUTBOX_KEY, entry) == 1 then
+      done = done + 1
+      if type(result.x) == 'table' and #result.x > 0 then
+        redis.call('XADD', STREAM, 'MAXLEN', '~', req.maxlen, '*', unpack(result.x))
+      end
+    end
+    forget(entry)
+  elseif result.o == 'retry' then
+    if redis.call('HEXISTS', OUTBOX_KEY, entry) == 1 then
+      redis.call('ZADD', DUE_KEY, result.due, entry)
+      redis.call('HINCRBY', TRIES_KEY, entry, 1)
+      retried = retried + 1
+    end
+  else
+    local payload = redis.call('HGET', OUTBOX_KEY, entry)
+    if payload then
+      redis.call('HSET', P .. ':dead', entry,
+        cjson.encode({payload = payload, reason = result.r, at = req.now}))
+      redis.call('HDEL', OUTBOX_KEY, entry)
+      dead = dead + 1
+    end
+    forget(entry)
+  end
+end
+
+return {done, retried, dead}

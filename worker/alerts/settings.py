@@ -1,0 +1,206 @@
+"""Alert settings: sinks, webhook delivery, event-time limits and detection thresholds.
+
+Built once as part of the worker's ``Settings`` (``alerts`` field, environment variables
+``SUPERSIM_ALERTS__<FIELD>``, nested ones with a further ``__``, e.g.
+``SUPERSIM_ALERTS__WEBHOOK__URL``). Durations accept seconds (``300``) or ISO 8601
+(``PT5M``). ``sinks`` accepts a comma-separated list. Per-fleet threshold overrides are a
+JSON object: ``SUPERSIM_ALERTS__FLEETS='{"HF...": {"storm_rejections": 5}}'``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import NoDecode
+
+
+def _seconds(value: Any) -> Any:
+    """Accept a number of seconds given as a string (environment variables are strings)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Seconds = Annotated[timedelta, BeforeValidator(_seconds)]
+"""A duration: seconds as a number or numeric string, or ISO 8601 (``PT5M``)."""
+Window = Annotated[timedelta, BeforeValidator(_seconds), Field(gt=timedelta(0))]
+
+
+class SinkName(StrEnum):
+    """Where alerts go. ``log`` is always on; the others are chosen in ``sinks``."""
+
+    LOG = "log"
+    STREAM = "stream"
+    WEBHOOK = "webhook"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Thresholds(_Frozen):
+    """Detection thresholds, all in event time. Every field can be overridden per fleet."""
+
+    storm_rejections: int = Field(
+        10, ge=1, description="attachment.rejected events of one SIM that open a storm."
+    )
+    storm_window: Window = Field(
+        timedelta(minutes=5), description="Window of a storm; also how long it stays quiet."
+    )
+    fleet_sims: int = Field(
+        20, ge=1, description="Distinct SIMs rejected on one network that open a fleet alert."
+    )
+    fleet_window: Window = Field(timedelta(minutes=5), description="Window of a fleet alert.")
+    attachment_failures: int = Field(
+        10, ge=1, description="attachment.failed events of one SIM that open a burst."
+    )
+    data_session_failures: int = Field(
+        10, ge=1, description="data-session.failed events of one SIM that open a burst."
+    )
+    failure_window: Window = Field(timedelta(minutes=5), description="Window of failure bursts.")
+    attach_loop_accepts: int = Field(
+        5, ge=2, description="attachment.accepted events with no data session that open a loop."
+    )
+    attach_loop_window: Window = Field(timedelta(minutes=5), description="Window of attach loops.")
+
+
+class ThresholdOverrides(_Frozen):
+    """Per-fleet overrides: unset fields keep the global value."""
+
+    storm_rejections: int | None = Field(None, ge=1)
+    storm_window: Window | None = None
+    fleet_sims: int | None = Field(None, ge=1)
+    fleet_window: Window | None = None
+    attachment_failures: int | None = Field(None, ge=1)
+    data_session_failures: int | None = Field(None, ge=1)
+    failure_window: Window | None = None
+    attach_loop_accepts: int | None = Field(None, ge=2)
+    attach_loop_window: Window | None = None
+
+
+class WebhookSettings(_Frozen):
+    """The webhook sink: a signed JSON POST per alert, retried on 5xx and timeouts."""
+
+    url: str | None = Field(None, description="Where alerts are POSTed (http:// or https://).")
+    secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for the signature header.")
+    timeout: Seconds = Field(timedelta(seconds=5), description="Timeout of one POST.")
+    attempts: int = Field(3, ge=1, le=10, description="POSTs per delivery round.")
+    backoff_base: Seconds = Field(
+        timedelta(seconds=0.5), description="First backoff between POSTs of a round (jittered)."
+    )
+    backoff_cap: Seconds = Field(timedelta(seconds=5), description="Longest backoff in a round.")
+    retry_base: Seconds = Field(
+        timedelta(seconds=30), description="Wait before the first later round of a failed alert."
+    )
+    retry_cap: Seconds = Field(timedelta(minutes=15), description="Longest wait between rounds.")
+    max_age: Seconds = Field(
+        timedelta(hours=24), description="A pending alert older than this is dead-lettered."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @property
+    def round_seconds(self) -> float:
+        """Longest time one delivery round can take (all attempts and their backoffs)."""
+        per_try = self.timeout.total_seconds() + self.backoff_cap.total_seconds()
+        return self.attempts * per_try
+
+
+class AlertSettings(_Frozen):
+    """Everything the alert handlers (``rejections``, ``data_limit``, ``attach_loops``) read."""
+
+    sinks: Annotated[tuple[SinkName, ...], NoDecode] = Field(
+        (SinkName.LOG,), description="Comma-separated sinks; log is always included."
+    )
+    stream_key: str = Field(
+        "alerts", min_length=1, description="Redis stream of alerts, under the key prefix."
+    )
+    stream_maxlen: int = Field(100_000, ge=100, description="Approximate cap of that stream.")
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    stale_after: Seconds | None = Field(
+        timedelta(hours=1),
+        description="Episodes whose newest event is older than this (wall clock) are "
+        "recorded but not sent (a backfill's old episodes); empty to send everything.",
+    )
+    quiet_grace: Seconds = Field(
+        timedelta(minutes=1),
+        description="Extra event time past 'quiet for the window' before an episode closes.",
+    )
+    max_lateness: Seconds = Field(
+        timedelta(minutes=30),
+        description="How long past event time hits are kept, so that a late event (or one "
+        "from a shard behind the others) still counts with the hits around it.",
+    )
+    shard_warmup: Seconds = Field(
+        timedelta(seconds=30),
+        description="After a start, how long (wall clock) every shard gets to deliver a first "
+        "batch before event time may close episodes.",
+    )
+    shard_idle: Seconds = Field(
+        timedelta(minutes=10),
+        description="A shard that delivered no batch for this long (wall clock) stops "
+        "holding event time back.",
+    )
+    retention: Seconds = Field(
+        timedelta(days=8), description="How long episode state outlives its last event."
+    )
+    fleet_ignore_codes: frozenset[int] = Field(
+        frozenset({83704, 83705}),
+        description="Rejection codes not counted for fleet alerts (SIM state, not network).",
+    )
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    fleets: dict[str, ThresholdOverrides] = Field(
+        default_factory=dict, description="Fleet SID -> threshold overrides."
+    )
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _split_sinks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("sinks", mode="after")
+    @classmethod
+    def _log_always(cls, value: tuple[SinkName, ...]) -> tuple[SinkName, ...]:
+        chosen = set(value) | {SinkName.LOG}
+        return tuple(sink for sink in SinkName if sink in chosen)
+
+    @model_validator(mode="after")
+    def _webhook_complete(self) -> AlertSettings:
+        if SinkName.WEBHOOK in self.sinks and (self.webhook.url is None or not self.webhook.secret):
+            raise ValueError("the webhook sink needs webhook.url and webhook.secret")
+        return self
+
+    def for_fleet(self, fleet_sid: str | None) -> Thresholds:
+        """The thresholds of one fleet: the global ones with that fleet's overrides."""
+        overrides = self.fleets.get(fleet_sid) if fleet_sid else None
+        if overrides is None:
+            return self.thresholds
+        changed = overrides.model_dump(exclude_none=True)
+        return self.thresholds.model_copy(update=changed)
+
+
+def alert_settings(settings: object) -> AlertSettings:
+    """The ``alerts`` part of the worker settings, or the defaults if there is none."""
+    found = getattr(settings, "alerts", None)
+    return found if isinstance(found, AlertSettings) else AlertSettings()

@@ -1,0 +1,78 @@
+"""Periodic calls into handlers while the consumer is idle: ``tick`` and gauges.
+
+Handlers with event-time windows (the alert handlers) close episodes that went quiet only
+when event time moves on. While events flow, the batches move it; once every shard is
+caught up nothing arrives, so the ticker calls the optional ``tick()`` of each handler
+every ``interval`` seconds, and only then. It also reads the optional gauges
+(``open_episodes()``) into the metrics. One task, owned by the ``Ticker`` context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from worker.handlers.base import Handler
+from worker.metrics import Metrics
+
+GAUGE_EVERY = 12
+"""Read the gauges every this many ticks."""
+
+
+class Ticker:
+    def __init__(
+        self,
+        handlers: Sequence[Handler],
+        caught_up: Callable[[], bool],
+        metrics: Metrics,
+        interval: float,
+    ) -> None:
+        self._tickers = [h for h in handlers if callable(getattr(h, "tick", None))]
+        self._gauges = [h for h in handlers if callable(getattr(h, "open_episodes", None))]
+        self._caught_up = caught_up
+        self._metrics = metrics
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._log = structlog.get_logger("worker.ticker")
+
+    async def __aenter__(self) -> Ticker:
+        if self._tickers or self._gauges:
+            self._task = asyncio.create_task(self._run(), name="ticker")
+        return self
+
+    async def __aexit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(self._interval)
+            rounds += 1
+            if self._caught_up():
+                for handler in self._tickers:
+                    await self._call(handler, "tick")
+            if rounds % GAUGE_EVERY == 1:
+                for handler in self._gauges:
+                    found = await self._call(handler, "open_episodes")
+                    for (kind, group), count in (found or {}).items():
+                        self._metrics.gauge(f"open_alerts:{kind}:{group}", count)
+
+    async def _call(self, handler: Handler, method: str) -> Any:
+        try:
+            return await getattr(handler, method)()
+        except Exception as exc:  # a failing tick must not stop the consumer; logged, retried
+            self._log.warning(
+                "handler_periodic_call_failed",
+                handler=handler.name,
+                method=method,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return None
