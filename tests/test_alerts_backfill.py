@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from redis.asyncio import Redis
-from structlog.testing import capture_logs
 from alerts_support import (
     NOISY,
     SECRET,
@@ -27,6 +25,8 @@ from alerts_support import (
     stream_alerts,
     webhook_settings,
 )
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 NAMES = ("rejections", "data_limit", "attach_loops")
 

@@ -7,10 +7,6 @@ from datetime import timedelta
 
 import orjson
 import pytest
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.asyncio import Redis
-from structlog.testing import capture_logs
 from alerts_support import (
     FLEET_A,
     FLEET_B,
@@ -24,6 +20,10 @@ from alerts_support import (
     handler,
     stream_alerts,
 )
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from worker.alerts.model import alert_id
 from worker.alerts.settings import (

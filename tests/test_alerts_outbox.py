@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import servers
-from redis.asyncio import Redis
 from alerts_support import (
     STREAM,
     Clock,
@@ -20,6 +19,7 @@ from alerts_support import (
     stream_alerts,
     webhook_settings,
 )
+from redis.asyncio import Redis
 
 from worker.alerts.dispatch import Dispatcher, RetryPolicy
 from worker.alerts.episodes import Subjects

@@ -10,7 +10,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 from alerts_support import (
     NOISY,
     SECRET,
@@ -29,6 +28,7 @@ from alerts_support import (
     stream_alerts,
     webhook_settings,
 )
+from redis.asyncio import Redis
 
 from worker.alerts.handler import AlertHandler
 from worker.alerts.settings import AlertSettings

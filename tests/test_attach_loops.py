@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from redis.asyncio import Redis
 from alerts_support import (
     NOISY,
     SIM_A,
@@ -23,6 +22,7 @@ from alerts_support import (
     simulated,
     stream_alerts,
 )
+from redis.asyncio import Redis
 
 
 @pytest.fixture

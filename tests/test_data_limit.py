@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from redis.asyncio import Redis
 from alerts_support import (
     FLEET_A,
     FLEET_B,
@@ -26,6 +25,7 @@ from alerts_support import (
     simulated,
     stream_alerts,
 )
+from redis.asyncio import Redis
 
 from worker.handlers.data_limit import DataLimitHandler
 from worker.records import ConnectionEvent

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from redis.asyncio import Redis
 from alerts_support import (
     FLEET_A,
     FLEET_B,
@@ -29,6 +28,7 @@ from alerts_support import (
     simulated,
     stream_alerts,
 )
+from redis.asyncio import Redis
 
 from worker.alerts.settings import ThresholdOverrides
 from worker.handlers.rejections import HINTS

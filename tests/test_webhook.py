@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 import servers
-from redis.asyncio import Redis
 from alerts_support import (
     NOISY,
     SECRET,
@@ -24,6 +23,7 @@ from alerts_support import (
     stream_alerts,
     webhook_settings,
 )
+from redis.asyncio import Redis
 
 from worker.alerts.handler import AlertHandler
 from worker.alerts.webhook import (

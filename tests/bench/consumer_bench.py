@@ -97,5 +97,5 @@ def run(quick: bool = False) -> str:
         f"| records/s | {count / wall:,.0f} |\n"
         f"| worker CPU µs per record | {cpu / count * 1e6:.1f} |\n"
         f"| `orjson.loads` alone, µs per record | {loads / count * 1e6:.2f} |\n"
-        f"| worker CPU / `orjson.loads` | {cpu / loads:.1f}× |\n"
+        f"| worker CPU / `orjson.loads` | {cpu / loads:.1f} times |\n"
     )
