@@ -1,0 +1,128 @@
+"""The whole product: a simulated fleet's stream through Kinesis, the worker and all handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import date
+from typing import Any
+
+import orjson
+import redis
+from alerts_support import fleet_subject, match, sim_subject
+from kinesis_support import create_stream, put, worker_settings
+
+from worker import keys
+from worker.alerts.settings import AlertSettings
+from worker.app import run_worker
+from worker.settings import Settings
+from worker.simulate import SimulationOptions, generate
+from worker.usage import figures
+
+HANDLERS = ("metering", "rejections", "data_limit", "attach_loops")
+OPTIONS = SimulationOptions(
+    sims=70,
+    hours=3,
+    seed=424242,
+    fleets=2,
+    outage=True,
+    failure_bursts=True,
+    duplicate_share=0.1,
+    shuffle_window=120,
+    kore_share=0.3,
+    data_as_string_share=0.2,
+    test_events=3,
+)
+
+
+def usage_per_sim_day(client: redis.Redis, prefix: str, truth: dict[str, Any]) -> dict[str, Any]:
+    days = sorted({day for per_day in truth["usage"]["per_sim_day"].values() for day in per_day})
+    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    for sim in truth["sims"]:
+        for row in figures(client, prefix, "sim", sim, first, last):
+            if row.total:
+                found.setdefault(sim, {})[row.period] = {
+                    "down": row.down,
+                    "up": row.up,
+                    "total": row.total,
+                }
+    return found
+
+
+def alerts(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    return [orjson.loads(fields[b"alert"]) for _, fields in client.xrange(f"{prefix}:alerts")]
+
+
+def expected_alerts(truth: dict[str, Any]) -> int:
+    """One open and one resolved alert per injected episode; a data-limit block still in
+    force at the end of the simulation has no resolution yet."""
+    episodes = (
+        truth["rejection_storms"]
+        + truth["fleet_rejection_episodes"]
+        + truth["failure_bursts"]
+        + truth["attach_loops"]
+    )
+    blocks = truth["data_limit_episodes"]
+    return 2 * len(episodes) + len(blocks) + sum(1 for b in blocks if b["unblocked_at"])
+
+
+async def test_simulated_fleet_is_metered_exactly_and_alerts_once_even_after_a_full_replay(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Exact usage per SIM and day, one alert (and one resolution) per injected episode,
+    and a full backfill over the same history changes neither."""
+    records, truth = generate(OPTIONS)
+    stream = f"e2e-{uuid.uuid4().hex[:8]}"
+    prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(kinesalite_endpoint, stream, shards=4)
+    await put(kinesalite_endpoint, stream, records)
+    settings: Settings = worker_settings(
+        kinesalite_endpoint,
+        redis_url,
+        stream,
+        handlers=HANDLERS,
+        alerts=AlertSettings(sinks="log,stream", stale_after=None, shard_warmup=1),
+        batch_limit=200,
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+        try:
+            wanted = expected_alerts(truth)
+            for _ in range(600):
+                await asyncio.sleep(0.1)
+                if worker.done() or len(alerts(client, prefix)) >= wanted:
+                    break
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 60)
+        expected = {
+            sim: {day: dict(figures_) for day, figures_ in per_day.items()}
+            for sim, per_day in truth["usage"]["per_sim_day"].items()
+        }
+        assert usage_per_sim_day(client, prefix, truth) == expected
+        first_alerts = alerts(client, prefix)
+        assert len(first_alerts) == expected_alerts(truth)
+        assert max(Counter((a["id"], a["status"]) for a in first_alerts).values()) == 1
+        for kind, episodes, subject in [
+            ("rejection_storm", truth["rejection_storms"], sim_subject),
+            ("fleet_network_rejections", truth["fleet_rejection_episodes"], fleet_subject),
+            ("attach_loop", truth["attach_loops"], sim_subject),
+            ("data_limit_reached", truth["data_limit_episodes"], sim_subject),
+        ]:
+            assert episodes, f"the simulation injected no {kind} episode"
+            matched = match(first_alerts, kind, episodes, subject)
+            assert matched.not_exactly_once == [], kind
+            assert matched.extra == [], kind
+
+        replay = await run_worker(
+            settings, from_start=True, until_caught_up=True, install_signals=False
+        )
+        assert replay.caught_up
+        assert usage_per_sim_day(client, prefix, truth) == expected
+        assert alerts(client, prefix) == first_alerts
+    finally:
+        client.close()
