@@ -144,3 +144,26 @@ async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:
         assert await first.holder("shard-1") is None
     finally:
         await client.aclose()
+
+
+async def test_missing_stream_fails_with_a_clear_message(
+    moto_endpoint: str, redis_url: str
+) -> None:
+    """A stream that does not exist stops `run` at once with Kinesis' reason, not a traceback."""
+    env = worker_env(moto_endpoint, redis_url, "no-such-stream")
+    process = start_worker(env)
+    _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 1
+    assert b"ResourceNotFoundException" in stderr
+    assert b"Traceback" not in stderr
+
+
+def test_invalid_setting_names_the_variable() -> None:
+    """An invalid setting fails at start-up naming the variable and the allowed values."""
+    env = {**os.environ, "SUPERSIM_STREAM_NAME": "s", "SUPERSIM_INITIAL_POSITION": "NEWEST"}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "run"], env=env, capture_output=True, check=False
+    )
+    assert result.returncode == 2
+    assert b"SUPERSIM_INITIAL_POSITION" in result.stderr
+    assert b"LATEST, TRIM_HORIZON, AT_TIMESTAMP" in result.stderr

@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from botocore.exceptions import NoCredentialsError
+from botocore.exceptions import ClientError, NoCredentialsError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from worker import decode_file, dlq, replay, run_cmd, simulate, usage
 from worker.errors import ConfigError
@@ -42,6 +43,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        print(
+            f"supersim-worker: Kinesis refused {exc.operation_name}: "
+            f"{error.get('Code', 'error')}: {error.get('Message', exc)}",
+            file=sys.stderr,
+        )
+        return 1
+    except RedisConnectionError as exc:
+        print(f"supersim-worker: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return status

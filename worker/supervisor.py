@@ -119,7 +119,7 @@ class Supervisor:
 
     def _next_wake(self, interval: float) -> float:
         now = time.monotonic()
-        pending = [at - now for at in self._restart_at.values()]
+        pending = [at - now for at in self._restart_at.values() if at > now]
         return max(0.05, min([interval, *pending]))
 
     async def _reconcile(self) -> None:
@@ -140,6 +140,7 @@ class Supervisor:
             lease = await self._leases.acquire(sid)
             if lease is None:
                 continue
+            self._restart_at.pop(sid, None)
             self._start_reader(shard, lease, checkpoint)
 
     def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
