@@ -118,7 +118,7 @@ async def run_worker(
             _install_signals(supervisor)
         backfill = from_start or at_timestamp is not None or until_caught_up
         tty = sys.stderr.isatty() if show_progress is None else show_progress
-        reporter = ProgressReporter(supervisor.progress, svc.metrics, tty=tty, enabled=backfill)
+        reporter = ProgressReporter(supervisor.progress, tty=tty, enabled=backfill)
         log.info(
             "worker_started",
             stream=settings.stream_name,

@@ -6,49 +6,37 @@ import asyncio
 import sys
 import time
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Final
 
 import structlog
 
-from worker.metrics import Metrics
+from worker.owned_task import OwnedTask
 from worker.shard_reader import ShardProgress
 
 LOG_INTERVAL: Final = 10.0
 TTY_INTERVAL: Final = 0.5
 
 
-class ProgressReporter:
+class ProgressReporter(OwnedTask):
     """Owns one task that reports progress until the context exits."""
+
+    name = "progress"
 
     def __init__(
         self,
         progress: Mapping[str, ShardProgress],
-        metrics: Metrics,
         *,
         tty: bool,
         enabled: bool,
     ) -> None:
+        super().__init__(enabled)
         self._progress = progress
-        self._metrics = metrics
         self._tty = tty
-        self._enabled = enabled
-        self._task: asyncio.Task[None] | None = None
         self._lines = 0
         self._log = structlog.get_logger("worker.progress")
 
-    async def __aenter__(self) -> ProgressReporter:
-        if self._enabled:
-            self._task = asyncio.create_task(self._run(), name="progress")
-        return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self.report()
+    async def _finish(self) -> None:
+        self.report()
 
     async def _run(self) -> None:
         while True:

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 import structlog
 
 from worker.handlers.base import Handler
 from worker.metrics import Metrics
+from worker.owned_task import OwnedTask
 
 GAUGE_EVERY = 12
 """Read the gauges every this many ticks."""
 
 
-class Ticker:
+class Ticker(OwnedTask):
+    name = "ticker"
+
     def __init__(
         self,
         handlers: Sequence[Handler],
@@ -33,23 +35,11 @@ class Ticker:
     ) -> None:
         self._tickers = [h for h in handlers if callable(getattr(h, "tick", None))]
         self._gauges = [h for h in handlers if callable(getattr(h, "open_episodes", None))]
+        super().__init__(enabled=bool(self._tickers or self._gauges))
         self._caught_up = caught_up
         self._metrics = metrics
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("worker.ticker")
-
-    async def __aenter__(self) -> Ticker:
-        if self._tickers or self._gauges:
-            self._task = asyncio.create_task(self._run(), name="ticker")
-        return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         rounds = 0

@@ -1,0 +1,82 @@
+"""Backfill progress reporting and the idle ticker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from worker.handlers.base import Batch
+from worker.metrics import Metrics
+from worker.progress import ProgressReporter
+from worker.shard_reader import ShardProgress
+from worker.ticker import Ticker
+
+
+def shards() -> dict[str, ShardProgress]:
+    return {
+        "shardId-0": ShardProgress("shardId-0", records_read=1200, millis_behind=3_600_000),
+        "shardId-1": ShardProgress("shardId-1", records_read=40, caught_up=True),
+        "shardId-2": ShardProgress("shardId-2", records_read=7, ended=True),
+    }
+
+
+def test_progress_is_a_log_line_per_report_off_a_terminal() -> None:
+    """Without a terminal, progress is one structured log line with every shard's figures."""
+    reporter = ProgressReporter(shards(), tty=False, enabled=True)
+    with capture_logs() as logs:
+        reporter.report()
+    assert logs[0]["event"] == "progress"
+    assert logs[0]["shards"]["shardId-0"] == {
+        "records": 1200,
+        "millis_behind": 3_600_000,
+        "caught_up": False,
+        "ended": False,
+    }
+
+
+def test_progress_on_a_terminal_shows_a_line_per_shard(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a terminal, each shard gets a line: records, rate and how far behind it is."""
+    reporter = ProgressReporter(shards(), tty=True, enabled=True)
+    reporter.report()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert "shardId-0" in lines[0]
+    assert "1200 records" in lines[0]
+    assert "60 min behind" in lines[0]
+    assert "at tip" in lines[1]
+    assert "ended" in lines[2]
+
+
+class Ticking:
+    name = "ticking"
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def handle(self, batch: Batch) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def tick(self) -> None:
+        self.ticks += 1
+
+    async def open_episodes(self) -> dict[tuple[str, str], int]:
+        return {("data_limit_reached", "HF1"): 2}
+
+
+async def test_ticker_ticks_only_while_every_shard_is_caught_up() -> None:
+    """tick() is called while the consumer is caught up, never while it is behind."""
+    handler = Ticking()
+    caught_up = False
+    metrics = Metrics()
+    async with Ticker([handler], lambda: caught_up, metrics, interval=0.01):
+        await asyncio.sleep(0.1)
+        assert handler.ticks == 0
+        caught_up = True
+        await asyncio.sleep(0.1)
+    assert handler.ticks > 0
+    assert metrics.gauges["open_alerts:data_limit_reached:HF1"] == 2
