@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import parse_timestamp
 
 from worker.settings import Settings
 
@@ -50,6 +52,15 @@ def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
 
 
+def utc_timestamp(value: Any) -> datetime:
+    """Timestamps in responses: Kinesis sends epoch seconds. botocore's default turns them
+    into local-time datetimes through dateutil, at ~25 µs a record; this is ~0.3 µs."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    parsed: datetime = parse_timestamp(value)
+    return parsed.astimezone(UTC)
+
+
 @asynccontextmanager
 async def client(settings: Settings) -> AsyncIterator[KinesisClient]:
     """An aiobotocore Kinesis client. botocore's own retries are off: we classify and retry."""
@@ -60,6 +71,9 @@ async def client(settings: Settings) -> AsyncIterator[KinesisClient]:
         max_pool_connections=64,
     )
     session = get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=utc_timestamp
+    )
     async with session.create_client(
         "kinesis",
         region_name=settings.region,
