@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from worker import kinesis, local_servers, logs
-from worker.app import run_worker
+from worker.app import run_worker, tune_gc
 from worker.decode_file import iter_records
 from worker.errors import ConfigError
 from worker.settings import Settings, load_settings
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         structlog.get_logger("worker.replay").info(
             "replay_starting", records=len(records), endpoint=endpoint, shards=args.shards
         )
+        tune_gc()
         summary = asyncio.run(replay(settings, records, args.shards))
     print(f"replayed {summary.records} records in {summary.seconds:.2f} s")
     for kind, count in summary.kinds.items():

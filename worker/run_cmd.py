@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from worker import logs
-from worker.app import run_worker
+from worker.app import run_worker, tune_gc
 from worker.errors import ConfigError
 from worker.settings import load_settings, utc_timestamp
 
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--from-start and --at-timestamp are alternatives: give one")
     at = utc_timestamp(args.at_timestamp) if args.at_timestamp else None
     logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
+    tune_gc()
     summary = asyncio.run(
         run_worker(
             settings,
