@@ -68,55 +68,89 @@ def expected_alerts(truth: dict[str, Any]) -> int:
     return 2 * len(episodes) + len(blocks) + sum(1 for b in blocks if b["unblocked_at"])
 
 
-async def test_simulated_fleet_is_metered_exactly_and_alerts_once_even_after_a_full_replay(
-    kinesalite_endpoint: str, redis_url: str
+def check_exact(client: redis.Redis, prefix: str, truth: dict[str, Any]) -> dict[str, Any]:
+    """Usage per SIM and day equals the truth; one open (and resolved) alert per episode."""
+    expected = {
+        sim: {day: dict(figures_) for day, figures_ in per_day.items()}
+        for sim, per_day in truth["usage"]["per_sim_day"].items()
+    }
+    assert usage_per_sim_day(client, prefix, truth) == expected
+    found = alerts(client, prefix)
+    assert len(found) == expected_alerts(truth)
+    assert max(Counter((a["id"], a["status"]) for a in found).values()) == 1
+    for kind, episodes, subject in [
+        ("rejection_storm", truth["rejection_storms"], sim_subject),
+        ("fleet_network_rejections", truth["fleet_rejection_episodes"], fleet_subject),
+        ("attach_loop", truth["attach_loops"], sim_subject),
+        ("data_limit_reached", truth["data_limit_episodes"], sim_subject),
+    ]:
+        assert episodes, f"the simulation injected no {kind} episode"
+        matched = match(found, kind, episodes, subject)
+        assert matched.not_exactly_once == [], kind
+        assert matched.extra == [], kind
+    return expected
+
+
+async def run_until_alerted(
+    settings: Settings, client: redis.Redis, prefix: str, truth: dict[str, Any], workers: int
 ) -> None:
-    """Exact usage per SIM and day, one alert (and one resolution) per injected episode,
-    and a full backfill over the same history changes neither."""
+    """Run ``workers`` live workers of one consumer group until every alert is out."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+        for _ in range(workers)
+    ]
+    try:
+        wanted = expected_alerts(truth)
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if any(task.done() for task in tasks) or len(alerts(client, prefix)) >= wanted:
+                break
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def prepare(endpoint: str, redis_url: str) -> tuple[Settings, str, dict[str, Any]]:
     records, truth = generate(OPTIONS)
     stream = f"e2e-{uuid.uuid4().hex[:8]}"
-    prefix = keys.prefix(stream, "supersim-worker")
-    await create_stream(kinesalite_endpoint, stream, shards=4)
-    await put(kinesalite_endpoint, stream, records)
-    settings: Settings = worker_settings(
-        kinesalite_endpoint,
+    await create_stream(endpoint, stream, shards=4)
+    await put(endpoint, stream, records)
+    settings = worker_settings(
+        endpoint,
         redis_url,
         stream,
         handlers=HANDLERS,
         alerts=AlertSettings(sinks="log,stream", stale_after=None, shard_warmup=1),
         batch_limit=200,
     )
+    return settings, keys.prefix(stream, "supersim-worker"), truth
+
+
+async def test_two_workers_sharing_the_stream_meter_exactly_and_alert_once(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Two replicas of one consumer group running at once: results are as with one."""
+    settings, prefix, truth = await prepare(kinesalite_endpoint, redis_url)
     client = redis.Redis.from_url(redis_url)
     try:
-        stop = asyncio.Event()
-        worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
-        try:
-            wanted = expected_alerts(truth)
-            for _ in range(600):
-                await asyncio.sleep(0.1)
-                if worker.done() or len(alerts(client, prefix)) >= wanted:
-                    break
-        finally:
-            stop.set()
-            await asyncio.wait_for(worker, 60)
-        expected = {
-            sim: {day: dict(figures_) for day, figures_ in per_day.items()}
-            for sim, per_day in truth["usage"]["per_sim_day"].items()
-        }
-        assert usage_per_sim_day(client, prefix, truth) == expected
+        await run_until_alerted(settings, client, prefix, truth, workers=2)
+        check_exact(client, prefix, truth)
+    finally:
+        client.close()
+
+
+async def test_simulated_fleet_is_metered_exactly_and_alerts_once_even_after_a_full_replay(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Exact usage per SIM and day, one alert (and one resolution) per injected episode,
+    and a full backfill over the same history changes neither."""
+    settings, prefix, truth = await prepare(kinesalite_endpoint, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await run_until_alerted(settings, client, prefix, truth, workers=1)
+        expected = check_exact(client, prefix, truth)
         first_alerts = alerts(client, prefix)
-        assert len(first_alerts) == expected_alerts(truth)
-        assert max(Counter((a["id"], a["status"]) for a in first_alerts).values()) == 1
-        for kind, episodes, subject in [
-            ("rejection_storm", truth["rejection_storms"], sim_subject),
-            ("fleet_network_rejections", truth["fleet_rejection_episodes"], fleet_subject),
-            ("attach_loop", truth["attach_loops"], sim_subject),
-            ("data_limit_reached", truth["data_limit_episodes"], sim_subject),
-        ]:
-            assert episodes, f"the simulation injected no {kind} episode"
-            matched = match(first_alerts, kind, episodes, subject)
-            assert matched.not_exactly_once == [], kind
-            assert matched.extra == [], kind
 
         replay = await run_worker(
             settings, from_start=True, until_caught_up=True, install_signals=False

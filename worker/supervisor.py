@@ -181,7 +181,12 @@ class Supervisor:
         task.add_done_callback(lambda _: self._wake.set())
         self._running[sid] = _Running(reader, task)
         self._log.info(
-            "shard_started", shard_id=sid, start=start.iterator_type, sequence=start.sequence
+            "shard_started",
+            shard_id=sid,
+            start=start.iterator_type,
+            sequence=start.sequence,
+            owner=lease.owner,
+            lease_token=lease.token,
         )
 
     async def _reap(self) -> None:
