@@ -73,7 +73,11 @@ async def test_ticker_ticks_only_while_every_shard_is_caught_up() -> None:
     handler = Ticking()
     caught_up = False
     metrics = Metrics()
-    async with Ticker([handler], lambda: caught_up, metrics, interval=0.01):
+
+    async def is_caught_up() -> bool:
+        return caught_up
+
+    async with Ticker([handler], is_caught_up, metrics, interval=0.01):
         await asyncio.sleep(0.1)
         assert handler.ticks == 0
         caught_up = True

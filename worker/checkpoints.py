@@ -48,6 +48,22 @@ class Checkpoints:
             for k, v in raw.items()
         }
 
+    async def mark_tip(self, shard_id: str, at_tip: bool, ttl_seconds: float) -> None:
+        """Record whether the shard's reader is at its tip, for replicas that do not read it
+        (``all_caught_up`` across replicas); the mark expires unless renewed."""
+        key = keys.tip(self._prefix, shard_id)
+        if at_tip:
+            await self._redis.set(key, b"1", px=int(ttl_seconds * 1000))
+        else:
+            await self._redis.delete(key)
+
+    async def at_tip(self, shard_ids: list[str]) -> set[str]:
+        """Which of these shards some reader marked as at its tip."""
+        if not shard_ids:
+            return set()
+        found = await self._redis.mget([keys.tip(self._prefix, sid) for sid in shard_ids])
+        return {sid for sid, value in zip(shard_ids, found, strict=True) if value is not None}
+
     async def write(self, lease: Lease, sequence: str) -> None:
         """Store ``sequence`` (or ``keys.SHARD_END``) for the lease's shard; LeaseLost if stale."""
         ok = await self._write(

@@ -7,6 +7,11 @@ connection resets); anything else is permanent for the operation that raised it.
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
+import redis.exceptions
+
 
 class WorkerError(Exception):
     """Base class of the worker's own errors."""
@@ -31,3 +36,23 @@ class RetriableError(WorkerError):
 
 class ConfigError(WorkerError):
     """Settings or arguments are invalid; the message names the variable and allowed values."""
+
+
+_INFRASTRUCTURE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica during a failover
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.BusyLoadingError,
+    aiohttp.ClientConnectionError,
+    asyncio.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    """Redis, the network or a timeout failed, not the data: retry, never dead-letter."""
+    return getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE)

@@ -8,6 +8,7 @@ key                                    type     holds
 ``{sw:S:G}:fence:<shard>``             string   fencing counter, +1 on every lease take
 ``{sw:S:G}:checkpoints``               hash     shard id -> last handled sequence / SHARD_END
 ``{sw:S:G}:dlq``                       stream   dead-lettered records with their reasons
+``{sw:S:G}:tip:<shard>``               string   present while the shard's reader is at its tip
 =====================================  =======  ============================================
 
 Handlers put their own keys under the same prefix (see their modules).
@@ -38,3 +39,12 @@ def checkpoints(key_prefix: str) -> str:
 
 def dead_letters(key_prefix: str) -> str:
     return f"{key_prefix}:dlq"
+
+
+def tip(key_prefix: str, shard_id: str) -> str:
+    return f"{key_prefix}:tip:{shard_id}"
+
+
+AT_TIMESTAMP_PREFIX: Final = "AT_TIMESTAMP:"
+"""A checkpoint ``AT_TIMESTAMP:<iso>``: a shard started at LATEST before its first record;
+a restart resumes from that time instead of a newer LATEST, so nothing in between is lost."""

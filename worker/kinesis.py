@@ -12,7 +12,12 @@ from typing import Any, Final
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ParamValidationError,
+)
 from botocore.utils import parse_timestamp
 
 from worker.settings import Settings
@@ -49,6 +54,8 @@ def is_retriable(exc: BaseException) -> bool:
         code = error_code(exc) or ""
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return code in RETRIABLE_CODES or (isinstance(status, int) and status >= 500)
+    if isinstance(exc, NoCredentialsError | ParamValidationError):
+        return False  # configuration: retrying cannot help
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
+import structlog
+
 
 class OwnedTask:
     """Subclasses implement ``_run``; ``enabled`` says whether to start it at all."""
@@ -25,7 +27,14 @@ class OwnedTask:
     async def __aenter__(self) -> OwnedTask:
         if self._enabled:
             self._task = asyncio.create_task(self._run(), name=self.name)
+            self._task.add_done_callback(self._report)
         return self
+
+    def _report(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            structlog.get_logger("worker.tasks").error(
+                "background_task_failed", task=self.name, error=repr(task.exception())
+            )
 
     async def __aexit__(
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None

@@ -19,14 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import aiohttp
-import redis.exceptions
 import structlog
 
 from worker.backoff import Backoff
 from worker.deadletter import DECODE, DeadLetter, DeadLetterStore
 from worker.decode import decode
-from worker.errors import DecodeError, RetriableError
+from worker.errors import DecodeError, RetriableError, is_infrastructure_failure
 from worker.handlers.base import Batch, Handler
 from worker.metrics import Metrics
 from worker.records import ConnectionEvent, KinesisMeta, SinkTestEvent
@@ -42,20 +40,12 @@ class RawRecord:
     arrival: datetime | None = None
 
 
+BROKEN_HANDLER_BATCH = 8
+"""A handler failing on every event of a batch at least this big is broken, not the data."""
+
+
 class HandlerUnavailable(RetriableError):
     """A handler's infrastructure kept failing; the batch is not checkpointed."""
-
-
-def is_infrastructure_failure(exc: BaseException) -> bool:
-    return getattr(exc, "retriable", False) is True or isinstance(
-        exc,
-        redis.exceptions.ConnectionError
-        | redis.exceptions.TimeoutError
-        | aiohttp.ClientConnectionError
-        | asyncio.TimeoutError
-        | ConnectionError
-        | TimeoutError,
-    )
 
 
 @dataclass(slots=True)
@@ -112,19 +102,28 @@ class BatchProcessor:
         """Handle one batch completely; returns when it may be checkpointed."""
         outcome = BatchOutcome(records=len(records))
         events, letters = self.decode_all(shard_id, records, outcome)
-        await self._dlq.add(letters)
         poisoned: dict[str, DeadLetter] = {}
         if events:
             raw = {record.sequence_number: record for record in records}
             batch = Batch(shard_id, events)
             for handler in self.handlers:
-                for event, exc in await self._run(handler, batch, self._attempts):
+                failed = await self._run(handler, batch, self._attempts)
+                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
+                    # Every record of a sizeable batch failing is the handler's fault (a bad
+                    # deploy, a dependency down), not the data's: keep the batch, retry later.
+                    raise HandlerUnavailable(
+                        f"handler {handler.name} failed on all {len(batch)} events of the "
+                        f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}"
+                    )
+                for event, exc in failed:
                     assert event.meta is not None  # events from records always carry it
                     record = raw[event.meta.sequence_number]
                     reason = f"handler {handler.name} failed on this record after retries"
                     letter = _letter(record, shard_id, reason, handler.name, exc)
                     poisoned.setdefault(record.sequence_number, letter)
-        await self._dlq.add(list(poisoned.values()))
+        # Written once the batch is done, so a batch retried after a handler outage does not
+        # dead-letter its undecodable records again.
+        await self._dlq.add([*letters, *poisoned.values()])
         outcome.dead_lettered = len(letters) + len(poisoned)
         outcome.handled = len(events) - len(poisoned)
         self._metrics.incr("records", outcome.records)
@@ -143,7 +142,8 @@ class BatchProcessor:
         for attempt in range(1, attempts + 1):
             try:
                 await handler.handle(batch)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as caught:
+                exc = _as_handler_error(caught)
                 error = exc
                 infra = is_infrastructure_failure(exc)
                 self._log.warning(
@@ -174,6 +174,19 @@ class BatchProcessor:
             *await self._run(handler, left, 1 if len(left) > 1 else self._attempts),
             *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
         ]
+
+
+def _as_handler_error(caught: BaseException) -> Exception:
+    """A handler's exception, or a CancelledError it raised without this task being
+    cancelled (e.g. from a future something else cancelled): that is a handler failure.
+    A real cancellation of this task is re-raised."""
+    if isinstance(caught, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise caught
+        return RuntimeError(f"handler raised CancelledError: {caught}")
+    assert isinstance(caught, Exception)
+    return caught
 
 
 def _letter(

@@ -121,6 +121,7 @@ class ShardReader:
         self._processor = processor
         self._limit = batch_limit
         self._idle = idle_interval
+        self._tip_ttl = max(5.0, 3 * idle_interval)
         self._prefetch = prefetch
         self._backoff = backoff or Backoff(base=0.2, cap=10.0)
         self._stopping = asyncio.Event()
@@ -185,7 +186,10 @@ class ShardReader:
             progress.dead_lettered += outcome.dead_lettered
             progress.batches += 1
         progress.millis_behind = fetched.millis_behind
+        was_at_tip = progress.caught_up
         progress.caught_up = not fetched.millis_behind and len(fetched.records) < self._limit
+        if progress.caught_up or was_at_tip:
+            await self._checkpoints.mark_tip(self.shard_id, progress.caught_up, self._tip_ttl)
 
     async def _fetch(self, queue: asyncio.Queue[object]) -> None:
         try:

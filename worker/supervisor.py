@@ -17,18 +17,29 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
 from worker import keys
 from worker.backoff import Backoff
 from worker.checkpoints import Checkpoints, LeaseLost
+from worker.errors import is_infrastructure_failure
 from worker.kinesis import KinesisClient, ShardInfo, is_retriable, list_shards
 from worker.leases import Lease, LeaseManager
 from worker.pipeline import BatchProcessor
 from worker.settings import InitialPosition, Settings
-from worker.shard_reader import LATEST, TRIM_HORIZON, ShardProgress, ShardReader, StartPosition
+from worker.shard_reader import (
+    LATEST,
+    LATEST_MARGIN,
+    TRIM_HORIZON,
+    ShardProgress,
+    ShardReader,
+    StartPosition,
+)
+
+MIN_RESTART_DELAY = 0.2
+"""Seconds before a shard's reader starts again, whatever ended the last one."""
 
 
 @dataclass(slots=True)
@@ -61,8 +72,6 @@ class Supervisor:
         self._reader_factory = reader_factory
         self._ignore_checkpoints = from_start or at_timestamp is not None
         self._initial = self._initial_position(from_start, at_timestamp)
-        self._fresh: set[str] = set()
-        """Shards whose checkpoint this run wrote or trusts (all, unless backfilling)."""
         self._running: dict[str, _Running] = {}
         self._ended: set[str] = set()
         self._restart_at: dict[str, float] = {}
@@ -88,26 +97,28 @@ class Supervisor:
         return LATEST
 
     def stop(self) -> None:
-        """Ask for a graceful stop (idempotent)."""
+        """Ask for a graceful stop (idempotent): readers stop fetching at once."""
         self._stopping.set()
         self._wake.set()
+        for running in self._running.values():
+            running.reader.stop()
 
     async def run(self) -> None:
         """Run until stopped (or, with ``until_caught_up``, until every shard is at its tip)."""
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             while not self._stopping.is_set():
-                await self._reap()
                 try:
+                    await self._reap()
                     await self._reconcile()
+                    if self._until_caught_up and await self.all_caught_up():
+                        self.caught_up = True
+                        self._log.info("caught_up", shards=len(self.progress))
+                        break
                 except Exception as exc:
-                    if not is_retriable(exc):
+                    if not (is_retriable(exc) or is_infrastructure_failure(exc)):
                         raise
                     self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
-                if self._until_caught_up and self.all_caught_up():
-                    self.caught_up = True
-                    self._log.info("caught_up", shards=len(self.progress))
-                    break
                 self._wake.clear()
                 interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
                 with contextlib.suppress(TimeoutError):
@@ -129,10 +140,11 @@ class Supervisor:
         now = time.monotonic()
         for shard in shards:
             sid = shard.shard_id
+            if self._stopping.is_set():
+                return
             if sid in self._running or self._restart_at.get(sid, 0) > now:
                 continue
-            checkpoint = self._checkpoint(sid, checkpoints)
-            if checkpoint == keys.SHARD_END:
+            if self._checkpoint(sid, checkpoints) == keys.SHARD_END:
                 self._ended.add(sid)
                 continue
             if not all(self._parent_done(p, checkpoints) for p in shard.parents):
@@ -140,12 +152,22 @@ class Supervisor:
             lease = await self._leases.acquire(sid)
             if lease is None:
                 continue
+            # Another replica may have moved the checkpoint since the snapshot above.
+            fresh = self._checkpoint(sid, {sid: await self._checkpoints.get(sid) or ""}) or None
+            if fresh == keys.SHARD_END:
+                self._ended.add(sid)
+                await self._leases.release(lease)
+                continue
             self._restart_at.pop(sid, None)
-            self._start_reader(shard, lease, checkpoint)
+            await self._start_reader(shard, lease, fresh)
 
     def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
-        if self._ignore_checkpoints and shard_id not in self._fresh:
-            return None
+        """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
+        this run has checkpointed (a handled batch, or its end) resumes from its own."""
+        if self._ignore_checkpoints:
+            progress = self.progress.get(shard_id)
+            if progress is None or not (progress.batches or progress.ended):
+                return None
         return checkpoints.get(shard_id)
 
     def _parent_done(self, parent: str, checkpoints: dict[str, str]) -> bool:
@@ -153,14 +175,26 @@ class Supervisor:
             return True  # trimmed: past retention, nothing left to read
         return parent in self._ended or self._checkpoint(parent, checkpoints) == keys.SHARD_END
 
-    def _start_reader(self, shard: ShardInfo, lease: Lease, checkpoint: str | None) -> None:
-        sid = shard.shard_id
+    async def _start_position(
+        self, shard: ShardInfo, lease: Lease, checkpoint: str | None
+    ) -> StartPosition:
+        if checkpoint and checkpoint.startswith(keys.AT_TIMESTAMP_PREFIX):
+            at = datetime.fromisoformat(checkpoint.removeprefix(keys.AT_TIMESTAMP_PREFIX))
+            return StartPosition("AT_TIMESTAMP", timestamp=at)
         if checkpoint:
-            start = StartPosition.after(checkpoint)
-        elif any(p in self._shards for p in shard.parents):
-            start = TRIM_HORIZON  # a child of a shard we read: from its first record
-        else:
-            start = self._initial
+            return StartPosition.after(checkpoint)
+        if any(p in self._shards for p in shard.parents):
+            return TRIM_HORIZON  # a child of a shard we read: from its first record
+        if self._initial.iterator_type == "LATEST":
+            # Remember when this shard started, so that a restart before its first record
+            # resumes from then rather than from a newer LATEST (which would skip records).
+            since = datetime.now(UTC) - LATEST_MARGIN
+            await self._checkpoints.write(lease, keys.AT_TIMESTAMP_PREFIX + since.isoformat())
+        return self._initial
+
+    async def _start_reader(self, shard: ShardInfo, lease: Lease, checkpoint: str | None) -> None:
+        sid = shard.shard_id
+        start = await self._start_position(shard, lease, checkpoint)
         progress = self.progress.setdefault(sid, ShardProgress(sid))
         progress.caught_up = False
         settings = self._settings
@@ -176,7 +210,6 @@ class Supervisor:
             prefetch=settings.prefetch_batches,
             progress=progress,
         )
-        self._fresh.add(sid)
         task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
         task.add_done_callback(lambda _: self._wake.set())
         self._running[sid] = _Running(reader, task)
@@ -185,6 +218,7 @@ class Supervisor:
             shard_id=sid,
             start=start.iterator_type,
             sequence=start.sequence,
+            timestamp=start.timestamp.isoformat() if start.timestamp else None,
             owner=lease.owner,
             lease_token=lease.token,
         )
@@ -195,44 +229,59 @@ class Supervisor:
             if not running.task.done():
                 continue
             del self._running[sid]
-            try:
-                ended = running.task.result()
-            except LeaseLost as exc:
-                self._log.warning("lease_lost", shard_id=sid, error=str(exc))
+            # Never start a shard again at once: keeps GetShardIterator under its limit.
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            failure: BaseException | None = None
+            ended = False
+            if running.task.cancelled():
+                if not self._stopping.is_set():
+                    failure = RuntimeError("the shard reader was cancelled")
+            else:
+                failure = running.task.exception()
+                ended = failure is None and running.task.result()
+            if isinstance(failure, LeaseLost):
+                self._log.warning("lease_lost", shard_id=sid, error=str(failure))
                 continue
-            except asyncio.CancelledError:
-                continue
-            except Exception as exc:
+            if failure is not None:
                 failures = self._failures.get(sid, 0) + 1
                 self._failures[sid] = failures
-                delay = self._backoff.delay(failures)
+                delay = max(MIN_RESTART_DELAY, self._backoff.delay(failures))
                 self._restart_at[sid] = time.monotonic() + delay
                 self._log.error(
                     "shard_reader_failed",
                     shard_id=sid,
                     failures=failures,
                     restart_in=round(delay, 2),
-                    retriable=is_retriable(exc) or getattr(exc, "retriable", False),
-                    error=f"{type(exc).__name__}: {exc}",
+                    retriable=is_retriable(failure) or is_infrastructure_failure(failure),
+                    error=f"{type(failure).__name__}: {failure}",
                 )
-                await self._leases.release(running.reader.lease)
-                continue
-            self._failures.pop(sid, None)
-            if ended:
-                self._ended.add(sid)
-            await self._leases.release(running.reader.lease)
+            else:
+                self._failures.pop(sid, None)
+                if ended:
+                    self._ended.add(sid)
+            await self._release(running.reader.lease)
 
-    def all_caught_up(self) -> bool:
-        """True when every shard is ended, or read by us and at its tip."""
-        if self._restart_at and max(self._restart_at.values()) > time.monotonic():
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self._leases.release(lease)
+        except Exception as exc:  # the lease expires by itself; never stop for this
+            self._log.warning("lease_release_failed", shard_id=lease.shard_id, error=str(exc))
+
+    async def all_caught_up(self) -> bool:
+        """True when every shard still in the stream is ended, or at its tip: read by us,
+        or by another replica of the group (which marks its shards' tips in Redis)."""
+        now = time.monotonic()
+        if any(at > now for at in self._restart_at.values()):
             return False
-        for sid in self._shards:
-            if sid in self._ended:
-                continue
-            running = self._running.get(sid)
-            if running is None or not running.reader.progress.caught_up:
-                return False
-        return bool(self._shards)
+        pending = [sid for sid in self._shards if sid not in self._ended]
+        ours = {
+            sid
+            for sid in pending
+            if sid in self._running and self._running[sid].reader.progress.caught_up
+        }
+        others = [sid for sid in pending if sid not in self._running]
+        at_tip = await self._checkpoints.at_tip(others)
+        return bool(self._shards) and len(ours) + len(at_tip) == len(pending)
 
     async def _renew_leases(self) -> None:
         interval = self._settings.lease_ttl / 3
@@ -262,16 +311,12 @@ class Supervisor:
                 self._log.warning("shutdown_timeout", abandoned=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         for item in running:
-            if item.task.done() and not item.task.cancelled() and item.task.exception():
+            task = item.task
+            if not task.cancelled() and task.exception() is not None:
                 self._log.error(
                     "shard_reader_failed",
                     shard_id=item.reader.shard_id,
-                    error=repr(item.task.exception()),
+                    error=repr(task.exception()),
                 )
-            try:
-                await self._leases.release(item.reader.lease)
-            except Exception as exc:
-                self._log.warning(
-                    "lease_release_failed", shard_id=item.reader.shard_id, error=str(exc)
-                )
+            await self._release(item.reader.lease)
         self._running.clear()

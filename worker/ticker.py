@@ -10,7 +10,7 @@ every ``interval`` seconds, and only then. It also reads the optional gauges
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -29,7 +29,7 @@ class Ticker(OwnedTask):
     def __init__(
         self,
         handlers: Sequence[Handler],
-        caught_up: Callable[[], bool],
+        caught_up: Callable[[], Awaitable[bool]],
         metrics: Metrics,
         interval: float,
     ) -> None:
@@ -46,14 +46,20 @@ class Ticker(OwnedTask):
         while True:
             await asyncio.sleep(self._interval)
             rounds += 1
-            if self._caught_up():
-                for handler in self._tickers:
-                    await self._call(handler, "tick")
-            if rounds % GAUGE_EVERY == 1:
-                for handler in self._gauges:
-                    found = await self._call(handler, "open_episodes")
-                    for (kind, group), count in (found or {}).items():
-                        self._metrics.gauge(f"open_alerts:{kind}:{group}", count)
+            try:
+                await self._round(rounds)
+            except Exception as exc:  # e.g. Redis unreachable: log, try again next round
+                self._log.warning("ticker_round_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _round(self, rounds: int) -> None:
+        if await self._caught_up():
+            for handler in self._tickers:
+                await self._call(handler, "tick")
+        if rounds % GAUGE_EVERY == 1:
+            for handler in self._gauges:
+                found = await self._call(handler, "open_episodes")
+                for (kind, group), count in (found or {}).items():
+                    self._metrics.gauge(f"open_alerts:{kind}:{group}", count)
 
     async def _call(self, handler: Handler, method: str) -> Any:
         try:
