@@ -1,8 +1,10 @@
 """A handler for tests: records every event it handles in Redis, in handling order.
 
 Named by import path (``recording:create``) so worker subprocesses find it with
-``PYTHONPATH=tests``. ``RECORDING_DELAY`` (seconds per batch) slows it down; an event whose
-``sim_unique_name`` is ``poison`` makes it raise.
+``PYTHONPATH=tests``. ``RECORDING_DELAY`` (seconds per batch) slows it down;
+``RECORDING_FAIL_FIRST=N`` makes its first N calls (per stream) fail as if its store were
+down; an event whose ``sim_unique_name`` is ``poison`` makes it raise, ``cancel`` makes it
+raise ``CancelledError``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import os
 
 from redis.asyncio import Redis
 
+from worker.errors import RetriableError
 from worker.handlers.base import Batch, HandlerContext
 
 POISON = "poison"
+CANCEL = "cancel"
+_failures_left: dict[str, int] = {}
 
 
 def seen_key(key_prefix: str) -> str:
@@ -28,11 +33,17 @@ class RecordingHandler:
         self._redis = context.redis
         self._key = seen_key(context.key_prefix)
         self._delay = float(os.environ.get("RECORDING_DELAY", "0"))
+        _failures_left.setdefault(self._key, int(os.environ.get("RECORDING_FAIL_FIRST", "0")))
 
     async def handle(self, batch: Batch) -> None:
+        if _failures_left.get(self._key, 0) > 0:
+            _failures_left[self._key] -= 1
+            raise RetriableError("recording store unavailable (injected)")
         for event in batch.events:
             if event.data.sim_unique_name == POISON:
                 raise ValueError("poison record")
+            if event.data.sim_unique_name == CANCEL:
+                raise asyncio.CancelledError("a future the handler awaited was cancelled")
         if self._delay:
             await asyncio.sleep(self._delay)
         entries = []

@@ -202,8 +202,8 @@ class RedisServer(ServerProcess):
             client.flushall()
 
 
-def start_redis(timeout: float = 15.0) -> RedisServer:
-    """Start an in-memory redis-server (no RDB/AOF) on a free port of 127.0.0.1."""
+def start_redis(timeout: float = 15.0, port: int | None = None) -> RedisServer:
+    """Start an in-memory redis-server (no RDB/AOF) on a free port of 127.0.0.1 (or ``port``)."""
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if binary is None:
         raise ServerError("redis-server not found on PATH (apt-get install redis-server)")
@@ -215,7 +215,7 @@ def start_redis(timeout: float = 15.0) -> RedisServer:
         server.wait_ready(server.ping, timeout=timeout)
         return server
 
-    return _start_on_free_port(start)
+    return start(port) if port is not None else _start_on_free_port(start)
 
 
 # --- moto_server -----------------------------------------------------------------------------
