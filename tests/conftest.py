@@ -9,10 +9,12 @@ server before every test so no state leaks between tests.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import alerts_support
 import pytest
 import servers
+from redis.asyncio import Redis
 
 # --- hermetic AWS environment ------------------------------------------------------------
 
@@ -79,3 +81,20 @@ def kinesalite_endpoint(kinesalite_server: servers.KinesaliteServer) -> str:
     """``http://127.0.0.1:PORT`` of a kinesalite with no streams."""
     kinesalite_server.reset()
     return kinesalite_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """An asyncio client of the (flushed) test redis-server."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[alerts_support.Receiver]:
+    """A real HTTP webhook receiver on 127.0.0.1 that verifies signatures."""
+    server = alerts_support.Receiver(alerts_support.SECRET)
+    await server.start()
+    yield server
+    await server.stop()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import pytest
 from alerts_support import (
     NOISY,
-    SECRET,
     Clock,
     Receiver,
     at,
@@ -29,21 +26,6 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 NAMES = ("rejections", "data_limit", "attach_loops")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver(SECRET)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_backfill_of_last_week_records_episodes_but_sends_none(

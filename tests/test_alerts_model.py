@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import orjson
@@ -42,13 +41,6 @@ class EnvSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SUPERSIM_", env_nested_delimiter="__")
     alerts: AlertSettings = AlertSettings()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def test_alert_id_names_the_episode_not_the_delivery() -> None:

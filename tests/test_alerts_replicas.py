@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from alerts_support import (
     NOISY,
-    SECRET,
     Clock,
     Receiver,
     close_all,
@@ -35,14 +33,6 @@ from worker.alerts.settings import AlertSettings
 from worker.records import ConnectionEvent
 
 NAMES = ("rejections", "data_limit", "attach_loops")
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver(SECRET)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def worker(

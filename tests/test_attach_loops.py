@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import pytest
 from alerts_support import (
     NOISY,
     SIM_A,
@@ -23,13 +21,6 @@ from alerts_support import (
     stream_alerts,
 )
 from redis.asyncio import Redis
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_one_alert_per_attach_loop_and_none_for_normal_sims(redis: Redis) -> None:

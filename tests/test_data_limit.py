@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import pytest
 from alerts_support import (
     FLEET_A,
     FLEET_B,
@@ -31,13 +29,6 @@ from worker.handlers.data_limit import DataLimitHandler
 from worker.records import ConnectionEvent
 
 DAY_AND_A_HALF = {**NOISY, "sims": 60, "hours": 36, "outage": False, "failure_bursts": False}
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_one_alert_per_blocked_episode_and_exact_unblocking(redis: Redis) -> None:

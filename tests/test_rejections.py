@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -33,13 +32,6 @@ from redis.asyncio import Redis
 from worker.alerts.settings import ThresholdOverrides
 from worker.handlers.rejections import HINTS
 from worker.records import ConnectionEvent
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def rejections(

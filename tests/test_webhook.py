@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import pytest
 import servers
 from alerts_support import (
     NOISY,
@@ -35,21 +33,6 @@ from worker.alerts.webhook import (
     verify,
 )
 from worker.records import ConnectionEvent
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver(SECRET)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def storm(seq0: int = 0) -> list[ConnectionEvent]:
