@@ -15,6 +15,7 @@ from servers import start_redis
 
 from worker import keys
 from worker.app import run_worker
+from worker.cli import main
 from worker.deadletter import DeadLetterStore
 from worker.metrics import Metrics
 
@@ -126,3 +127,30 @@ async def test_worker_keeps_running_through_a_redis_outage(moto_endpoint: str) -
         await asyncio.wait_for(worker, 60)
         if replacement is not None:
             replacement.stop()
+
+
+async def test_dlq_commands_list_and_redrive(
+    moto_endpoint: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`dlq list` shows each dead letter with its reason; `dlq redrive` clears what now works."""
+    stream = stream_name()
+    await create_stream(moto_endpoint, stream, shards=1)
+    poison = events(1, start=900, **{"data.sim_unique_name": "poison"})
+    await put(moto_endpoint, stream, [*events(3), *poison, b"[1, 2]"])
+    settings = worker_settings(moto_endpoint, redis_url, stream, handler_attempts=1)
+    await run_worker(settings, until_caught_up=True, install_signals=False)
+    monkeypatch.setenv("SUPERSIM_STREAM_NAME", stream)
+    monkeypatch.setenv("SUPERSIM_REDIS_URL", redis_url)
+    monkeypatch.setenv("SUPERSIM_HANDLERS", "log")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["dlq", "list", "--json"]) == 0
+    rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(row["handler"] for row in rows) == ["decode", "recording"]
+    assert any("JSON array" in row["reason"] for row in rows)
+    assert await asyncio.to_thread(main, ["dlq", "redrive"]) == 1  # the array still fails
+    assert "redriven 1" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["dlq", "list"]) == 0
+    assert "1 shown of 1 dead-lettered records" in capsys.readouterr().out
