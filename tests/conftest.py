@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import alerts_support
 import pytest
 import servers
+import structlog
 from redis.asyncio import Redis
 
 # --- hermetic AWS environment ------------------------------------------------------------
@@ -98,3 +99,12 @@ async def receiver() -> AsyncIterator[alerts_support.Receiver]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Commands under test configure structlog for the process; undo that after each test
+    (its output stream may be a capture that pytest closes)."""
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
