@@ -1,6 +1,8 @@
-"""One shard batch, from raw records to handled: decode → dead-letter → handlers.
+"""One shard batch, from raw records to handled: decode → handlers → dead-letter.
 
-Decode failures go to the dead-letter store at once. Each handler gets the batch's
+Decode failures never reach the handlers; they are written to the dead-letter store with
+the handlers' failures once the batch is done, before it is checkpointed, so a batch
+retried after a handler outage does not dead-letter them twice. Each handler gets the batch's
 connection events; a handler that raises is retried with backoff (``handler_attempts``
 tries). If it still fails, the batch is bisected to isolate the failing record(s), which
 are dead-lettered with the handler's name and exception, and the rest is handled: a

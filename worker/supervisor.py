@@ -153,7 +153,8 @@ class Supervisor:
             if lease is None:
                 continue
             # Another replica may have moved the checkpoint since the snapshot above.
-            fresh = self._checkpoint(sid, {sid: await self._checkpoints.get(sid) or ""}) or None
+            latest = await self._checkpoints.get(sid)
+            fresh = self._checkpoint(sid, {sid: latest} if latest else {})
             if fresh == keys.SHARD_END:
                 self._ended.add(sid)
                 await self._leases.release(lease)

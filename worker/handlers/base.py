@@ -13,7 +13,7 @@ again (retries, crashes, replays, both vendors during a migration) and out of or
 Handlers never see Kinesis, leases or checkpoints (data flows one way).
 
 Sink test events and non-connection CloudEvents are not passed to handlers; decode
-failures go to the dead-letter store before handlers run.
+failures go to the dead-letter store instead.
 """
 
 from __future__ import annotations
