@@ -76,9 +76,14 @@ def failure(raw: bytes) -> DecodeError:
     return info.value
 
 
+def is_utc(value: datetime) -> bool:
+    """Aware and in UTC (pydantic's own UTC tzinfo or ``datetime.UTC``)."""
+    return value.utcoffset() == timedelta(0) and value.tzname() == "UTC"
+
+
 def assert_utc(value: datetime | None) -> None:
     assert value is not None
-    assert value.tzinfo is UTC
+    assert is_utc(value)
 
 
 # --- every kind x vendor x data form x schema version ------------------------------------
@@ -517,7 +522,7 @@ INTEGER = "Input should be a valid integer"
 NUMBER = "Input should be a valid number"
 NON_NEGATIVE = "Input should be greater than or equal to 0"
 OBJECT = "Input should be a valid dictionary"
-DATETIME = "Input should be a valid datetime"
+DATETIME = "Input should be an RFC 3339 date-time string"
 RFC3339 = "not an RFC 3339 date-time"
 NO_OFFSET = "an RFC 3339 date-time needs a UTC offset"
 OUT_OF_RANGE = "date-time out of range"
@@ -766,7 +771,7 @@ def decodes_or_fails_cleanly(raw: bytes) -> DecodeError | None:
         data = event.data
         for name in TIME_FIELDS:
             value = getattr(data, name)
-            assert value is None or value.tzinfo is UTC
+            assert value is None or is_utc(value)
         for name in ("data_download", "data_upload", "data_total", *CUMULATIVE_FIELDS):
             value = getattr(data, name)
             assert value is None or (type(value) is int and value >= 0)
@@ -858,3 +863,79 @@ def test_valid_event_is_not_changed_by_the_factory_copy() -> None:
     first["data"]["network"]["mcc"] = "999"
     assert make_event()["data"]["network"]["mcc"] == "310"
     assert copy.deepcopy(VALID) == make_event()
+
+
+# --- the fast path agrees with the careful one -------------------------------------------------
+
+
+def reference_time(text: str) -> datetime | None:
+    """What the careful path makes of a time string: ``fromisoformat`` (also in upper case),
+    aware, converted to UTC; None where it refuses the string."""
+    for candidate in (text, text.upper()):
+        try:
+            parsed = datetime.fromisoformat(candidate)
+        except ValueError:
+            continue
+        if parsed.tzinfo is None:
+            return None
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            return None
+    return None
+
+
+@st.composite
+def time_texts(draw: st.DrawFn) -> str:
+    """RFC 3339-like strings: real instants in many spellings, and near misses."""
+    when = draw(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+    text = when.strftime("%Y-%m-%d") + draw(st.sampled_from("Tt ")) + when.strftime("%H:%M:%S")
+    digits = draw(st.integers(min_value=0, max_value=11))
+    if digits:
+        text += "." + f"{when.microsecond:06d}{draw(st.integers(0, 99999)):05d}"[:digits]
+    text += draw(st.sampled_from(["Z", "z", "+00:00", "-00:00", "+02:00", "-05:30", "", "+0000"]))
+    if draw(st.booleans()):
+        position = draw(st.integers(min_value=0, max_value=len(text) - 1))
+        text = text[:position] + draw(st.sampled_from("0123456789-:TZ+. x6")) + text[position + 1 :]
+    return text
+
+
+@PROPERTY
+@given(time_texts())
+def test_time_parsing_matches_the_careful_path(text: str) -> None:
+    """A time is refused exactly when the careful path refuses it, else read as the same
+    UTC instant, whether the models parse it directly or it is normalised first."""
+    expected = reference_time(text)
+    for field in ("time", "timestamp"):
+        raw = make_record(**{field: text})
+        if expected is None:
+            assert field in failure(raw).reason
+            continue
+        event = connection(raw)
+        value = event.envelope.time if field == "time" else event.data.timestamp
+        assert value == expected
+        assert_utc(value)
+
+
+def test_fast_constructor_builds_the_same_event() -> None:
+    """decode's slot-setting constructor makes an event equal to the dataclass's own."""
+    from worker.decode import _new_connection_event
+
+    event = connection(make_record(), META)
+    args = (event.kind, event.vendor, event.schema_version, event.envelope, event.meta, {"a": 1})
+    built = _new_connection_event(*args)
+    assert built == ConnectionEvent(*args)
+    assert repr(built) == repr(ConnectionEvent(*args))
+    with pytest.raises(AttributeError):
+        built.kind = EventKind.ATTACHMENT_FAILED  # type: ignore[misc]
+
+
+def test_unknown_field_replacing_a_missing_one_is_still_kept() -> None:
+    """Unknown fields are noticed by count: one added where an optional one is absent."""
+    event = make_event()
+    del event["datacontenttype"]
+    event["subject"] = "x"
+    del event["data"]["apn"]
+    event["data"]["apn_name"] = "super"
+    decoded = connection(to_record(event))
+    assert decoded.extra == {"envelope": {"subject": "x"}, "data": {"apn_name": "super"}}

@@ -14,29 +14,77 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
-    Strict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     StrictFloat,
     StrictInt,
     StrictStr,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 MAX_RECORD_BYTES: Final = 1024 * 1024
 """Kinesis' own limit for one record's data blob; anything larger is not a real record."""
 
 
-UtcDatetime = Annotated[AwareDatetime, Strict()]
-"""An aware datetime. ``worker.decode`` parses RFC 3339 strings and normalises them to UTC
-before validation (much faster than per-field validators); the model itself only accepts
-datetime instances, so a number (or a string reaching it undecoded) is a wrong type."""
+RFC3339_UTC: Final = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|\+00:00)$"
+)
+"""The RFC 3339 form events use (upper-case ``T``, offset ``Z`` or ``+00:00``), which the
+models parse themselves. ``worker.decode`` rewrites any other valid RFC 3339 time (another
+offset, lower case) into this form first, and rejects what is not RFC 3339 with a reason."""
+
+
+class _UtcDatetimeSchema:
+    """Validation of ``UtcDatetime``, done by pydantic-core without a Python call.
+
+    A string must match ``RFC3339_UTC`` before it is parsed, so a string of digits is never
+    read as a Unix time, and must be in UTC. A datetime instance (records built in code)
+    must be aware and is converted to UTC. Numbers and other types are refused.
+    """
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        from_string = core_schema.chain_schema(
+            [
+                core_schema.str_schema(strict=True, pattern=RFC3339_UTC),
+                core_schema.datetime_schema(tz_constraint=0),
+            ]
+        )
+        from_datetime = core_schema.no_info_after_validator_function(
+            _to_utc, core_schema.datetime_schema(strict=True, tz_constraint="aware")
+        )
+        return core_schema.custom_error_schema(
+            core_schema.union_schema([from_string, from_datetime], mode="left_to_right"),
+            custom_error_type="utc_datetime",
+            custom_error_message="Input should be an RFC 3339 date-time string",
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "format": "date-time"}
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, _UtcDatetimeSchema()]
+"""An aware datetime in UTC. The models parse RFC 3339 strings in UTC themselves (in Rust,
+far cheaper than a Python validator per field); ``worker.decode`` normalises other offsets
+first. Parsed times carry pydantic's UTC ``tzinfo``, which compares, hashes and formats
+like ``datetime.UTC``."""
 ByteCount = Annotated[StrictInt, Field(ge=0)]
 
 
@@ -194,7 +242,7 @@ class ConnectionEvent:
     extra: Mapping[str, Any] | None = None
     """Unknown fields by place, ``{"envelope": {...}, "data": {...}}``; None if there are none.
     Unknown fields of ``network``, ``location`` and ``error`` are in their ``model_extra``."""
-    category: Literal["connection"] = "connection"
+    category: ClassVar[Literal["connection"]] = "connection"
 
     @property
     def data(self) -> ConnectionData:
@@ -212,7 +260,7 @@ class SinkTestEvent:
     vendor: Vendor
     envelope: SinkTestEnvelope
     meta: KinesisMeta | None = None
-    category: Literal["sink_test"] = "sink_test"
+    category: ClassVar[Literal["sink_test"]] = "sink_test"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +270,7 @@ class OtherEvent:
     type: str
     id: str
     meta: KinesisMeta | None = None
-    category: Literal["other"] = "other"
+    category: ClassVar[Literal["other"]] = "other"
 
 
 DecodedEvent = ConnectionEvent | SinkTestEvent | OtherEvent
