@@ -50,15 +50,6 @@ CLOUDEVENT_REQUIRED: Final = ("specversion", "id", "source")
 """CloudEvents attributes every event must carry as strings (besides ``type``)."""
 
 _KINDS: Final = {kind.value: kind for kind in EventKind}
-_KNOWN_TYPES: Final = {
-    prefix + kind.value: (kind, vendor)
-    for prefix, vendor in (
-        (TWILIO_CONNECTION_PREFIX, Vendor.TWILIO),
-        (KORE_CONNECTION_PREFIX, Vendor.KORE),
-    )
-    for kind in EventKind
-}
-"""The published connection event types, so the common case is one dict lookup."""
 _USAGE_FIELDS: Final = (
     "data_session_sid",
     "data_session_update_start_time",
@@ -80,6 +71,16 @@ def _required_fields(kind: EventKind) -> tuple[str, ...]:
 
 _REQUIRED: Final = {kind: _required_fields(kind) for kind in EventKind}
 _TYPE_SUFFIXES: Final = {kind: CONNECTION_MARK + kind.value for kind in EventKind}
+_KNOWN_TYPES: Final = {
+    prefix + kind.value: (kind, vendor, _REQUIRED[kind])
+    for prefix, vendor in (
+        (TWILIO_CONNECTION_PREFIX, Vendor.TWILIO),
+        (KORE_CONNECTION_PREFIX, Vendor.KORE),
+    )
+    for kind in EventKind
+}
+"""The published connection event types, so the common case is one dict lookup (enum
+members hash in Python, so the kind's required fields come from here too)."""
 _KNOWN_SCHEMAS: Final = {
     f"{host}/SuperSim.ConnectionEvent/{version}": version
     for host in ("https://events-schemas.twilio.com", "https://events-schemas.korewireless.com")
@@ -111,7 +112,7 @@ def decode(raw: bytes, meta: KinesisMeta | None = None) -> DecodedEvent:
         raise DecodeError(f"envelope field 'type' is {_what(obj, 'type')}", "type")
     known = _KNOWN_TYPES.get(event_type)
     if known is not None:
-        kind, vendor = known
+        kind, vendor, required = known
     else:
         if event_type in SINK_TEST_TYPES:
             return _sink_test(obj, event_type, meta)
@@ -121,7 +122,7 @@ def decode(raw: bytes, meta: KinesisMeta | None = None) -> DecodedEvent:
         found = _KINDS.get(event_type[mark + len(CONNECTION_MARK) :])
         if found is None:
             raise DecodeError(f"unknown connection event kind in type {_shown(event_type)}", "type")
-        kind, vendor = found, vendor_of(event_type)
+        kind, vendor, required = found, vendor_of(event_type), _REQUIRED[found]
 
     data = obj.get("data")
     if data.__class__ is str:
@@ -146,7 +147,7 @@ def decode(raw: bytes, meta: KinesisMeta | None = None) -> DecodedEvent:
             f"envelope type is {kind.value} but data.event_type is {_shown(reported)}",
             "data.event_type",
         )
-    for name in _REQUIRED[kind]:
+    for name in required:
         if getattr(fields, name) is None:
             raise DecodeError(f"{kind.value} event lacks data.{name}", f"data.{name}")
     # The models ignore unknown fields, so the fields they set are fewer than the keys given
