@@ -1,111 +1,237 @@
-"""Throwaway local servers for ``replay``: moto_server and redis-server on free loopback ports."""
+"""Throwaway local servers: redis-server and moto_server on free loopback ports.
+
+``replay`` runs against them when no Kinesis endpoint or Redis URL is given, and the test
+suite starts them once per session::
+
+    server = start_redis()
+    try:
+        ...  # use server.url
+        server.flush()
+    finally:
+        server.stop()
+
+Every server listens on 127.0.0.1 only, keeps its state in memory (or in a temporary
+directory that ``stop()`` removes) and is terminated if this process dies.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+import redis
 
 from worker.errors import ConfigError
 
+HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+S = TypeVar("S", bound="ServerProcess")
+
+
+class ServerError(ConfigError):
+    """A local server is not installed, failed to start or did not become ready."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, even if killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-@dataclass
-class LocalServer:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sw-")))
+def _passes(check: Callable[[], bool]) -> bool:
+    """``check()``, with any exception counting as "not yet"."""
+    try:
+        return check()
+    except Exception:
+        return False
 
-    def stop(self) -> None:
+
+def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.05) -> bool:
+    """Call ``check`` until it returns True or ``timeout`` seconds pass; return the outcome.
+
+    Exceptions raised by ``check`` count as "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    while not _passes(check):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def http_answers(url: str) -> bool:
+    """True if anything answers HTTP at ``url`` (any status code counts)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+
+
+class ServerProcess:
+    """A server running as a child process, with its stdout/stderr in a temporary directory."""
+
+    name = "server"
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        stdin_pipe: bool = False,
+    ) -> None:
+        self.port: int = port or 0
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"sw-{self.name}-"))
+        self.stdout_path = self.workdir / "stdout.log"
+        self.stderr_path = self.workdir / "stderr.log"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=env,
+                # A pipe we close on stop() lets a child that watches stdin exit with us.
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def output(self) -> str:
+        """The server's stdout and stderr so far, for error messages."""
+        parts = []
+        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+            text = path.read_text(errors="replace").strip() if path.exists() else ""
+            parts.append(f"--- {label} ---\n{text or '(empty)'}")
+        return "\n".join(parts)
+
+    def wait_ready(self, check: Callable[[], bool], *, timeout: float) -> None:
+        """Poll ``check`` until it passes; if the server exits or ``timeout`` s pass first,
+        stop it and raise ServerError with its output."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if _passes(check):
+                return
+            time.sleep(0.05)
+        code = self.process.poll()
+        status = f"exited with code {code}" if code is not None else f"not ready in {timeout}s"
+        message = f"{self.name} on port {self.port} {status}\n{self.output()}"
+        self.stop()
+        raise ServerError(message)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the server (kill it if it does not exit in ``timeout`` s) and clean up."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(10)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _wait(server: LocalServer, ready: Callable[[], bool], timeout: float = 30.0) -> LocalServer:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            break
+def start_on_free_port(start: Callable[[int], S], attempts: int = 3) -> S:
+    """Call ``start(port)`` with fresh free ports, retrying if another process grabbed one."""
+    for attempt in range(attempts):
         try:
-            if ready():
-                return server
-        except OSError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise ConfigError(f"{server.name} did not start on {server.url}")
+            return start(free_port())
+        except ServerError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        raise ConfigError(f"{name} not found: run `make install`")
-    return found
+# --- redis -----------------------------------------------------------------------------------
 
 
-def start_moto() -> LocalServer:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [_executable("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = LocalServer("moto_server", url, process)
+class RedisServer(ServerProcess):
+    name = "redis-server"
 
-    def ready() -> bool:
-        with urllib.request.urlopen(f"{url}/moto-api/", timeout=1) as response:
-            return bool(response.status == 200)
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
 
-    return _wait(server, ready)
-
-
-def start_redis() -> LocalServer:
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="sw-redis-"))
-    process = subprocess.Popen(
-        [
-            _executable("redis-server"),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = LocalServer("redis-server", f"redis://127.0.0.1:{port}/0", process, workdir)
-
-    def ready() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+    def ping(self) -> bool:
+        """True if the server answers PING (raw socket: redis-py would retry with backoff)."""
+        with socket.create_connection((HOST, self.port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(64).startswith(b"+PONG")
 
-    return _wait(server, ready)
+    def flush(self) -> None:
+        """Delete every key in every database (FLUSHALL)."""
+        with redis.Redis(host=HOST, port=self.port, socket_timeout=5) as client:
+            client.flushall()
+
+
+def start_redis(timeout: float = 15.0, port: int | None = None) -> RedisServer:
+    """Start an in-memory redis-server (no RDB/AOF) on a free port of 127.0.0.1 (or ``port``)."""
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if binary is None:
+        raise ServerError("redis-server not found on PATH: run `make install`")
+
+    def start(port: int) -> RedisServer:
+        argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+        argv += ["--daemonize", "no", "--loglevel", "warning"]
+        server = RedisServer(argv, port=port)
+        server.wait_ready(server.ping, timeout=timeout)
+        return server
+
+    return start(port) if port is not None else start_on_free_port(start)
+
+
+# --- moto_server -----------------------------------------------------------------------------
+
+
+class MotoServer(ServerProcess):
+    name = "moto_server"
+
+    def reset(self) -> None:
+        """Drop all state of all mocked services (POST /moto-api/reset)."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if response.status != 200:
+                raise ServerError(f"moto reset answered HTTP {response.status}")
+
+
+def start_moto(timeout: float = 60.0) -> MotoServer:
+    """Start ``moto_server`` (this interpreter's, else the one on PATH) on a free port."""
+    beside = Path(sys.executable).parent / "moto_server"
+    binary = str(beside) if beside.exists() else shutil.which("moto_server")
+    if binary is None:
+        raise ServerError("moto_server not found: run `make install`")
+
+    def start(port: int) -> MotoServer:
+        server = MotoServer([binary, "-H", HOST, "-p", str(port)], port=port)
+        server.wait_ready(lambda: http_answers(f"{server.url}/moto-api/"), timeout=timeout)
+        return server
+
+    return start_on_free_port(start)
