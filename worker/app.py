@@ -23,7 +23,7 @@ from datetime import datetime
 import structlog
 from redis.asyncio import Redis
 
-from worker import keys, kinesis
+from worker import keys, kinesis, redis_checks
 from worker.checkpoints import Checkpoints
 from worker.deadletter import DeadLetterStore
 from worker.handlers import registry
@@ -117,6 +117,9 @@ async def run_worker(
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         svc = await stack.enter_async_context(services(settings))
+        await redis_checks.check_eviction_policy(
+            svc.redis, require_noeviction=settings.require_noeviction
+        )
         client = await stack.enter_async_context(kinesis.client(settings))
         supervisor = Supervisor(
             settings=settings,

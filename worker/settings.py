@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL (redis:// or rediss://, may carry a password).",
     )
+    require_noeviction: bool = Field(
+        False,
+        description="Refuse to start unless Redis's maxmemory-policy is noeviction "
+        "(otherwise a warning is logged).",
+    )
     consumer_group: str = Field(
         "supersim-worker",
         min_length=1,
