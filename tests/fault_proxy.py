@@ -2,14 +2,16 @@
 
 It forwards every request to the upstream server and can answer some GetRecords calls
 itself with throttling (``ProvisionedThroughputExceededException``), an expired iterator
-(``ExpiredIteratorException``) or a server error, as AWS would. It also counts GetRecords
+(``ExpiredIteratorException``) or a server error, as AWS would, and hold any operation's
+answers for a while. It also counts GetRecords
 calls per shard by following the iterators it sees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -23,6 +25,9 @@ class Faults:
     throttle_every: int = 0
     expire_every: int = 0
     server_error_every: int = 0
+    delay: dict[str, float] = field(default_factory=dict)
+    """Seconds to hold each call of an operation (e.g. ``{"ListShards": 2.0}``) before
+    forwarding it: a slow answer, not an error."""
 
 
 @dataclass
@@ -33,6 +38,9 @@ class FaultProxy:
     injected: Counter[str] = field(default_factory=Counter)
     get_records_by_shard: Counter[str] = field(default_factory=Counter)
     _iterator_shard: dict[str, str] = field(default_factory=dict)
+    _arrived: defaultdict[str, asyncio.Event] = field(
+        default_factory=lambda: defaultdict(asyncio.Event)
+    )
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
     url: str = ""
@@ -55,6 +63,10 @@ class FaultProxy:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def called(self, operation: str) -> None:
+        """Return once a call of ``operation`` has arrived (at once if one already has)."""
+        await self._arrived[operation].wait()
+
     def _fault(self, operation: str) -> tuple[int, str] | None:
         if operation != "GetRecords":
             return None
@@ -72,10 +84,14 @@ class FaultProxy:
         body = await request.read()
         operation = request.headers.get("X-Amz-Target", "").removeprefix(TARGET_PREFIX)
         self.calls[operation] += 1
+        self._arrived[operation].set()
         payload = json.loads(body) if body else {}
         if operation == "GetRecords":
             shard = self._iterator_shard.get(payload.get("ShardIterator", ""), "?")
             self.get_records_by_shard[shard] += 1
+        hold = self.faults.delay.get(operation)
+        if hold:
+            await asyncio.sleep(hold)
         fault = self._fault(operation)
         if fault is not None:
             status, code = fault

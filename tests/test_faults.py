@@ -68,3 +68,19 @@ async def test_idle_shards_never_delay_a_busy_shard(
     assert len(await seen(redis_url, key_prefix)) == 1000
     assert busy_calls >= 1000 // 50
     assert idle_calls == [1, 1, 1]
+
+
+async def test_stop_during_a_slow_shard_listing_is_not_forgotten(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """A stop that arrives while ListShards is answering ends the worker when the listing
+    returns, not at the next discovery round (a minute away here)."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    proxy.faults = Faults(delay={"ListShards": 1.0})
+    settings = worker_settings(proxy.url, redis_url, stream, discovery_interval=60.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    await asyncio.wait_for(proxy.called("ListShards"), 20)
+    stop.set()
+    await asyncio.wait_for(task, 20)

@@ -108,6 +108,9 @@ class Supervisor:
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             while not self._stopping.is_set():
+                # Cleared before the work, not after: a stop() or a reader finishing while
+                # the work awaits I/O must cut the wait below short, not be forgotten.
+                self._wake.clear()
                 try:
                     await self._reap()
                     await self._reconcile()
@@ -119,7 +122,6 @@ class Supervisor:
                     if not (is_retriable(exc) or is_infrastructure_failure(exc)):
                         raise
                     self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
-                self._wake.clear()
                 interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
@@ -160,7 +162,11 @@ class Supervisor:
                 await self._leases.release(lease)
                 continue
             self._restart_at.pop(sid, None)
-            await self._start_reader(shard, lease, fresh)
+            try:
+                await self._start_reader(shard, lease, fresh)
+            except LeaseLost as exc:  # taken over between acquiring and starting: not ours
+                self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+                self._log.warning("lease_lost", shard_id=sid, error=str(exc))
 
     def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
         """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
@@ -319,5 +325,14 @@ class Supervisor:
                     shard_id=item.reader.shard_id,
                     error=repr(task.exception()),
                 )
-            await self._release(item.reader.lease)
         self._running.clear()
+        if running:
+            # Concurrently and bounded: against an unreachable Redis each release would wait
+            # out the client's timeouts, and the leases expire by themselves anyway.
+            releases = [self._release(item.reader.lease) for item in running]
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*releases), timeout=self._settings.shutdown_timeout
+                )
+            except TimeoutError:
+                self._log.warning("lease_release_timeout", leases=len(running))
