@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import random
 import uuid
 from collections import defaultdict
@@ -462,6 +463,138 @@ def test_any_subset_order_and_repetition_of_a_sessions_events_meters_the_invaria
             assert [listed[0]["data_download"], listed[0]["data_upload"]] == total
     finally:
         reader.close()
+
+
+# --- copies of an ended event that name another fleet, account or network ---------------
+
+OTHER_FLEET = "HF" + "0" * 32
+OTHER_ACCOUNT = "AC" + "0" * 32
+GROUPS: dict[str, tuple[str, ...]] = {
+    "sim": (SIM["sim_sid"],),
+    "fleet": (SIM["fleet_sid"], OTHER_FLEET),
+    "account": (SIM["account_sid"], OTHER_ACCOUNT),
+    "network": ("US-310-260", "US-999-260"),
+}
+GROUP_DAY = date(2024, 3, 1)
+
+
+def group_window(
+    kind: str,
+    *,
+    schema: int = 2,
+    vendor: str = "twilio",
+    other_group: bool = False,
+) -> bytes:
+    """One session of 1,000/100 bytes: its updated window (10:00-10:40 UTC, 600/60 bytes)
+    or its ended window (10:40-11:10, 400/40), on US-310-260 of the SIM's fleet and account,
+    or with ``other_group`` on US-999-260 of another fleet and account."""
+    ended = kind == "ended"
+    begin, end = ("10:40", "11:10") if ended else ("10:00", "10:40")
+    down, up = (400, 40) if ended else (600, 60)
+    fields: dict[str, Any] = {
+        "timestamp": f"2024-03-01T{end}:00Z",
+        "data_session_start_time": "2024-03-01T10:00:00Z",
+        "data_session_update_start_time": f"2024-03-01T{begin}:00Z",
+        "data_session_update_end_time": f"2024-03-01T{end}:00Z",
+        "data_download": down,
+        "data_upload": up,
+        "data_total": down + up,
+    }
+    if schema == 2:
+        fields |= {
+            "data_session_data_download": 1000 if ended else 600,
+            "data_session_data_upload": 100 if ended else 60,
+            "data_session_data_total": 1100 if ended else 660,
+        }
+    if ended:
+        fields["data_session_end_time"] = f"2024-03-01T{end}:00Z"
+    if other_group:
+        fields |= {"network__mcc": "999", "fleet_sid": OTHER_FLEET, "account_sid": OTHER_ACCOUNT}
+    return make_record(
+        f"data-session.{kind}",
+        vendor=vendor,
+        schema_version=schema,
+        seq=2 if ended else 1,
+        **fields,
+    )
+
+
+async def metered_groups(
+    client: redis.asyncio.Redis, reader: redis.Redis, records: Sequence[bytes], batch_size: int
+) -> tuple[dict[str, dict[str, tuple[int, int]]], list[dict[str, Any]]]:
+    """The records metered under a fresh prefix: the non-zero hours of every SIM, fleet,
+    account and network of ``GROUPS`` (no hour may be negative), and the SIM's sessions."""
+    prefix = "{sw:groups:" + uuid.uuid4().hex + "}"
+    target = MeteringHandler(client, prefix, MeteringSettings())
+    events = record_events(*records)
+    for i in range(0, len(events), batch_size):
+        await target.handle(Batch("s", events[i : i + batch_size]))
+    hours: dict[str, dict[str, tuple[int, int]]] = {}
+    for dimension, idents in GROUPS.items():
+        for ident in idents:
+            rows = figures(reader, prefix, dimension, ident, GROUP_DAY, GROUP_DAY, hourly=True)
+            assert all(r.down >= 0 and r.up >= 0 for r in rows), (dimension, ident, rows)
+            if found := {r.period[:13]: (r.down, r.up) for r in rows if r.down or r.up}:
+                hours[f"{dimension}:{ident}"] = found
+    return hours, sessions(reader, prefix, SIM["sim_sid"], GROUP_DAY, GROUP_DAY)
+
+
+async def test_a_copy_of_a_counted_ended_event_naming_another_group_changes_no_total(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Ended on 310, a copy of it on 999 (other fleet and account), then an updated window:
+    every SIM, fleet, account and network total is that of the clean delivery."""
+    ended, updated = group_window("ended"), group_window("updated")
+    copy = group_window("ended", vendor="kore", other_group=True)
+    messy = await metered_groups(client, reader, [ended, copy, updated], batch_size=1)
+    clean = await metered_groups(client, reader, [ended, updated], batch_size=1)
+    both_hours = {"2024-03-01T10": (600, 60), "2024-03-01T11": (400, 40)}
+    assert clean[0] == {
+        f"{dimension}:{idents[0]}": both_hours for dimension, idents in GROUPS.items()
+    }
+    assert messy == clean
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize(
+    "order",
+    [
+        *itertools.permutations(("updated", "ended310", "ended999")),
+        *itertools.permutations(("ended310", "ended999")),
+    ],
+    ids="-".join,
+)
+@pytest.mark.parametrize(
+    ("schema_310", "schema_999"), [(2, 2), (1, 2)], ids=["same-schema", "v1-and-v2"]
+)
+async def test_ended_copies_naming_different_groups_credit_the_first_one_seen_in_any_order(
+    client: redis.asyncio.Redis,
+    reader: redis.Redis,
+    batch_size: int,
+    order: tuple[str, ...],
+    schema_310: int,
+    schema_999: int,
+) -> None:
+    """Two copies of an ended event on networks 310 and 999 (and two fleets and accounts),
+    with or without the updated window, in any order: the ended share goes to the group of
+    the ended copy seen first, exactly as if only it (with cumulative totals if either copy
+    had them) had been delivered; no bucket is ever negative."""
+    copies = {
+        "ended310": (schema_310, "twilio", False),
+        "ended999": (schema_999, "kore", True),
+    }
+    records = {
+        name: group_window("ended", schema=s, vendor=v, other_group=o)
+        for name, (s, v, o) in copies.items()
+    }
+    records["updated"] = group_window("updated")
+    messy = await metered_groups(client, reader, [records[n] for n in order], batch_size)
+    seen_first = next(n for n in order if n != "updated")
+    clean_ended = group_window(
+        "ended", schema=max(schema_310, schema_999), other_group=copies[seen_first][2]
+    )
+    clean = [records["updated"], clean_ended] if "updated" in order else [clean_ended]
+    assert messy == await metered_groups(client, reader, clean, batch_size)
 
 
 # --- session records -----------------------------------------------------------------------

@@ -233,13 +233,15 @@ local function set(entry, name, value)
 end
 
 -- Descriptive fields come from the event with the highest priority (twice its window end,
--- plus one for the ended event). Once the ended event is known only it sets the operator
--- group (fleet, account, network, radio, operator), so the ended share's dimensions never
--- change. Location and IMEI come from the highest-priority event that has one.
+-- plus one for the ended event), until the first ended event: it always sets the operator
+-- group (fleet, account, network, radio, operator) and from then on nothing changes it,
+-- not even a copy of the ended event naming another fleet, account or network. So the
+-- ended share is always moved under the dimensions it was credited to. Location and IMEI
+-- come from the highest-priority event that has one.
 local function describe(entry, pri, ended, a)
   local rec = entry.rec
   local opri = tonumber(rec.opri)
-  if ended or (rec.eh == '' and (opri == nil or pri >= opri)) then
+  if rec.eh == '' and (ended or opri == nil or pri >= opri) then
     set(entry, 'opri', fmt('%d', pri))
     set(entry, 'og', a[17])
   end

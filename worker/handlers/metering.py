@@ -25,7 +25,11 @@ exactly: the bytes of each distinct updated window seen, in its hour, plus, per 
 whose ended event was seen, its cumulative minus those windows' sum (v1: the ended
 window's bytes), in the ended hour. That is a function of the *set* of distinct events
 seen, not of their order, duplicates, replays, or of which replica handled them (scripts
-run one at a time), so any permutation ends in the same buckets, hour by hour.
+run one at a time), so any permutation ends in the same buckets, hour by hour. Copies of
+one window that name different fleets, accounts or networks count once, under the first
+copy seen: an updated window under the copy that counted it, the ended share under the
+ended copy seen first (it fixes the session's operator group; later events never change
+it), so a share is always moved under the fleet, account and network it was credited to.
 
 **Redis keys** (``P`` is the stream's prefix, e.g. ``{sw:stream:group}``, so one script
 touches one Cluster slot; ``D`` is ``s`` SIM, ``f`` fleet, ``a`` account, ``n`` network):
@@ -84,7 +88,7 @@ RECORD_FIELDS: Final = (
     "start",  # session start, Unix seconds; the other times are seconds after it
     "end",  # session end (from the ended event), relative
     "opri",  # priority of the event the operator group comes from
-    "og",  # operator group: OPERATOR_GROUP joined by "^"
+    "og",  # operator group: OPERATOR_GROUP joined by "^"; fixed by the first ended event
     "lpri",  # priority of the event the location comes from
     "loc",  # location group: LOCATION_GROUP joined by "^", "" if never reported
     "ipri",  # priority of the event the IMEI comes from
