@@ -129,13 +129,14 @@ async def test_worker_keeps_running_through_a_redis_outage(moto_endpoint: str) -
             replacement.stop()
 
 
-async def test_dlq_commands_list_and_redrive(
+async def test_dlq_commands_list_redrive_and_delete(
     moto_endpoint: str,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`dlq list` shows each dead letter with its reason; `dlq redrive` clears what now works."""
+    """`dlq list` shows each dead letter with its reason; `dlq redrive` clears what now works;
+    `dlq delete` removes entries by id."""
     stream = stream_name()
     await create_stream(moto_endpoint, stream, shards=1)
     poison = events(1, start=900, **{"data.sim_unique_name": "poison"})
@@ -153,4 +154,10 @@ async def test_dlq_commands_list_and_redrive(
     assert await asyncio.to_thread(main, ["dlq", "redrive"]) == 1  # the array still fails
     assert "redriven 1" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["dlq", "list"]) == 0
-    assert "1 shown of 1 dead-lettered records" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "1 shown of 1 dead-lettered records" in listing
+    left = listing.split()[0]
+    assert await asyncio.to_thread(main, ["dlq", "delete", left, "0-1"]) == 1  # 0-1: no such id
+    assert "deleted 1 of 2 entries" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["dlq", "list"]) == 0
+    assert "0 shown of 0 dead-lettered records" in capsys.readouterr().out

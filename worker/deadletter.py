@@ -1,9 +1,12 @@
-"""The dead-letter store: a capped Redis stream per consumer group.
+"""The dead-letter store: a bounded Redis stream per consumer group.
 
 Every record the worker cannot handle ends here with its raw bytes, where it came from,
 and why: a decode failure (handler ``decode``) or a handler that kept failing on it after
-retries and bisection. Nothing is skipped without an entry. The stream is capped at
-``dlq_maxlen`` entries (oldest dropped first); a warning is logged and counted as it fills.
+retries and bisection. Nothing is skipped without an entry, and nothing is ever trimmed
+away: a warning is logged and counted from 80 % of ``dlq_maxlen``, and once a write would
+go past it the write is refused with ``DeadLetterStoreFull``. That batch is then not
+checkpointed; its shard waits, retrying with backoff, until entries are redriven or
+deleted (``supersim-worker dlq``) or the capacity is raised.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from typing import Final
 import structlog
 from redis.asyncio import Redis
 
+from worker.errors import RetriableError
 from worker.metrics import Metrics
 
 WARN_FILL: Final = 0.8
 DECODE: Final = "decode"
+
+
+class DeadLetterStoreFull(RetriableError):
+    """The store is at capacity: the batch waits rather than losing a dead letter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +81,37 @@ class DeadLetterStore:
         self._log = structlog.get_logger("worker.deadletter")
 
     async def add(self, letters: Sequence[DeadLetter]) -> None:
-        """Store the entries (one round trip) and warn when the stream is filling up."""
+        """Store the entries, or raise ``DeadLetterStoreFull`` if they do not fit.
+
+        Two round trips (the length, then the entries): dead letters are rare, and a few
+        entries over capacity when replicas write at once do no harm.
+        """
         if not letters:
             return
+        length = int(await self._redis.xlen(self.key))
+        # An empty store takes any batch, so one batch bigger than the capacity cannot wait
+        # for ever.
+        if length and length + len(letters) > self.maxlen:
+            self._metrics.incr("dead_letter_store_full")
+            self._metrics.gauge("dead_letter_length", length)
+            self._log.error(
+                "dead_letter_store_full",
+                length=length,
+                capacity=self.maxlen,
+                waiting=len(letters),
+                shard_id=letters[0].shard_id,
+                hint="the shard waits: redrive or delete entries with `supersim-worker dlq`, "
+                "or raise SUPERSIM_DLQ_MAXLEN",
+            )
+            raise DeadLetterStoreFull(
+                f"dead-letter store full ({length} of {self.maxlen} entries): "
+                f"{len(letters)} records wait"
+            )
         async with self._redis.pipeline(transaction=False) as pipe:
             for letter in letters:
-                pipe.xadd(self.key, letter.fields(), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.xlen(self.key)
+                pipe.xadd(self.key, letter.fields())  # type: ignore[arg-type]
             results = await pipe.execute()
-        length = int(results[-1])
+        length += len(results)
         self._metrics.incr("dead_letters", len(letters))
         self._metrics.gauge("dead_letter_length", length)
         for letter in letters:
@@ -99,7 +129,8 @@ class DeadLetterStore:
                 "dead_letter_store_filling",
                 length=length,
                 capacity=self.maxlen,
-                hint="the oldest entries are dropped at capacity: inspect with `supersim-worker dlq list`",
+                hint="when full, shards wait instead of dead-lettering: inspect with "
+                "`supersim-worker dlq list`",
             )
 
     async def list(self, count: int = 100, start: str = "-") -> list[DeadLetter]:

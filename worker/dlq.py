@@ -1,8 +1,11 @@
-"""``supersim-worker dlq list`` and ``dlq redrive``: inspect and re-handle dead letters.
+"""``supersim-worker dlq list``, ``redrive`` and ``delete``: inspect, re-handle or discard
+dead letters.
 
 Redrive re-runs the currently configured handlers on each dead-lettered record and
 removes the entries that now succeed; entries that still fail (or still do not decode)
 stay, with the count reported. Handlers are idempotent, so redriving twice is safe.
+Delete removes entries by id (as ``list`` shows them): the store is never trimmed, so
+this is the one way a record leaves it without being handled.
 """
 
 from __future__ import annotations
@@ -110,6 +113,13 @@ async def _redrive(settings: Settings, limit: int) -> int:
     return 1 if result.still_failing else 0
 
 
+async def _delete(settings: Settings, entry_ids: list[str]) -> int:
+    async with services(settings) as svc:
+        deleted = await svc.dead_letters.delete(entry_ids)
+    print(f"deleted {deleted} of {len(entry_ids)} entries")
+    return 0 if deleted == len(entry_ids) else 1
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not settings.stream_name:
@@ -117,11 +127,15 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
     if args.dlq_command == "list":
         return asyncio.run(_list(settings, args.limit, args.json))
+    if args.dlq_command == "delete":
+        return asyncio.run(_delete(settings, args.entry_ids))
     return asyncio.run(_redrive(settings, args.limit))
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("dlq", help="inspect or redrive the dead-letter store")
+    parser = subparsers.add_parser(
+        "dlq", help="inspect, redrive or delete entries of the dead-letter store"
+    )
     commands = parser.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = commands.add_parser("list", help="list dead-lettered records with their reasons")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -132,3 +146,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--limit", type=int, default=10_000, help="at most this many (default 10000)"
     )
     again.set_defaults(func=run)
+    discard = commands.add_parser("delete", help="remove entries by id, without handling them")
+    discard.add_argument("entry_ids", nargs="+", metavar="ID", help="entry ids from `dlq list`")
+    discard.set_defaults(func=run)

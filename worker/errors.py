@@ -46,6 +46,10 @@ _INFRASTRUCTURE = (
     redis.exceptions.TryAgainError,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.NoPermissionError,  # an ACL change: fix the user, the data is fine
+    redis.exceptions.MovedError,  # pointed at a cluster: the deployment, not the data
+    redis.exceptions.AskError,
     aiohttp.ClientConnectionError,
     asyncio.TimeoutError,
     ConnectionError,
@@ -53,6 +57,15 @@ _INFRASTRUCTURE = (
 )
 
 
+_INFRASTRUCTURE_REPLIES = ("BUSY ", "NOREPLICAS ", "UNBLOCKED ")
+"""Redis error replies without a class of their own that say the server is busy or short
+of replicas (a long script, ``min-replicas-to-write``), not that a command was wrong."""
+
+
 def is_infrastructure_failure(exc: BaseException) -> bool:
     """Redis, the network or a timeout failed, not the data: retry, never dead-letter."""
-    return getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE)
+    if getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
+        _INFRASTRUCTURE_REPLIES
+    )

@@ -10,13 +10,19 @@ poison record never stalls the shard and nothing is skipped without a dead-lette
 
 Infrastructure failures (Redis or network down, timeouts, ``RetriableError``) are not the
 records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
-reader stops without checkpointing and is restarted from its last checkpoint.
+reader stops without checkpointing and is restarted from its last checkpoint. So is a
+handler that looks broken rather than fed bad data: one failing on every event of a
+sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the same
+exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
+whole class of events). Its shards then wait and retry instead of dead-lettering live
+traffic record by record.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,6 +50,10 @@ class RawRecord:
 
 BROKEN_HANDLER_BATCH = 8
 """A handler failing on every event of a batch at least this big is broken, not the data."""
+BROKEN_HANDLER_RECORDS = 8
+BROKEN_HANDLER_WINDOW = 60.0
+"""A handler that fails, after retries, on this many single records with the same exception
+type within this many seconds (across batches and shards) is broken, not the data."""
 
 
 class HandlerUnavailable(RetriableError):
@@ -76,6 +86,8 @@ class BatchProcessor:
         self._attempts = attempts
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.pipeline")
+        self._poisoned: dict[str, deque[tuple[float, str]]] = {}
+        """Per handler: when, and with which exception type, single records failed."""
 
     def decode_all(
         self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
@@ -169,6 +181,7 @@ class BatchProcessor:
                 return []
         assert error is not None
         if len(batch) == 1:
+            self._note_poisoned(handler, error)
             return [(batch.events[0], error)]
         left, right = batch.split()
         # Halves get one try; a lone record gets the full retries before it is dead-lettered.
@@ -176,6 +189,23 @@ class BatchProcessor:
             *await self._run(handler, left, 1 if len(left) > 1 else self._attempts),
             *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
         ]
+
+    def _note_poisoned(self, handler: Handler, error: Exception) -> None:
+        """Count a record ``handler`` failed on; raise ``HandlerUnavailable`` when the same
+        exception type has failed ``BROKEN_HANDLER_RECORDS`` records in the window."""
+        now = time.monotonic()
+        recent = self._poisoned.setdefault(handler.name, deque(maxlen=1024))
+        recent.append((now, type(error).__name__))
+        while recent[0][0] < now - BROKEN_HANDLER_WINDOW:
+            recent.popleft()
+        name = type(error).__name__
+        count = sum(1 for _, seen in recent if seen == name)
+        if count >= BROKEN_HANDLER_RECORDS:
+            raise HandlerUnavailable(
+                f"handler {handler.name} failed with {name} on {count} records within "
+                f"{BROKEN_HANDLER_WINDOW:.0f} s: treated as an outage, the batch waits: "
+                f"{error}"
+            ) from error
 
 
 def _as_handler_error(caught: BaseException) -> Exception:

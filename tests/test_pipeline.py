@@ -1,0 +1,145 @@
+"""The batch pipeline on its own: outages told from poison records, a full dead-letter store.
+
+Real redis-server for the dead-letter store; handlers are small in-test classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+import redis.exceptions
+from events import make_record
+from redis.asyncio import Redis
+
+from worker.backoff import Backoff
+from worker.deadletter import DeadLetter, DeadLetterStore, DeadLetterStoreFull
+from worker.handlers.base import Batch
+from worker.metrics import Metrics
+from worker.pipeline import (
+    BROKEN_HANDLER_RECORDS,
+    BatchProcessor,
+    HandlerUnavailable,
+    RawRecord,
+)
+from worker.records import ConnectionEvent
+
+SHARD = "shardId-000000000000"
+
+
+class Failing:
+    """A handler that raises ``error()`` on the events ``fails`` picks, and records the rest."""
+
+    def __init__(self, fails: Callable[[ConnectionEvent], bool], error: Callable[[], Exception]):
+        self.name = "failing"
+        self.fails = fails
+        self.error = error
+        self.handled: list[str] = []
+
+    async def handle(self, batch: Batch) -> None:
+        if any(self.fails(event) for event in batch.events):
+            raise self.error()
+        self.handled.extend(event.event_sid for event in batch.events)
+
+    async def close(self) -> None:
+        return None
+
+
+def records(kinds: list[str], start: int = 0) -> list[RawRecord]:
+    return [
+        RawRecord(make_record(kind, seq=start + i), str(start + i).zfill(20), "pk")
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def store(client: Redis, maxlen: int = 1000) -> DeadLetterStore:
+    return DeadLetterStore(client, f"test:{uuid.uuid4().hex}:dlq", maxlen, Metrics())
+
+
+def processor(handler: Failing, dlq: DeadLetterStore) -> BatchProcessor:
+    return BatchProcessor([handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002))
+
+
+def is_session(event: ConnectionEvent) -> bool:
+    return event.kind.is_data_session
+
+
+async def test_a_few_poison_records_are_dead_lettered_and_the_rest_handled(redis: Redis) -> None:
+    """Fewer than the outage threshold: bisected out, dead-lettered, the batch completes."""
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: ValueError("bad session"))
+    kinds = ["attachment.accepted"] * 17 + ["data-session.updated"] * 3
+    outcome = await processor(handler, dlq).process(SHARD, records(kinds))
+    assert outcome.dead_lettered == 3
+    assert len(handler.handled) == 17
+    assert len(await dlq.list()) == 3
+
+
+async def test_same_failure_on_many_records_across_batches_is_an_outage(redis: Redis) -> None:
+    """A handler failing with one exception type on record after record, in small mixed
+    batches that never fail whole, is treated as broken: the batch is kept, not
+    dead-lettered record by record."""
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: KeyError("network"))
+    pipeline = processor(handler, dlq)
+    kinds = ["attachment.accepted", "data-session.updated", "attachment.accepted"]
+    for batch in range(BROKEN_HANDLER_RECORDS - 1):
+        outcome = await pipeline.process(SHARD, records(kinds, start=10 * batch))
+        assert outcome.dead_lettered == 1
+    with pytest.raises(HandlerUnavailable, match="KeyError"):
+        await pipeline.process(SHARD, records(kinds, start=1000))
+    assert len(await dlq.list()) == BROKEN_HANDLER_RECORDS - 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.NoPermissionError("NOPERM this user has no permissions"),
+        redis.exceptions.ResponseError("BUSY Redis is busy running a script"),
+        redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+    ],
+    ids=["noperm", "busy", "moved"],
+)
+async def test_redis_refusals_are_outages_not_poison(redis: Redis, error: Exception) -> None:
+    """Permission, busy-server and cluster redirection errors are never the data's fault."""
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: error)
+    kinds = ["attachment.accepted"] * 5 + ["data-session.updated"]
+    with pytest.raises(HandlerUnavailable):
+        await processor(handler, dlq).process(SHARD, records(kinds))
+    assert await dlq.list() == []
+
+
+def letter(n: int) -> DeadLetter:
+    return DeadLetter(b"x", SHARD, str(n), "pk", None, "test", "decode")
+
+
+async def test_full_store_refuses_instead_of_dropping_the_oldest(redis: Redis) -> None:
+    """At capacity a write is refused (the batch waits); no entry is ever trimmed away."""
+    dlq = store(redis, maxlen=100)
+    await dlq.add([letter(n) for n in range(95)])
+    with pytest.raises(DeadLetterStoreFull, match="95 of 100"):
+        await dlq.add([letter(n) for n in range(95, 101)])
+    await dlq.add([letter(n) for n in range(95, 100)])  # exactly full is fine
+    with pytest.raises(DeadLetterStoreFull):
+        await dlq.add([letter(100)])
+    kept = await dlq.list(count=1000)
+    assert [item.sequence_number for item in kept] == [str(n) for n in range(100)]
+
+
+async def test_empty_store_takes_a_batch_bigger_than_its_capacity(redis: Redis) -> None:
+    """Else a single huge batch of bad records could never be dead-lettered."""
+    dlq = store(redis, maxlen=100)
+    await dlq.add([letter(n) for n in range(150)])
+    assert len(await dlq.list(count=1000)) == 150
+
+
+async def test_batch_waits_when_the_store_is_full(redis: Redis) -> None:
+    """A batch whose bad records do not fit is not completed, so it is not checkpointed."""
+    dlq = store(redis, maxlen=100)
+    await dlq.add([letter(n) for n in range(100)])
+    handler = Failing(lambda event: False, lambda: ValueError())
+    bad = RawRecord(b"not json", "99".zfill(20), "pk")
+    with pytest.raises(DeadLetterStoreFull):
+        await processor(handler, dlq).process(SHARD, [*records(["attachment.accepted"]), bad])
