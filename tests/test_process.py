@@ -11,12 +11,14 @@ import uuid
 from pathlib import Path
 
 import orjson
-from kinesis_support import create_stream, events, put
-from recording import seen, wait_handled
+import pytest
+from kinesis_support import create_stream, events, put, worker_settings
+from recording import seen, seen_key, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
-from worker.checkpoints import Checkpoints, LeaseLost
+from worker.app import run_worker
+from worker.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
 from worker.leases import LeaseManager
 
 TESTS = Path(__file__).parent
@@ -55,6 +57,9 @@ async def checkpoint_of(redis_url: str, key_prefix: str, shard: str) -> str | No
     finally:
         await client.aclose()
     return None if value is None else value.decode()
+
+
+SHARD = "shardId-000000000000"
 
 
 async def test_sigterm_mid_batch_exits_zero_with_checkpoint(
@@ -124,19 +129,19 @@ async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:
         old = await first.acquire("shard-1")
         assert old is not None
         assert await second.acquire("shard-1") is None, "a live lease is not taken"
-        await checkpoints.write(old, "100")
+        await checkpoints.write(old, "100", previous=None)
         await client.delete(keys.lease(key_prefix, "shard-1"))  # as if it had expired
         new = await second.acquire("shard-1")
         assert new is not None
         assert int(new.token) > int(old.token)
         try:
-            await checkpoints.write(old, "150")
+            await checkpoints.write(old, "150", previous="100")
         except LeaseLost:
             pass
         else:
             raise AssertionError("stale write accepted")
         assert await checkpoints.get("shard-1") == "100"
-        await checkpoints.write(new, "200")
+        await checkpoints.write(new, "200", previous="100")
         assert await checkpoints.get("shard-1") == "200"
         assert not await first.renew(old)
         assert await second.renew(new)
@@ -144,6 +149,74 @@ async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:
         assert await first.holder("shard-1") is None
     finally:
         await client.aclose()
+
+
+async def test_checkpoint_write_refused_when_redis_lost_the_last_one(redis_url: str) -> None:
+    """A checkpoint that is not the one the writer last wrote (Redis lost writes in a
+    failover) refuses the write, and leaves the stored one as it is."""
+    client = Redis.from_url(redis_url)
+    try:
+        key_prefix = keys.prefix("stream", "group")
+        lease = await LeaseManager(client, key_prefix, "worker-a", ttl_seconds=30).acquire("s")
+        assert lease is not None
+        checkpoints = Checkpoints(client, key_prefix, lease_ttl_seconds=30)
+        await checkpoints.write(lease, "100", previous=None)
+        await checkpoints.write(lease, "200", previous="100")
+        await client.hset(keys.checkpoints(key_prefix), "s", "100")  # type: ignore[misc]  # "200" lost
+        try:
+            await checkpoints.write(lease, "300", previous="200")
+        except CheckpointMoved:
+            pass
+        else:
+            raise AssertionError("write over a lost checkpoint accepted")
+        assert await checkpoints.get("s") == "100"
+        await client.hdel(keys.checkpoints(key_prefix), "s")  # type: ignore[misc]  # all lost
+        with pytest.raises(CheckpointMoved):
+            await checkpoints.write(lease, "300", previous="100")
+        assert await checkpoints.get("s") is None
+    finally:
+        await client.aclose()
+
+
+async def test_checkpoints_lost_by_redis_are_read_again_not_skipped(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """If Redis loses the latest checkpoint (and whatever handlers wrote with it), as in a
+    failover to a replica that had not received them, the running reader notices at its
+    next checkpoint and reads again from the stored one: the records in between are handled
+    again, none is skipped."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(20))
+    settings = worker_settings(kinesalite_endpoint, redis_url, stream, batch_limit=5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    client = Redis.from_url(redis_url)
+    try:
+        await wait_handled(redis_url, key_prefix, 20)
+        first = await seen(redis_url, key_prefix)
+        tenth = first[9][1]
+        checkpoint_key = keys.checkpoints(key_prefix)
+        for _ in range(600):  # the 20th record's checkpoint follows its handling
+            if await client.hget(checkpoint_key, SHARD) == first[19][1].encode():  # type: ignore[misc]
+                break
+            await asyncio.sleep(0.05)
+        # The failover: the checkpoint goes back to the 10th record, and what the handler
+        # wrote for the 10 records after it is gone.
+        await client.hset(checkpoint_key, SHARD, tenth)  # type: ignore[misc]
+        await client.ltrim(seen_key(key_prefix), 0, 9)  # type: ignore[misc]
+        await put(kinesalite_endpoint, stream, events(5, start=20))
+        expected = {str(orjson.loads(record)["id"]) for record in events(25)}
+        for _ in range(600):
+            if {sid for _, _, sid in await seen(redis_url, key_prefix)} == expected:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await client.aclose()
+    assert {sid for _, _, sid in await seen(redis_url, key_prefix)} == expected
 
 
 async def test_missing_stream_fails_with_a_clear_message(

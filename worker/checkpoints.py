@@ -1,9 +1,14 @@
 """Fenced checkpoints: the last sequence number of a shard whose handling is complete.
 
 A write is one Lua script that checks the writer still holds the shard's lease with the
-same fencing token, then stores the checkpoint (and extends the lease). A stale owner's
-write is refused with ``LeaseLost``, and that reader stops. Checkpoints are written only
-after every handler has returned for the batch (at-least-once delivery).
+same fencing token, and that the stored checkpoint is still the one this writer last saw
+or wrote, then stores the new one (and extends the lease). A stale owner's write is
+refused with ``LeaseLost``, and that reader stops. A checkpoint that is not what the
+writer expects means Redis lost acknowledged writes (a failover to a replica that had not
+received them) and, with them, possibly handlers' effects: the write is refused with
+``CheckpointMoved`` and the reader restarts from the stored checkpoint, so those records
+are handled again rather than skipped. Checkpoints are written only after every handler
+has returned for the batch (at-least-once delivery).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from typing import Final
 from redis.asyncio import Redis
 
 from worker import keys
-from worker.errors import WorkerError
+from worker.errors import RetriableError, WorkerError
 from worker.leases import Lease
 
 _WRITE: Final = """
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
+if (redis.call('HGET', KEYS[2], ARGV[3]) or '') ~= ARGV[6] then return -1 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -27,6 +33,11 @@ return 1
 
 class LeaseLost(WorkerError):
     """This worker no longer owns the shard: another owner took the lease."""
+
+
+class CheckpointMoved(RetriableError):
+    """The stored checkpoint is not the one this reader last saw or wrote: Redis lost
+    writes. The reader restarts from what is stored."""
 
 
 class Checkpoints:
@@ -64,11 +75,21 @@ class Checkpoints:
         found = await self._redis.mget([keys.tip(self._prefix, sid) for sid in shard_ids])
         return {sid for sid, value in zip(shard_ids, found, strict=True) if value is not None}
 
-    async def write(self, lease: Lease, sequence: str) -> None:
-        """Store ``sequence`` (or ``keys.SHARD_END``) for the lease's shard; LeaseLost if stale."""
-        ok = await self._write(
+    async def write(self, lease: Lease, sequence: str, *, previous: str | None) -> None:
+        """Store ``sequence`` (or ``keys.SHARD_END``) for the lease's shard.
+
+        ``previous`` is the checkpoint the caller knows to be stored (None for none): the
+        one read when it took the lease, then each one it wrote. Raises ``LeaseLost`` if the
+        lease is no longer this writer's, ``CheckpointMoved`` if the checkpoint changed.
+        """
+        status = await self._write(
             keys=[keys.lease(self._prefix, lease.shard_id), self._key],
-            args=[lease.owner, lease.token, lease.shard_id, sequence, self._ttl_ms],
+            args=[lease.owner, lease.token, lease.shard_id, sequence, self._ttl_ms, previous or ""],
         )
-        if not ok:
+        if status == 0:
             raise LeaseLost(f"shard {lease.shard_id}: lease token {lease.token} is no longer ours")
+        if status == -1:
+            raise CheckpointMoved(
+                f"shard {lease.shard_id}: the stored checkpoint is not the one last written "
+                "(Redis lost writes, e.g. in a failover): re-reading from the stored one"
+            )

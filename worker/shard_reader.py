@@ -103,6 +103,7 @@ class ShardReader:
         stream: str,
         lease: Lease,
         start: StartPosition,
+        stored: str | None,
         checkpoints: Checkpoints,
         processor: BatchProcessor,
         batch_limit: int,
@@ -117,6 +118,8 @@ class ShardReader:
         self._kinesis = kinesis
         self._stream = stream
         self._start = start
+        self._stored = stored
+        """The checkpoint in Redis as this reader knows it: read at start, then written."""
         self._checkpoints = checkpoints
         self._processor = processor
         self._limit = batch_limit
@@ -146,7 +149,7 @@ class ShardReader:
                 assert isinstance(item, _Fetched)
                 await self._handle(item)
                 if item.ended:
-                    await self._checkpoints.write(self.lease, keys.SHARD_END)
+                    await self._checkpoint(keys.SHARD_END)
                     self.progress.ended = True
                     self._log.info("shard_ended", records_read=self.progress.records_read)
                     return True
@@ -180,7 +183,7 @@ class ShardReader:
             )
             outcome = await self._processor.process(self.shard_id, fetched.records)
             last = fetched.records[-1].sequence_number
-            await self._checkpoints.write(self.lease, last)
+            await self._checkpoint(last)
             progress.last_sequence = last
             progress.records_read += len(fetched.records)
             progress.dead_lettered += outcome.dead_lettered
@@ -190,6 +193,10 @@ class ShardReader:
         progress.caught_up = not fetched.millis_behind and len(fetched.records) < self._limit
         if progress.caught_up or was_at_tip:
             await self._checkpoints.mark_tip(self.shard_id, progress.caught_up, self._tip_ttl)
+
+    async def _checkpoint(self, value: str) -> None:
+        await self._checkpoints.write(self.lease, value, previous=self._stored)
+        self._stored = value
 
     async def _fetch(self, queue: asyncio.Queue[object]) -> None:
         try:

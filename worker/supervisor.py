@@ -23,7 +23,7 @@ import structlog
 
 from worker import keys
 from worker.backoff import Backoff
-from worker.checkpoints import Checkpoints, LeaseLost
+from worker.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
 from worker.errors import is_infrastructure_failure
 from worker.kinesis import KinesisClient, ShardInfo, is_retriable, list_shards
 from worker.leases import Lease, LeaseManager
@@ -163,10 +163,14 @@ class Supervisor:
                 continue
             self._restart_at.pop(sid, None)
             try:
-                await self._start_reader(shard, lease, fresh)
+                await self._start_reader(shard, lease, fresh, latest)
             except LeaseLost as exc:  # taken over between acquiring and starting: not ours
                 self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
                 self._log.warning("lease_lost", shard_id=sid, error=str(exc))
+            except CheckpointMoved as exc:  # moved since read just above: start again later
+                self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+                self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
+                await self._release(lease)
 
     def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
         """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
@@ -183,25 +187,32 @@ class Supervisor:
         return parent in self._ended or self._checkpoint(parent, checkpoints) == keys.SHARD_END
 
     async def _start_position(
-        self, shard: ShardInfo, lease: Lease, checkpoint: str | None
-    ) -> StartPosition:
+        self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
+    ) -> tuple[StartPosition, str | None]:
+        """Where to start, and the checkpoint then stored in Redis."""
         if checkpoint and checkpoint.startswith(keys.AT_TIMESTAMP_PREFIX):
             at = datetime.fromisoformat(checkpoint.removeprefix(keys.AT_TIMESTAMP_PREFIX))
-            return StartPosition("AT_TIMESTAMP", timestamp=at)
+            return StartPosition("AT_TIMESTAMP", timestamp=at), stored
         if checkpoint:
-            return StartPosition.after(checkpoint)
+            return StartPosition.after(checkpoint), stored
         if any(p in self._shards for p in shard.parents):
-            return TRIM_HORIZON  # a child of a shard we read: from its first record
+            return TRIM_HORIZON, stored  # a child of a shard we read: from its first record
         if self._initial.iterator_type == "LATEST":
             # Remember when this shard started, so that a restart before its first record
             # resumes from then rather than from a newer LATEST (which would skip records).
             since = datetime.now(UTC) - LATEST_MARGIN
-            await self._checkpoints.write(lease, keys.AT_TIMESTAMP_PREFIX + since.isoformat())
-        return self._initial
+            mark = keys.AT_TIMESTAMP_PREFIX + since.isoformat()
+            await self._checkpoints.write(lease, mark, previous=stored)
+            return self._initial, mark
+        return self._initial, stored
 
-    async def _start_reader(self, shard: ShardInfo, lease: Lease, checkpoint: str | None) -> None:
+    async def _start_reader(
+        self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
+    ) -> None:
+        """Start reading from ``checkpoint`` (the one to trust; None to start afresh);
+        ``stored`` is what Redis holds, which the reader's first write must find."""
         sid = shard.shard_id
-        start = await self._start_position(shard, lease, checkpoint)
+        start, stored = await self._start_position(shard, lease, checkpoint, stored)
         progress = self.progress.setdefault(sid, ShardProgress(sid))
         progress.caught_up = False
         settings = self._settings
@@ -210,6 +221,7 @@ class Supervisor:
             stream=self._stream,
             lease=lease,
             start=start,
+            stored=stored,
             checkpoints=self._checkpoints,
             processor=self._processor,
             batch_limit=settings.batch_limit,
