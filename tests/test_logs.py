@@ -207,3 +207,24 @@ def test_capture_logs_sees_events_for_assertions() -> None:
     with capture_logs() as captured:
         structlog.get_logger("test").info("counted", events=3)
     assert captured == [{"event": "counted", "events": 3, "log_level": "info"}]
+
+
+def _fail_with_personal_data_in_locals() -> None:
+    record = {"imsi": IMSI, "sim_iccid": ICCID, "ip_address": IP}
+    raise ValueError(f"bad record of {len(record)} fields")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_never_show_local_variables(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A logged exception's frames carry no local variables (they may hold records)."""
+    logs.configure(fmt, "INFO", redact=True)
+    try:
+        _fail_with_personal_data_in_locals()
+    except ValueError:
+        structlog.get_logger("test").exception("handler_crashed")
+    err = capsys.readouterr().err
+    assert "handler_crashed" in err
+    assert "bad record of 3 fields" in err
+    assert_no_pii(err)

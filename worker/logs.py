@@ -78,14 +78,19 @@ def configure(fmt: str = "auto", level: str = "INFO", redact: bool = True) -> No
     ]
     if redact:
         processors.append(redact_pii)
+    # Tracebacks never show local variables: they would hold records and events unredacted.
     if as_json:
         processors += [
-            structlog.processors.dict_tracebacks,
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        processors.append(
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        )
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,
