@@ -228,3 +228,24 @@ def test_tracebacks_never_show_local_variables(
     assert "handler_crashed" in err
     assert "bad record of 3 fields" in err
     assert_no_pii(err)
+
+
+def test_personal_data_quoted_in_error_messages_is_redacted() -> None:
+    """An exception message a handler raised may quote what it saw: identifiers and IP
+    addresses in ``error``/``exception`` are replaced; sequence numbers and SIDs stay."""
+    sequence = "49590338271490256608559692538361571095921575989136588898"
+    message = (
+        f"1 validation error: input_value={{'imsi': '{IMSI}', 'iccid': {ICCID}, "
+        f"'imei': '{IMEI}', 'ip': '{IP}', 'v6': '2001:db8::8a2e:370:7334'}} "
+        f"at {sequence} for HS2f71995b834d803ff5376799ba59bd1d in 2022-12-14T13:40:52Z"
+    )
+    with capture_logs(processors=[redact_pii]) as captured:
+        structlog.get_logger("test").warning("handler_failed", error=message, exception=message)
+    (entry,) = captured
+    for key in ("error", "exception"):
+        text = entry[key]
+        assert_no_pii(text)
+        assert "2001:db8" not in text
+        assert sequence in text
+        assert "HS2f71995b834d803ff5376799ba59bd1d" in text
+        assert "2022-12-14T13:40:52Z" in text

@@ -3,13 +3,17 @@
 Context (``shard_id``, ``sequence_number``) is bound per shard and per record with
 contextvars. Personal data in events (IMSI, IMEI, ICCID, IP address, location) is
 replaced by ``REDACTED`` unless redaction is turned off in the settings, wherever it sits
-in a logged value (nested dicts and lists, decoded events and their models).
+in a logged value (nested dicts and lists, decoded events and their models). Free-text
+fields that carry exception messages (``error``, ``exception``) may quote values a
+handler saw, so runs of 14 to 20 digits (IMSI, IMEI, ICCID) and IP addresses in them are
+replaced too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -23,6 +27,15 @@ PII_KEYS: Final = frozenset(
     {"imsi", "imei", "iccid", "sim_iccid", "ip_address", "location", "lat", "lon", "cell_id", "lac"}
 )
 
+FREE_TEXT_KEYS: Final = frozenset({"error", "exception"})
+PII_TEXT: Final = re.compile(
+    r"(?<![0-9A-Za-z])[0-9]{14,20}(?![0-9A-Za-z])"  # IMSI, IMEI, ICCID
+    r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9.])"  # IPv4
+    r"|(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])"  # IPv6
+)
+"""Personal data as it appears inside a message: identifiers are digit runs of their own
+(a 56-digit Kinesis sequence number or a hex SID is left alone), addresses dotted or
+colon-separated with three colons or more (a time of day has two)."""
 
 _MAX_DEPTH: Final = 8
 """Containers nested deeper than this are replaced whole by the marker."""
@@ -40,6 +53,8 @@ def redact_pii(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
         if key in PII_KEYS:
             if value is not None:
                 event_dict[key] = REDACTED
+        elif key in FREE_TEXT_KEYS and isinstance(value, str):
+            event_dict[key] = PII_TEXT.sub(REDACTED, value)
         elif isinstance(value, _CONTAINERS) or _is_dataclass_instance(value):
             event_dict[key] = _redacted(value, _MAX_DEPTH)
     return event_dict
