@@ -157,7 +157,9 @@ async def test_dlq_commands_list_redrive_and_delete(
     listing = capsys.readouterr().out
     assert "1 shown of 1 dead-lettered records" in listing
     left = listing.split()[0]
-    assert await asyncio.to_thread(main, ["dlq", "delete", left, "0-1"]) == 1  # 0-1: no such id
+    assert await asyncio.to_thread(main, ["dlq", "delete", "bogus"]) == 2
+    assert "not entry ids: bogus" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["dlq", "delete", left, left, "0-1"]) == 1  # no 0-1
     assert "deleted 1 of 2 entries" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["dlq", "list"]) == 0
     assert "0 shown of 0 dead-lettered records" in capsys.readouterr().out

@@ -211,14 +211,15 @@ def test_capture_logs_sees_events_for_assertions() -> None:
 
 def _fail_with_personal_data_in_locals() -> None:
     record = {"imsi": IMSI, "sim_iccid": ICCID, "ip_address": IP}
-    raise ValueError(f"bad record of {len(record)} fields")
+    raise ValueError(f"bad record of {len(record)} fields, IMSI {record['imsi']}")
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_tracebacks_never_show_local_variables(
     fmt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A logged exception's frames carry no local variables (they may hold records)."""
+    """A logged exception's frames carry no local variables (they may hold records), and
+    its message is redacted like any error text."""
     logs.configure(fmt, "INFO", redact=True)
     try:
         _fail_with_personal_data_in_locals()
@@ -236,7 +237,7 @@ def test_personal_data_quoted_in_error_messages_is_redacted() -> None:
     sequence = "49590338271490256608559692538361571095921575989136588898"
     message = (
         f"1 validation error: input_value={{'imsi': '{IMSI}', 'iccid': {ICCID}, "
-        f"'imei': '{IMEI}', 'ip': '{IP}', 'v6': '2001:db8::8a2e:370:7334'}} "
+        f"'imei': '{IMEI}', 'ip': '{IP}.', 'v6': '2001:db8::8a2e:370:7334', 'v6s': 'fe80::1'}} "
         f"at {sequence} for HS2f71995b834d803ff5376799ba59bd1d in 2022-12-14T13:40:52Z"
     )
     with capture_logs(processors=[redact_pii]) as captured:
@@ -246,6 +247,7 @@ def test_personal_data_quoted_in_error_messages_is_redacted() -> None:
         text = entry[key]
         assert_no_pii(text)
         assert "2001:db8" not in text
+        assert "fe80" not in text
         assert sequence in text
         assert "HS2f71995b834d803ff5376799ba59bd1d" in text
         assert "2022-12-14T13:40:52Z" in text

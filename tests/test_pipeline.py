@@ -143,3 +143,22 @@ async def test_batch_waits_when_the_store_is_full(redis: Redis) -> None:
     bad = RawRecord(b"not json", "99".zfill(20), "pk")
     with pytest.raises(DeadLetterStoreFull):
         await processor(handler, dlq).process(SHARD, [*records(["attachment.accepted"]), bad])
+
+
+async def test_a_batch_retried_for_another_reason_does_not_count_its_poison_twice(
+    redis: Redis,
+) -> None:
+    """Poison records of a batch that waited (here for a full dead-letter store) are counted
+    once per record, however often the batch comes back: no outage, and once there is
+    room they are dead-lettered."""
+    dlq = store(redis, maxlen=100)
+    await dlq.add([letter(n) for n in range(99)])
+    handler = Failing(is_session, lambda: ValueError("bad session"))
+    pipeline = processor(handler, dlq)
+    batch = records(["attachment.accepted"] * 5 + ["data-session.updated"] * 4)
+    for _ in range(3):
+        with pytest.raises(DeadLetterStoreFull):
+            await pipeline.process(SHARD, batch)
+    await redis.delete(dlq.key)
+    outcome = await pipeline.process(SHARD, batch)
+    assert outcome.dead_lettered == 4

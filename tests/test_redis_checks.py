@@ -1,4 +1,5 @@
-"""The start-up check of Redis's eviction policy, against a real redis-server."""
+"""The start-up checks of Redis (access to the worker's keys, the eviction policy), against a
+real redis-server."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 
 from worker.app import run_worker
 from worker.errors import ConfigError
-from worker.redis_checks import check_eviction_policy
+from worker.redis_checks import check_access, check_eviction_policy
 from worker.settings import load_settings
 
 SetPolicy = Callable[[str], Awaitable[None]]
@@ -42,9 +43,9 @@ async def restricted(redis: Redis, redis_url: str) -> AsyncIterator[Restricted]:
     users: list[str] = []
     clients: list[Redis] = []
 
-    async def client(*denied: str) -> Redis:
+    async def client(*denied: str, keys: str = "~*") -> Redis:
         user = f"restricted-{uuid.uuid4().hex[:8]}"
-        rules = ["on", ">pw", "~*", "+@all", *(f"-{command}" for command in denied)]
+        rules = ["on", ">pw", keys, "+@all", *(f"-{command}" for command in denied)]
         await redis.execute_command("ACL", "SETUSER", user, *rules)
         users.append(user)
         clients.append(Redis.from_url(redis_url, username=user, password="pw"))
@@ -172,3 +173,25 @@ async def test_worker_start_up_fails_when_noeviction_is_required(
     with capture_logs() as logs, pytest.raises(ConfigError, match="allkeys-lru"):
         await run_worker(settings, install_signals=False)
     assert "worker_started" not in [entry["event"] for entry in logs]
+
+
+PREFIX = "{sw:stream:group}"
+
+
+async def test_access_check_passes_and_leaves_nothing_behind(redis: Redis) -> None:
+    await check_access(redis, PREFIX)
+    assert await redis.keys(f"{PREFIX}*") == []
+
+
+@pytest.mark.parametrize(
+    ("denied", "keys"),
+    [((), "~other:*"), (("eval",), "~*")],
+    ids=["no-access-to-the-keys", "no-eval"],
+)
+async def test_access_refused_stops_start_up_saying_what_to_fix(
+    restricted: Restricted, denied: tuple[str, ...], keys: str
+) -> None:
+    """A user without its keys or without EVAL fails at start-up, not by retrying for ever."""
+    client = await restricted(*denied, keys=keys)
+    with pytest.raises(ConfigError, match="needs read and write access to keys matching"):
+        await check_access(client, PREFIX)

@@ -117,6 +117,7 @@ async def run_worker(
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         svc = await stack.enter_async_context(services(settings))
+        await redis_checks.check_access(svc.redis, svc.key_prefix)
         await redis_checks.check_eviction_policy(
             svc.redis, require_noeviction=settings.require_noeviction
         )

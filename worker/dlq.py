@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from dataclasses import dataclass
+from typing import Final
 
 import orjson
 
@@ -24,6 +26,9 @@ from worker.errors import ConfigError, DecodeError
 from worker.handlers.base import Batch, Handler
 from worker.records import ConnectionEvent, KinesisMeta
 from worker.settings import Settings, load_settings
+
+ENTRY_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+"""A Redis stream entry id, as the dead-letter store's entries have."""
 
 
 @dataclass(slots=True)
@@ -114,10 +119,17 @@ async def _redrive(settings: Settings, limit: int) -> int:
 
 
 async def _delete(settings: Settings, entry_ids: list[str]) -> int:
+    wanted = list(dict.fromkeys(entry_ids))
+    malformed = [entry_id for entry_id in wanted if not ENTRY_ID.fullmatch(entry_id)]
+    if malformed:
+        raise ConfigError(
+            f"dlq delete: not entry ids: {', '.join(malformed)} "
+            "(ids look like 1700000000000-0, as `dlq list` shows them)"
+        )
     async with services(settings) as svc:
-        deleted = await svc.dead_letters.delete(entry_ids)
-    print(f"deleted {deleted} of {len(entry_ids)} entries")
-    return 0 if deleted == len(entry_ids) else 1
+        deleted = await svc.dead_letters.delete(wanted)
+    print(f"deleted {deleted} of {len(wanted)} entries")
+    return 0 if deleted == len(wanted) else 1
 
 
 def run(args: argparse.Namespace) -> int:

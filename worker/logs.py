@@ -30,12 +30,13 @@ PII_KEYS: Final = frozenset(
 FREE_TEXT_KEYS: Final = frozenset({"error", "exception"})
 PII_TEXT: Final = re.compile(
     r"(?<![0-9A-Za-z])[0-9]{14,20}(?![0-9A-Za-z])"  # IMSI, IMEI, ICCID
-    r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9.])"  # IPv4
-    r"|(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])"  # IPv6
+    r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?!\.?[0-9])"  # IPv4
+    r"|(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])"  # IPv6
+    r"|(?<![0-9A-Za-z:])[0-9A-Fa-f]{1,4}::[0-9A-Fa-f]{1,4}(?![0-9A-Za-z:])"  # IPv6, short
 )
 """Personal data as it appears inside a message: identifiers are digit runs of their own
 (a 56-digit Kinesis sequence number or a hex SID is left alone), addresses dotted or
-colon-separated with three colons or more (a time of day has two)."""
+colon-separated with three colons or more (a time of day has two) or with ``::``."""
 
 _MAX_DEPTH: Final = 8
 """Containers nested deeper than this are replaced whole by the marker."""
@@ -53,11 +54,25 @@ def redact_pii(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
         if key in PII_KEYS:
             if value is not None:
                 event_dict[key] = REDACTED
-        elif key in FREE_TEXT_KEYS and isinstance(value, str):
-            event_dict[key] = PII_TEXT.sub(REDACTED, value)
+        elif key in FREE_TEXT_KEYS:
+            event_dict[key] = _scrubbed(value, _MAX_DEPTH)
         elif isinstance(value, _CONTAINERS) or _is_dataclass_instance(value):
             event_dict[key] = _redacted(value, _MAX_DEPTH)
     return event_dict
+
+
+def _scrubbed(value: Any, depth: int) -> Any:
+    """A free-text value (or a rendered traceback: dicts and lists of them) with personal
+    data in its strings replaced."""
+    if isinstance(value, str):
+        return PII_TEXT.sub(REDACTED, value)
+    if depth <= 0:
+        return value if value is None or isinstance(value, int | float | bool) else REDACTED
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v, depth - 1) for v in value]
+    return value
 
 
 def _is_dataclass_instance(value: Any) -> bool:
@@ -90,17 +105,18 @@ def configure(fmt: str = "auto", level: str = "INFO", redact: bool = True) -> No
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks are rendered into the ``exception`` field before redaction, so their
+        # messages are redacted too; they never show local variables (records, events).
+        structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        if as_json
+        else structlog.processors.format_exc_info,
     ]
     if redact:
         processors.append(redact_pii)
-    # Tracebacks never show local variables: they would hold records and events unredacted.
     if as_json:
-        processors += [
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            ),
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ]
+        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
         processors.append(

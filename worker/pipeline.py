@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,8 +86,10 @@ class BatchProcessor:
         self._attempts = attempts
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.pipeline")
-        self._poisoned: dict[str, deque[tuple[float, str]]] = {}
-        """Per handler: when, and with which exception type, single records failed."""
+        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
+        """Per handler, per record (shard, sequence number), oldest first: when it last
+        failed, with which exception type. Keyed by record, so that a batch retried for
+        another reason (a full dead-letter store, a Redis blip) does not count twice."""
 
     def decode_all(
         self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
@@ -181,7 +183,7 @@ class BatchProcessor:
                 return []
         assert error is not None
         if len(batch) == 1:
-            self._note_poisoned(handler, error)
+            self._note_poisoned(handler, batch.events[0], error)
             return [(batch.events[0], error)]
         left, right = batch.split()
         # Halves get one try; a lone record gets the full retries before it is dead-lettered.
@@ -190,16 +192,21 @@ class BatchProcessor:
             *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
         ]
 
-    def _note_poisoned(self, handler: Handler, error: Exception) -> None:
+    def _note_poisoned(self, handler: Handler, event: ConnectionEvent, error: Exception) -> None:
         """Count a record ``handler`` failed on; raise ``HandlerUnavailable`` when the same
-        exception type has failed ``BROKEN_HANDLER_RECORDS`` records in the window."""
+        exception type has failed ``BROKEN_HANDLER_RECORDS`` distinct records in the window."""
+        assert event.meta is not None  # events from records always carry it
         now = time.monotonic()
-        recent = self._poisoned.setdefault(handler.name, deque(maxlen=1024))
-        recent.append((now, type(error).__name__))
-        while recent[0][0] < now - BROKEN_HANDLER_WINDOW:
-            recent.popleft()
+        recent = self._poisoned.setdefault(handler.name, {})
+        key = (event.meta.shard_id, event.meta.sequence_number)
+        recent.pop(key, None)  # re-inserted last: the dict stays oldest first
+        recent[key] = (now, type(error).__name__)
+        for old in list(recent):
+            if recent[old][0] >= now - BROKEN_HANDLER_WINDOW and len(recent) <= 1024:
+                break
+            del recent[old]
         name = type(error).__name__
-        count = sum(1 for _, seen in recent if seen == name)
+        count = sum(1 for _, seen in recent.values() if seen == name)
         if count >= BROKEN_HANDLER_RECORDS:
             raise HandlerUnavailable(
                 f"handler {handler.name} failed with {name} on {count} records within "

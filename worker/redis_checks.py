@@ -1,5 +1,10 @@
 """Start-up checks of the Redis server the worker keeps its state in.
 
+``check_access``: the worker can run its Lua scripts on its own keys. Once running, a
+refused command (an ACL, a cluster redirection) is treated as an outage and retried
+without end, as it may be a passing change; at start-up it is far more likely to be
+configuration, so it stops the worker with a message saying what to fix.
+
 Every metering and alert key carries a TTL, so an eviction policy other than
 ``noeviction`` (``volatile-*`` as well as ``allkeys-*``) lets Redis delete them under memory
 pressure: a session's duplicate detection disappears and a replayed window is counted
@@ -14,7 +19,7 @@ from typing import Final
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, MovedError, NoPermissionError, ResponseError
 
 from worker.errors import ConfigError
 
@@ -31,6 +36,29 @@ FIX: Final = (
 )
 
 _log = structlog.get_logger("worker.redis_checks")
+
+_PROBE: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000)
+local seen = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1])
+return seen
+"""
+
+
+async def check_access(redis: Redis, key_prefix: str) -> None:
+    """Run a script that writes, reads and deletes a key of this stream and group; raise
+    ConfigError if Redis refuses it (an ACL without the keys or EVAL, a cluster node that
+    does not hold the keys' slot)."""
+    probe = f"{key_prefix}:probe"
+    try:
+        await redis.eval(_PROBE, 1, probe, "1")  # type: ignore[misc]  # redis-py types sync|async
+    except (NoPermissionError, MovedError, AskError) as exc:
+        raise ConfigError(
+            f"Redis refused the worker's script on its keys ({type(exc).__name__}: {exc}). "
+            f"The Redis user needs read and write access to keys matching {key_prefix}* and "
+            "the EVAL/EVALSHA/SCRIPT commands; a Redis Cluster endpoint is not supported "
+            "(use the primary of a non-clustered deployment)"
+        ) from None
 
 
 async def eviction_policy(redis: Redis) -> str | None:

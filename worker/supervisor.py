@@ -317,6 +317,9 @@ class Supervisor:
                     running.reader.stop()
 
     async def _shutdown(self) -> None:
+        """Let readers finish their batch, then release their leases, all within
+        ``shutdown_timeout`` (releases get at least a second)."""
+        deadline = time.monotonic() + self._settings.shutdown_timeout
         running = list(self._running.values())
         for item in running:
             item.reader.stop()
@@ -344,7 +347,7 @@ class Supervisor:
             releases = [self._release(item.reader.lease) for item in running]
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(*releases), timeout=self._settings.shutdown_timeout
+                    asyncio.gather(*releases), timeout=max(1.0, deadline - time.monotonic())
                 )
             except TimeoutError:
                 self._log.warning("lease_release_timeout", leases=len(running))
