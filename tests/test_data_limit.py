@@ -117,3 +117,52 @@ async def test_gauge_counts_currently_blocked_sims_per_fleet(redis: Redis) -> No
     assert await first.blocked_sims() == {FLEET_A: 1, FLEET_B: 1}
     await first.close()
     await other.close()
+
+
+async def test_late_blocked_event_before_an_earlier_unblocking_stays_out(redis: Redis) -> None:
+    """A blocked event older than the unblocking that ended the previous episode does not
+    join the current one."""
+    handlers = [handler("data_limit", redis, Clock(at(3600)))]
+    await feed(
+        handlers,
+        [blocked(1, 100), blocked(2, 200), event("data-session.updated", 3, 300), blocked(4, 400)],
+    )
+    await finish(handlers, at(500))
+    await feed(handlers, [blocked(5, 50)])
+    await feed(handlers, [event("data-session.updated", 6, 600)])
+    await finish(handlers, at(700))
+    alerts = await stream_alerts(redis)
+    assert [(a["status"], a["first_seen"]) for a in alerts] == [
+        ("open", iso(at(100))),
+        ("resolved", iso(at(100))),
+        ("open", iso(at(400))),
+        ("resolved", iso(at(400))),
+    ]
+    assert (alerts[3]["count"], alerts[3]["resolved_at"]) == (1, iso(at(600)))
+
+
+async def test_open_episode_never_expires_and_closed_one_does(redis: Redis) -> None:
+    """A blocked SIM's episode stays until it is unblocked, however long that takes; then its
+    state expires after the retention."""
+    handlers = [handler("data_limit", redis, Clock(at(3600)))]
+    await feed(handlers, [blocked(1, 0)])
+    (state,) = [key async for key in redis.scan_iter(match="*:s:data_limit_reached:*")]
+    assert await redis.ttl(state) == -1
+    await feed(handlers, [event("data-session.updated", 2, 10)])
+    await finish(handlers, at(100))
+    assert await redis.ttl(state) > 0
+
+
+async def test_gauge_follows_a_sim_that_moved_fleets_while_blocked(redis: Redis) -> None:
+    """A SIM blocked in one fleet and unblocked after moving to another leaves no gauge behind."""
+    data_limit = handler("data_limit", redis, Clock(at(3600)))
+    assert isinstance(data_limit, DataLimitHandler)
+    await feed([data_limit], [blocked(1, 0, fleet=FLEET_A)])
+    assert await data_limit.blocked_sims() == {FLEET_A: 1}
+    await feed(
+        [data_limit],
+        [blocked(2, 5, fleet=FLEET_B), event("data-session.updated", 3, 10, fleet=FLEET_B)],
+    )
+    await finish([data_limit], at(100))
+    assert await data_limit.blocked_sims() == {}
+    await data_limit.close()

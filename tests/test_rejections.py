@@ -266,3 +266,82 @@ async def test_data_session_failure_burst_resolves_when_a_session_starts(redis: 
         by_status(alerts, "data_session_failure_burst", "open")[0]["details"]["codes"][0]["code"]
         == 83701
     )
+
+
+async def test_late_rejection_before_a_stored_attachment_stays_out_of_the_storm(
+    redis: Redis,
+) -> None:
+    """A late rejection before an attachment that precedes the storm neither joins it nor
+    lets a later late attachment end and re-open it under the same id."""
+    handlers = [handler("rejections", redis, Clock(at(3600)))]
+    await feed(handlers, [event("attachment.accepted", 900, 950), *rejections(10, start=1000)])
+    await feed(handlers, rejections(1, start=900, seq0=50))
+    await feed(handlers, [event("attachment.accepted", 901, 970)])
+    await finish(handlers, at(1050))
+    await feed(handlers, rejections(1, start=1100, seq0=60))
+    await feed(handlers, [event("attachment.accepted", 902, 1200)])
+    await finish(handlers, at(1300))
+    opened, resolved = await stream_alerts(redis)
+    assert (opened["status"], resolved["status"], resolved["id"]) == (
+        "open",
+        "resolved",
+        opened["id"],
+    )
+    assert (resolved["first_seen"], resolved["count"]) == (iso(at(1000)), 11)
+    assert resolved["resolved_at"] == iso(at(1200))
+
+
+async def test_late_attachment_before_the_storm_detaches_the_late_rejections_it_follows(
+    redis: Redis,
+) -> None:
+    """A late rejection extends the storm back; an attachment arriving later between the two
+    takes it out again instead of ending the storm."""
+    handlers = [handler("rejections", redis, Clock(at(3600)))]
+    await feed(handlers, rejections(10, start=1000))
+    await feed(handlers, rejections(1, start=900, seq0=50, code=83704))
+    await feed(handlers, [event("attachment.accepted", 901, 950)])
+    await finish(handlers, at(1100))
+    await feed(handlers, rejections(1, start=1100, seq0=60))
+    await feed(handlers, [event("attachment.accepted", 902, 1200)])
+    await finish(handlers, at(1300))
+    opened, resolved = await stream_alerts(redis)
+    assert (opened["status"], resolved["status"], resolved["id"]) == (
+        "open",
+        "resolved",
+        opened["id"],
+    )
+    assert (resolved["first_seen"], resolved["count"]) == (iso(at(1000)), 11)
+    assert [(c["code"], c["count"]) for c in resolved["details"]["codes"]] == [(83705, 11)]
+    assert resolved["resolved_at"] == iso(at(1200))
+
+
+async def test_late_attachment_inside_the_storm_never_resolves_it_before_it_opened(
+    redis: Redis,
+) -> None:
+    """An attachment arriving late between the storm's first rejection and the one that met
+    the threshold resolves it, at the opening time at the earliest."""
+    handlers = [handler("rejections", redis, Clock(at(3600)))]
+    await feed(handlers, rejections(10, start=1000))
+    await feed(handlers, [event("attachment.accepted", 901, 1045)])
+    await finish(handlers, at(1200))
+    opened, resolved = await stream_alerts(redis)
+    assert opened["opened_at"] == iso(at(1090))
+    assert (resolved["id"], resolved["resolved_at"]) == (opened["id"], iso(at(1090)))
+
+
+async def test_late_rejection_after_a_quiet_close_does_not_hide_the_next_storm(
+    redis: Redis,
+) -> None:
+    """A rejection arriving after its storm closed quietly joins it without extending it,
+    so a storm after the quiet end alerts again."""
+    handlers = [handler("rejections", redis, Clock(at(3600)))]
+    await feed(handlers, rejections(10))
+    await finish(handlers, at(90 + 300 + 61))
+    await feed(handlers, rejections(1, start=350, seq0=100))
+    await feed(handlers, rejections(10, start=600, seq0=200))
+    await finish(handlers, at(2000))
+    alerts = await stream_alerts(redis)
+    assert [a["status"] for a in alerts] == ["open", "resolved", "open", "resolved"]
+    assert alerts[0]["id"] == alerts[1]["id"] != alerts[2]["id"] == alerts[3]["id"]
+    assert alerts[1]["resolved_at"] == iso(at(390))
+    assert (alerts[2]["first_seen"], alerts[3]["count"]) == (iso(at(600)), 10)

@@ -19,14 +19,18 @@ Per subject (kind K, subject S):
                   episode: key (id basis), first, last, at (met threshold), n, state
                   (open|closed), sent (0|1), pend (earliest clear after first, 0 none:
                   the episode ends there once event time is past it by grace),
-                  closed (ts), why (recovered|quiet), info
+                  closed (ts), why (recovered|quiet), info, af (its P:active field),
+                  lo (its hits are all later: the clear or previous episode before it).
+                  Lives ttl after its last change once closed; never expires while open
+                  (an episode that only a clear ends may stay open for weeks).
   P:h:K:S  zset   hits: member -> ts. Members are event SIDs, so duplicates and both
                   vendor envelopes of one event count once; in distinct mode members
                   are SIM SIDs scored by their newest hit.
   P:x:K:S  hash   event SID -> its tags (count mode), trimmed with P:h
   P:c:K:S  zset   clears (events that end an episode and split windows), by ts; for a
                   subject without state only the recent ones, briefly
-  P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts)
+  P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts); kept
+                  like P:s
 Per handler:
   P:open   zset   'K\tS' -> event time at which the open episode ends: its pending
                   clear, else its last hit plus window (quiet)
@@ -83,9 +87,9 @@ local function chunked(command, k, items)
 end
 
 local NUMERIC = {max = true, w = true, key = true, first = true, last = true, at = true,
-  n = true, closed = true, pend = true}
+  n = true, closed = true, pend = true, lo = true}
 local FIELDS = {'max', 'w', 'g', 'm', 'd', 'q', 'key', 'first', 'last', 'at', 'n', 'state',
-  'sent', 'pend', 'closed', 'why', 'info'}
+  'sent', 'pend', 'closed', 'why', 'info', 'af', 'lo'}
 
 local function load(kind, subject)
   local st = {kind = kind, subject = subject}
@@ -106,9 +110,15 @@ local function save(st)
       args[#args + 1] = type(value) == 'number' and fmt(value) or value
     end
   end
-  local sk = key('s', st)
+  local sk, tk = key('s', st), key('t', st)
   redis.call('HSET', sk, unpack(args))
-  redis.call('EXPIRE', sk, TTL)
+  if st.state == 'open' then
+    redis.call('PERSIST', sk)
+    redis.call('PERSIST', tk)
+  else
+    redis.call('EXPIRE', sk, TTL)
+    redis.call('EXPIRE', tk, TTL)
+  end
 end
 
 local function member_of(st) return st.kind .. '\t' .. st.subject end
@@ -151,6 +161,12 @@ end
 
 local function pending(st) return st.pend ~= nil and st.pend > 0 end
 
+-- Whether a clear at ts ends the open episode: unless it closes when quiet and had been
+-- quiet for its window by then.
+local function ends_at(st, ts)
+  return st.q ~= '1' or ts <= st.last + st.w
+end
+
 -- When the open episode ends in event time if nothing changes: at its pending clear, or
 -- when quiet for its window; nil if it only ends at a clear.
 local function deadline(st)
@@ -164,21 +180,41 @@ local function schedule(st)
   if due then redis.call('ZADD', OPEN_KEY, due, member_of(st)) end
 end
 
+-- The end is announced no earlier than the opening: a clear that arrived late may fall
+-- between the episode's first hit and the one that met the threshold.
 local function close(st, at, why)
   st.state, st.closed, st.why, st.pend = 'closed', at, why, 0
   redis.call('ZREM', OPEN_KEY, member_of(st))
-  redis.call('HDEL', ACTIVE_KEY, active_of(st))
-  emit(st, 'resolved', at, st.sent == '1')
+  redis.call('HDEL', ACTIVE_KEY, st.af or active_of(st))
+  emit(st, 'resolved', math.max(at, st.at), st.sent == '1')
 end
 
--- Whether a hit at ts belongs to the subject's current (or last) episode.
+-- Whether a stored clear lies in [lo, hi): a hit at lo then cannot join hits from hi on.
+local function cleared(st, lo, hi)
+  return #redis.call('ZRANGEBYSCORE', key('c', st), fmt(lo), excl(hi), 'LIMIT', 0, 1) > 0
+end
+
+-- The latest hit time a closed episode takes in: before the clear that ended it, or up
+-- to its quiet end (never further: later hits belong to a new episode).
+local function limit_of(st)
+  if st.why == 'recovered' then return st.closed - 1 end
+  return st.closed
+end
+
+-- Whether a hit at ts belongs to the subject's current (or last) episode: not past its
+-- end, within its window (if any) of its hits, and with no clear between.
 local function covered(st, ts)
   if st.state == nil then return false end
   if pending(st) and ts > st.pend then return false end
   if st.w > 0 and ts < st.first - st.w then return false end
-  if st.why == 'recovered' then return ts < st.closed end
-  if st.w == 0 then return st.state == 'open' end
-  return ts <= st.last + st.w
+  if st.lo and ts <= st.lo then return false end
+  if st.state == 'closed' then
+    if ts > limit_of(st) then return false end
+    if ts > st.last and cleared(st, st.last + 1, ts + 1) then return false end
+  elseif st.w > 0 and ts > st.last + st.w then
+    return false
+  end
+  return ts >= st.first or not cleared(st, ts, st.first)
 end
 
 -- The event time after which a new episode may start.
@@ -189,8 +225,9 @@ local function edge_of(st)
   return st.last
 end
 
--- Add tag counts to the episode's tag hash in one HINCRBY per distinct tag.
-local function add_tags(st, list_of_tag_strings)
+-- Add tag counts to the episode's tag hash in one HINCRBY per distinct tag (sign -1:
+-- subtract them, dropping tags that reach zero).
+local function add_tags(st, list_of_tag_strings, sign)
   local counts = {}
   for _, tags in ipairs(list_of_tag_strings) do
     if tags then
@@ -198,7 +235,9 @@ local function add_tags(st, list_of_tag_strings)
     end
   end
   local tk = key('t', st)
-  for tag, count in pairs(counts) do redis.call('HINCRBY', tk, tag, count) end
+  for tag, count in pairs(counts) do
+    if redis.call('HINCRBY', tk, tag, count * (sign or 1)) <= 0 then redis.call('HDEL', tk, tag) end
+  end
 end
 
 -- Count the stored hits between lo and hi (range strings) not counted in this call yet.
@@ -236,7 +275,7 @@ local function grow(st, ts, info, counted)
     local hk, ck = key('h', st), key('c', st)
     local ceil = INF
     if pending(st) then ceil = st.pend end
-    if st.why == 'recovered' and st.closed < ceil then ceil = st.closed end
+    if st.state == 'closed' and limit_of(st) + 1 < ceil then ceil = limit_of(st) + 1 end
     local nc = redis.call('ZRANGEBYSCORE', ck, excl(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
     local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), excl(ceil), 'WITHSCORES')
@@ -248,6 +287,7 @@ local function grow(st, ts, info, counted)
     if first < f0 then
       local pc = redis.call('ZREVRANGEBYSCORE', ck, excl(first), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
       local floor = pc[2] and tonumber(pc[2]) or -INF
+      if st.lo and st.lo > floor then floor = st.lo end
       local back = redis.call('ZREVRANGEBYSCORE', hk, excl(first), excl(floor), 'WITHSCORES')
       for i = 2, #back, 2 do
         local t = tonumber(back[i])
@@ -262,6 +302,11 @@ local function grow(st, ts, info, counted)
   end
   if last > l0 then absorb(st, excl(l0), fmt(last), counted) end
   st.first, st.last = first, last
+  if st.state == 'open' and not pending(st) then
+    -- A clear seen earlier, once too late to end it, may end it now that it lasts longer.
+    local nc = redis.call('ZRANGEBYSCORE', key('c', st), excl(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if nc[2] and ends_at(st, tonumber(nc[2])) then st.pend = tonumber(nc[2]) end
+  end
   if st.state == 'open' then schedule(st) end
 end
 
@@ -330,9 +375,12 @@ local function open_episode(st, a, b, floor, ceil, info, counted)
   end
   local first, last = chain(st, a, b, floor, ceil)
   local hk, tk = key('h', st), key('t', st)
-  st.key, st.first, st.last, st.at = first, first, last, b
+  -- An episode's id is its kind, subject and key: never reuse the previous episode's.
+  local basis = first
+  if st.key and basis <= st.key then basis = st.key + 1 end
+  st.key, st.first, st.last, st.at, st.lo = basis, first, last, b, floor
   st.state, st.sent, st.pend, st.closed, st.why, st.info = 'open', '0', 0, 0, '', info
-  if ceil < INF then st.pend = ceil end  -- a clear already seen after it ends it there
+  if ceil < INF and ends_at(st, ceil) then st.pend = ceil end  -- a clear seen after it
   if st.d == '1' then
     st.n = 0
   else
@@ -343,23 +391,85 @@ local function open_episode(st, a, b, floor, ceil, info, counted)
     st.n = #members
   end
   schedule(st)
-  redis.call('HSET', ACTIVE_KEY, active_of(st), fmt(b))
+  st.af = active_of(st)  -- the group may change before it closes (a SIM moved fleets)
+  redis.call('HSET', ACTIVE_KEY, st.af, fmt(b))
   local sent = last >= FRESH  -- stale only if even its newest event is
   if sent then st.sent = '1' end
   emit(st, 'open', b, sent)
 end
 
--- A clear after an open episode's start ends it there, once event time has passed it by
--- grace (so an earlier clear arriving late still wins).
-local function on_clear(st, ts)
-  if st.state == 'open' and ts > st.first then
-    if not pending(st) or ts < st.pend then
-      st.pend = ts
-      schedule(st)
+-- A clear at ts before the episode's key (between hits that arrived late and the ones it
+-- opened on): the hits up to ts leave the episode, which now starts after ts.
+local function detach(st, ts)
+  local hk = key('h', st)
+  local first = st.key
+  local after = redis.call('ZRANGEBYSCORE', hk, excl(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if after[2] and tonumber(after[2]) < first then first = tonumber(after[2]) end
+  if st.d ~= '1' then
+    local gone = redis.call('ZRANGEBYSCORE', hk, fmt(st.first), excl(first))
+    if #gone > 0 then
+      st.n = math.max(st.n - #gone, 0)
+      add_tags(st, chunked('HMGET', key('x', st), gone), -1)
     end
-  elseif st.why == 'recovered' and ts > st.first and ts < st.closed then
-    st.closed = ts
   end
+  st.first = first
+end
+
+-- A clear at ts inside the episode (it arrived after hits it precedes): the hits after ts
+-- leave it (count mode). Returns them as hits {member, ts, tags, ''} to walk again: they
+-- may start a new episode.
+local function cut_tail(st, ts)
+  if st.d == '1' or ts >= st.last then return {} end
+  local hk = key('h', st)
+  local raw = redis.call('ZRANGEBYSCORE', hk, excl(ts), fmt(st.last), 'WITHSCORES')
+  local members = {}
+  for i = 1, #raw, 2 do members[#members + 1] = raw[i] end
+  local tags = chunked('HMGET', key('x', st), members)
+  local tail = {}
+  for k, member in ipairs(members) do
+    tail[k] = {member, tonumber(raw[2 * k]), tags[k] or '', ''}
+  end
+  if #members > 0 then
+    st.n = math.max(st.n - #members, 0)
+    add_tags(st, tags, -1)
+  end
+  local before = redis.call('ZREVRANGEBYSCORE', hk, fmt(ts), fmt(st.first), 'WITHSCORES', 'LIMIT', 0, 1)
+  st.last = before[2] and tonumber(before[2]) or st.first
+  return tail
+end
+
+-- A clear after an open episode's start: before its key it detaches the hits it
+-- precedes; otherwise it ends the episode there, once event time has passed it by grace
+-- (so an earlier clear arriving late still wins), and the hits after it leave. Returns
+-- those hits (see cut_tail). A closed episode was announced as it was: clears arriving
+-- after its end change nothing in it.
+local function on_clear(st, ts)
+  if st.state ~= 'open' or ts <= st.first then return {} end
+  if ts < st.key then
+    detach(st, ts)
+  elseif (not pending(st) or ts < st.pend) and ends_at(st, ts) then
+    st.pend = ts
+    schedule(st)
+    return cut_tail(st, ts)
+  end
+  return {}
+end
+
+-- The hits still to walk (from position i) with 'extra' merged in, in event-time order.
+local function requeue(hits, i, extra)
+  local rest, seen = {}, {}
+  for k = i, #hits do
+    rest[#rest + 1] = hits[k]
+    seen[hits[k][1]] = true
+  end
+  for _, hit in ipairs(extra) do
+    if not seen[hit[1]] then rest[#rest + 1] = hit end
+  end
+  table.sort(rest, function(a, b) return a[2] < b[2] end)
+  local out = {}
+  for k = 1, i - 1 do out[k] = hits[k] end
+  for _, hit in ipairs(rest) do out[#out + 1] = hit end
+  return out
 end
 
 -- Ingest a subject's hits and clears (new ones only), then walk them in event-time order.
@@ -419,8 +529,12 @@ local function process(sub)
   local i, j, counted = 1, 1, {}
   while i <= #hits or j <= #clears do
     if j <= #clears and (i > #hits or clears[j] < hits[i][2]) then
-      on_clear(st, clears[j])
+      local tail = on_clear(st, clears[j])
       j = j + 1
+      if #tail > 0 then
+        for _, hit in ipairs(tail) do counted[hit[1]] = nil end
+        hits = requeue(hits, i, tail)
+      end
     else
       local hit = hits[i]
       local ts = hit[2]
@@ -453,7 +567,6 @@ local function process(sub)
   end
   redis.call('EXPIRE', hk, TTL)
   redis.call('EXPIRE', ck, TTL)
-  redis.call('EXPIRE', tk, TTL)
   redis.call('EXPIRE', xk, TTL)
   st.need = nil
   save(st)

@@ -26,7 +26,10 @@ late events. Tolerance: events may arrive up to ``max_lateness`` behind event ti
 (shuffling, retries, a shard behind the others). Beyond that, counts in a resolved
 alert may be short, and an older episode whose events arrive only after a newer episode
 of the same subject opened is not alerted (one episode per subject is tracked): such
-cases can miss an alert, never duplicate one.
+cases can miss an alert, never duplicate one. A resolved episode is final: late events
+(and late clears) add nothing to it, and new episodes start after it, so no two alerts
+of a subject count the same event. A clear arriving late inside an open episode ends it
+there (resolved no earlier than it opened); the hits after the clear may open a new one.
 
 The scripts' headers document the Redis key layout.
 """

@@ -161,7 +161,8 @@ class AlertSettings(_Frozen):
         "holding event time back.",
     )
     retention: Seconds = Field(
-        timedelta(days=8), description="How long episode state outlives its last event."
+        timedelta(days=8),
+        description="How long a closed episode's state outlives its last event (open ones are kept).",
     )
     fleet_ignore_codes: frozenset[int] = Field(
         frozenset({83704, 83705}),
