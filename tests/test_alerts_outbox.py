@@ -88,7 +88,7 @@ async def test_claim_of_a_crashed_worker_is_delivered_by_another_once(redis: Red
         Settlement(c.entry, Outcome.DONE, stream_fields=("id", alert["id"]))
         for c in applied.claimed
     ]
-    assert await crashed.outbox.settle(late, now_ms=0) == (0, 0, 0)
+    assert await crashed.outbox.settle(late, now_ms=0) == (0, 0, 0, 0)
     assert len(await redis.xrange(STREAM)) == 1
     await close_all([crashed, survivor])
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+import orjson
+import pytest
 import servers
 from alerts_support import (
     NOISY,
     SECRET,
+    SIM_B,
     Clock,
     Receiver,
     at,
@@ -32,6 +36,7 @@ from worker.alerts.webhook import (
     sign,
     verify,
 )
+from worker.cli import main
 from worker.records import ConnectionEvent
 
 
@@ -167,3 +172,55 @@ def test_headers_carry_timestamp_signature_and_idempotency_key() -> None:
         "X-Supersim-Signature",
         "Idempotency-Key",
     )
+
+
+async def test_full_dead_store_keeps_alerts_pending_and_the_alerts_commands_manage_it(
+    redis: Redis,
+    redis_url: str,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Beyond ``dead_maxlen`` a hopeless alert stays pending and is tried again later;
+    `alerts dead` lists the dead ones, `alerts delete` discards them, `alerts redrive`
+    sends them back for delivery."""
+    clock = Clock(at(3600))
+    tuned = webhook_settings(receiver.url, retry_cap=5.0).model_copy(update={"dead_maxlen": 1})
+    rejections = handler("rejections", redis, clock, tuned)
+    receiver.status = 422
+    other = [event("attachment.rejected", 100 + i, i * 10, sim=SIM_B) for i in range(12)]
+    await feed([rejections], storm() + other)
+    await rejections.flush()
+    assert (len(await rejections.outbox.dead()), await rejections.outbox.pending()) == (1, 1)
+
+    monkeypatch.setenv("SUPERSIM_STREAM_NAME", "alerts-test")
+    monkeypatch.setenv("SUPERSIM_CONSUMER_GROUP", "g")
+    monkeypatch.setenv("SUPERSIM_REDIS_URL", redis_url)
+    monkeypatch.setenv("SUPERSIM_HANDLERS", "rejections")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["alerts", "dead", "--json"]) == 0
+    (row,) = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["handler"], row["sink"], row["kind"]) == (
+        "rejections",
+        "webhook",
+        "rejection_storm",
+    )
+    assert (row["status"], row["reason"]) == ("open", "HTTP 422")
+    assert await asyncio.to_thread(main, ["alerts", "delete", row["entry"], "nope"]) == 1
+    assert "deleted 1 of 2 entries" in capsys.readouterr().out
+
+    clock.advance(10)  # the held alert is due again, and the dead store has room now
+    await rejections.tick(at(130))
+    await rejections.flush()
+    assert (len(await rejections.outbox.dead()), await rejections.outbox.pending()) == (1, 0)
+    receiver.status = 200
+    assert await asyncio.to_thread(main, ["alerts", "redrive"]) == 0
+    assert "requeued 1 alerts" in capsys.readouterr().out
+    await rejections.tick(at(130))
+    await rejections.flush()
+    assert len(receiver.accepted) == 1
+    assert (await rejections.outbox.dead(), await rejections.outbox.pending()) == ({}, 0)
+    assert await asyncio.to_thread(main, ["alerts", "redrive", "nope"]) == 1
+    assert await asyncio.to_thread(main, ["alerts", "dead"]) == 0
+    assert "0 undeliverable alerts" in capsys.readouterr().out
+    await rejections.close()

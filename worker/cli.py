@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from botocore.exceptions import ClientError, NoCredentialsError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker import decode_file, dlq, replay, run_cmd, simulate, usage
+from worker import alerts_cmd, decode_file, dlq, replay, run_cmd, simulate, usage
 from worker.errors import ConfigError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(subparsers)
     replay.add_parser(subparsers)
     dlq.add_parser(subparsers)
+    alerts_cmd.add_parser(subparsers)
     usage.add_parser(subparsers)
     decode_file.add_parser(subparsers)
     simulate.add_parser(subparsers)

@@ -135,13 +135,21 @@ class Dispatcher:
         results = await asyncio.gather(*(self._one(entry) for entry in entries))
         now_ms = round(self._clock() * 1000)
         try:
-            await self._outbox.settle(results, now_ms)
+            settled = await self._outbox.settle(results, now_ms)
         except RedisError as exc:
             self._log.warning(
                 "alert_settle_failed",
                 entries=len(results),
                 error=f"{type(exc).__name__}: {exc}",
                 note="deliveries are repeated when their claims expire",
+            )
+            return
+        if settled.held:
+            self._log.error(
+                "alert_dead_store_full",
+                held=settled.held,
+                note="undeliverable alerts stay pending and are tried again later; "
+                "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
 
     async def _one(self, entry: ClaimedEntry) -> Settlement:

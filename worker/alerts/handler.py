@@ -87,6 +87,8 @@ class AlertHandler(ABC):
             prefix,
             f"{context.key_prefix}:{self.settings.stream_key}",
             self.settings.stream_maxlen,
+            dead_maxlen=self.settings.dead_maxlen,
+            hold_ms=round(webhook.retry_cap.total_seconds() * 1000),
         )
         self.dispatcher = Dispatcher(
             outbox=self.outbox,

@@ -4,7 +4,11 @@
 the state change, and claims due entries with a lease. After a delivery round the
 dispatcher settles them here with ``outbox.lua``: delivered entries are removed (the
 Redis stream sink's entry is appended to the stream in that same step), failed ones are
-due again later, hopeless ones move to ``<prefix>:dead`` with their reason.
+due again later, hopeless ones move to ``<prefix>:dead`` with their reason. That store
+has a cap: when it is full, hopeless entries stay in the outbox and are tried again
+later instead (nothing is dropped to make room). ``requeue`` sends dead entries back to
+the outbox for the next round (``supersim-worker alerts redrive``); ``delete_dead`` is the
+one way an alert leaves without being delivered.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import orjson
 
@@ -21,6 +25,23 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 SCRIPT: Final = resources.files("worker.alerts").joinpath("outbox.lua").read_text("utf-8")
+REQUEUE: Final = """
+local P = KEYS[1]
+local moved = 0
+for i = 1, #ARGV do
+  local letter = redis.call('HGET', P .. ':dead', ARGV[i])
+  if letter then
+    redis.call('HSETNX', P .. ':outbox', ARGV[i], cjson.decode(letter).payload)
+    redis.call('ZADD', P .. ':due', 0, ARGV[i])
+    redis.call('HDEL', P .. ':tries', ARGV[i])
+    redis.call('HDEL', P .. ':dead', ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+"""Dead entries (ARGV) back into the outbox, due at once (whatever a replica's clock says)
+with no failed rounds."""
 
 
 def _text(value: bytes | str) -> str:
@@ -76,29 +97,57 @@ class Settlement:
         }
 
 
-class Outbox:
-    """Settles delivery rounds and reports what is pending or dead."""
+class Settled(NamedTuple):
+    """What one settlement did."""
 
-    def __init__(self, redis: Redis, prefix: str, stream_key: str, stream_maxlen: int) -> None:
+    done: int
+    retried: int
+    dead: int
+    held: int
+    """Hopeless entries kept in the outbox because the dead store is full."""
+
+
+class Outbox:
+    """Settles delivery rounds and reports, requeues or deletes what is pending or dead."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        stream_key: str,
+        stream_maxlen: int,
+        *,
+        dead_maxlen: int = 10_000,
+        hold_ms: int = 900_000,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._stream_key = stream_key
         self._maxlen = stream_maxlen
+        self._dead_maxlen = dead_maxlen
+        self._hold_ms = hold_ms
         self._script = redis.register_script(SCRIPT)
+        self._requeue = redis.register_script(REQUEUE)
 
     @property
     def stream_key(self) -> str:
         return self._stream_key
 
-    async def settle(self, results: Sequence[Settlement], now_ms: int) -> tuple[int, int, int]:
-        """Apply a round's results in one round trip; returns (done, retried, dead)."""
+    async def settle(self, results: Sequence[Settlement], now_ms: int) -> Settled:
+        """Apply a round's results in one round trip."""
         if not results:
-            return 0, 0, 0
-        request = {"now": now_ms, "maxlen": self._maxlen, "results": [r.as_json() for r in results]}
-        done, retried, dead = await self._script(
+            return Settled(0, 0, 0, 0)
+        request = {
+            "now": now_ms,
+            "maxlen": self._maxlen,
+            "deadmax": self._dead_maxlen,
+            "hold": self._hold_ms,
+            "results": [r.as_json() for r in results],
+        }
+        reply = await self._script(
             keys=[self._prefix, self._stream_key], args=[orjson.dumps(request)]
         )
-        return int(done), int(retried), int(dead)
+        return Settled(*(int(count) for count in reply))
 
     async def pending(self) -> int:
         """Entries not yet delivered (new, claimed or waiting for a retry)."""
@@ -109,3 +158,19 @@ class Outbox:
         """Entries that were given up on: entry -> {payload, reason, at}."""
         raw = await self._redis.hgetall(f"{self._prefix}:dead")  # type: ignore[misc]
         return {_text(entry): orjson.loads(value) for entry, value in raw.items()}
+
+    async def requeue(self, entries: Sequence[str]) -> int:
+        """Move these dead entries back to the outbox, due at once; returns how many were
+        dead here (the others are ignored)."""
+        moved = 0
+        for start in range(0, len(entries), 500):
+            part = list(entries[start : start + 500])
+            moved += int(await self._requeue(keys=[self._prefix], args=part))
+        return moved
+
+    async def delete_dead(self, entries: Sequence[str]) -> int:
+        """Remove these dead entries for good; returns how many were there."""
+        if not entries:
+            return 0
+        removed: int = await self._redis.hdel(f"{self._prefix}:dead", *entries)  # type: ignore[misc]
+        return removed

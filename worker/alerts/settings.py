@@ -135,6 +135,12 @@ class AlertSettings(_Frozen):
         "alerts", min_length=1, description="Redis stream of alerts, under the key prefix."
     )
     stream_maxlen: int = Field(100_000, ge=100, description="Approximate cap of that stream.")
+    dead_maxlen: int = Field(
+        10_000,
+        ge=1,
+        description="Most undeliverable alerts kept per handler; beyond it they stay pending "
+        "and are tried again (never dropped).",
+    )
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     stale_after: Seconds | None = Field(
         timedelta(hours=1),
