@@ -4,8 +4,9 @@ One Kinesis record holds one CloudEvent in structured JSON. Its ``data`` object 
 same shape for every connection event kind and for both vendors (Twilio, KORE); only
 the envelope differs. These models describe that shape; ``worker.decode`` builds them.
 
-All datetimes are timezone-aware and normalised to UTC. Byte counts are non-negative
-integers. Unknown fields are kept, never fatal: the envelope's and ``data``'s in
+All datetimes are timezone-aware and normalised to UTC. Byte counts are integers from 0
+to 2**53 (9 PB: every count stays exact where it is summed as a double, in Redis's Lua).
+Unknown fields are kept, never fatal: the envelope's and ``data``'s in
 ``ConnectionEvent.extra``, those of ``network``, ``location`` and ``error`` in the nested
 models' ``model_extra``.
 """
@@ -85,7 +86,9 @@ UtcDatetime = Annotated[datetime, _UtcDatetimeSchema()]
 far cheaper than a Python validator per field); ``worker.decode`` normalises other offsets
 first. Parsed times carry pydantic's UTC ``tzinfo``, which compares, hashes and formats
 like ``datetime.UTC``."""
-ByteCount = Annotated[StrictInt, Field(ge=0)]
+MAX_BYTES: Final = 2**53
+"""The largest byte count accepted: integers up to it are exact as doubles (Lua numbers)."""
+ByteCount = Annotated[StrictInt, Field(ge=0, le=MAX_BYTES)]
 
 
 class EventKind(StrEnum):
