@@ -2,8 +2,8 @@
 batches with event time advancing between them (a seeded property test, real redis).
 
 Whatever the order, each alert opens once and resolves at most once, never resolves
-before it opened nor reports events after its resolution, and no two alerts of a subject
-cover the same events.
+before it opened nor reports events after its resolution, counts each of its events
+once (per code too), and no two alerts of a subject cover the same events.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def timeline(rng: random.Random, kind: str) -> tuple[list[ConnectionEvent], int]
                 events.append(event("attachment.accepted", 10_000 + seq, t))
             else:
                 events.append(event("attachment.rejected", seq, t, error__code=83705))
+        elif kind == "attach_loops":
+            if rng.random() < 0.15:
+                events.append(event("data-session.started", 10_000 + seq, t))
+            else:
+                events.append(event("attachment.accepted", seq, t))
         elif rng.random() < 0.3:
             events.append(event("data-session.updated", seq, t))
         else:
@@ -59,7 +64,7 @@ def delivered(rng: random.Random, events: list[ConnectionEvent]) -> list[Connect
     return order + rng.sample(order, k=len(order) // 4)
 
 
-@pytest.mark.parametrize("kind", ["rejections", "data_limit"])
+@pytest.mark.parametrize("kind", ["rejections", "attach_loops", "data_limit"])
 @pytest.mark.parametrize("seed", range(60))
 async def test_shuffled_delivery_keeps_alerts_consistent(
     redis: Redis, seed: int, kind: str
@@ -67,7 +72,7 @@ async def test_shuffled_delivery_keeps_alerts_consistent(
     rng = random.Random(seed)
     events, end = timeline(rng, kind)
     stream = delivered(rng, events)
-    low = settings(fleets={FLEET_A: ThresholdOverrides(storm_rejections=3)})
+    low = settings(fleets={FLEET_A: ThresholdOverrides(storm_rejections=3, attach_loop_accepts=3)})
     handlers = [handler(kind, redis, Clock(at(end + 7200)), low)]
     seen: datetime | None = None
     pos = 0
@@ -88,10 +93,13 @@ async def test_shuffled_delivery_keeps_alerts_consistent(
     final: dict[str, dict[str, Any]] = {a["id"]: a for a in alerts}
     for alert in final.values():
         assert alert["id"] in opened
+        assert alert["count"] >= 1
+        if alert["kind"] == "rejection_storm":
+            assert sum(c["count"] for c in alert["details"]["codes"]) == alert["count"]
         if alert["status"] == "resolved":
             assert parse(alert["resolved_at"]) >= parse(alert["opened_at"])
             assert parse(alert["last_seen"]) <= parse(alert["resolved_at"])
-    if kind == "rejections":  # storms end when quiet; a data limit may still be reached
+    if kind != "data_limit":  # these end when quiet; a data limit may still be reached
         assert all(a["status"] == "resolved" for a in final.values())
     spans = sorted((parse(a["first_seen"]), parse(a["last_seen"])) for a in final.values())
     for earlier, later in itertools.pairwise(spans):

@@ -166,3 +166,21 @@ async def test_gauge_follows_a_sim_that_moved_fleets_while_blocked(redis: Redis)
     await finish([data_limit], at(100))
     assert await data_limit.blocked_sims() == {}
     await data_limit.close()
+
+
+async def test_episode_split_by_a_late_unblocking_keeps_its_usage(redis: Redis) -> None:
+    """The blocked events after a late unblocked event open their own episode with the
+    usage their first event reported, as when delivered in order."""
+    handlers = [handler("data_limit", redis, Clock(at(3600)))]
+    await feed(handlers, [blocked(1, 10), blocked(2, 20), blocked(3, 30)])
+    await feed(handlers, [event("data-session.updated", 4, 15)])
+    await finish(handlers, at(1000))
+    alerts = await stream_alerts(redis)
+    assert [(a["status"], a["first_seen"]) for a in alerts] == [
+        ("open", iso(at(10))),
+        ("resolved", iso(at(10))),
+        ("open", iso(at(20))),
+    ]
+    assert alerts[1]["count"] == 1
+    assert alerts[2]["details"]["usage_at_block"]["session_total"] == 0
+    assert alerts[2]["details"]["usage_at_block"]["event_type"] == "data-session.updated"

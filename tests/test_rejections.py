@@ -345,3 +345,50 @@ async def test_late_rejection_after_a_quiet_close_does_not_hide_the_next_storm(
     assert alerts[0]["id"] == alerts[1]["id"] != alerts[2]["id"] == alerts[3]["id"]
     assert alerts[1]["resolved_at"] == iso(at(390))
     assert (alerts[2]["first_seen"], alerts[3]["count"]) == (iso(at(600)), 10)
+
+
+async def test_late_attachment_and_rejection_in_one_batch_count_exactly(redis: Redis) -> None:
+    """A late attachment inside a storm, arriving with a late rejection after it, leaves
+    the storm exactly the rejections before the attachment."""
+    low = settings(fleets={FLEET_A: ThresholdOverrides(storm_rejections=2)})
+    handlers = [handler("rejections", redis, Clock(at(3600)), low)]
+    await feed(handlers, [rejections(1, start=t, seq0=t)[0] for t in (10, 20, 30, 40, 50)])
+    await feed(handlers, [event("attachment.accepted", 900, 25), *rejections(1, start=35, seq0=35)])
+    await finish(handlers, at(1000))
+    first = [a for a in await stream_alerts(redis) if a["first_seen"] == iso(at(10))]
+    opened, resolved = first
+    assert (resolved["id"], resolved["count"], resolved["resolved_at"]) == (
+        opened["id"],
+        2,
+        iso(at(25)),
+    )
+    assert [(c["code"], c["count"]) for c in resolved["details"]["codes"]] == [(83705, 2)]
+
+
+async def test_attachment_in_the_same_second_as_a_rejection_comes_after_it(redis: Redis) -> None:
+    """A hit and a clear with equal event times: the clear follows the hit, whatever
+    order they arrive in, so it splits the storm there."""
+    low = settings(fleets={FLEET_A: ThresholdOverrides(storm_rejections=3)})
+    for order in ([10, "clear", 20, 30], [30, "clear", 10, 20], ["clear", 10, 30, 20]):
+        handlers = [handler("rejections", redis, Clock(at(3600)), low)]
+        for item in order:
+            if item == "clear":
+                await feed(handlers, [event("attachment.accepted", 900, 20)])
+            else:
+                await feed(handlers, rejections(1, start=int(item), seq0=int(item)))
+        await finish(handlers, at(1000))
+        assert await stream_alerts(redis) == [], order
+        await redis.flushall()
+
+
+async def test_fleet_alert_counts_only_the_sims_of_its_episode(redis: Redis) -> None:
+    """A SIM rejected after the fleet episode ended is not counted in its resolution."""
+    low = settings(fleets={FLEET_A: ThresholdOverrides(fleet_sims=3)})
+    handlers = [handler("rejections", redis, Clock(at(3600)), low)]
+    await feed(handlers, _many_sims(83702, sims=3))
+    await feed(
+        handlers, [event("attachment.rejected", 99, 1000, sim=f"HS{99:032x}", error__code=83702)]
+    )
+    await finish(handlers, at(2000))
+    fleet = [a for a in await stream_alerts(redis) if a["kind"] == "fleet_network_rejections"]
+    assert [(a["status"], a["count"]) for a in fleet] == [("open", 3), ("resolved", 3)]

@@ -26,7 +26,8 @@ Per subject (kind K, subject S):
   P:h:K:S  zset   hits: member -> ts. Members are event SIDs, so duplicates and both
                   vendor envelopes of one event count once; in distinct mode members
                   are SIM SIDs scored by their newest hit.
-  P:x:K:S  hash   event SID -> its tags (count mode), trimmed with P:h
+  P:x:K:S  hash   event SID -> its tags, then '\n' and its info if it has one (count
+                  mode), trimmed with P:h
   P:c:K:S  zset   clears (events that end an episode and split windows), by ts; for a
                   subject without state only the recent ones, briefly
   P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts); kept
@@ -39,6 +40,9 @@ Per handler:
   P:due    zset   entry -> wall ms when it may be (re)claimed
   P:tries  hash   entry -> failed delivery rounds
   (and the event-time keys of event_time.lua, which runs first: LOW, WARM)
+
+Equal event times: a hit at t comes before a clear at t (the clear ends the hits up to and
+including t; later hits are after it), everywhere below.
 
 Episodes close when event time (LOW) passes their end by grace; hits are kept until LOW
 (or their subject's newest event, if earlier) passes them by l + w.
@@ -140,7 +144,14 @@ end
 
 local function emit(st, event, at, sent)
   local count = st.n
-  if st.d == '1' then count = redis.call('ZCOUNT', key('h', st), fmt(st.first), '+inf') end
+  if st.d == '1' then
+    -- Members are scored by their newest hit: count those up to the episode's end, and
+    -- never fewer than announced (a member may have been hit again since).
+    local upto = '+inf'
+    if event == 'resolved' then upto = fmt(st.closed) end
+    count = math.max(redis.call('ZCOUNT', key('h', st), fmt(st.first), upto), st.n or 0)
+    st.n = count
+  end
   local closed, why = nil, nil
   if event == 'resolved' then closed, why = st.closed, st.why end
   local payload = cjson.encode({
@@ -194,10 +205,9 @@ local function cleared(st, lo, hi)
   return #redis.call('ZRANGEBYSCORE', key('c', st), fmt(lo), excl(hi), 'LIMIT', 0, 1) > 0
 end
 
--- The latest hit time a closed episode takes in: before the clear that ended it, or up
--- to its quiet end (never further: later hits belong to a new episode).
+-- The latest hit time a closed episode takes in: up to the clear that ended it, or to its
+-- quiet end (never further: later hits belong to a new episode).
 local function limit_of(st)
-  if st.why == 'recovered' then return st.closed - 1 end
   return st.closed
 end
 
@@ -210,7 +220,7 @@ local function covered(st, ts)
   if st.lo and ts <= st.lo then return false end
   if st.state == 'closed' then
     if ts > limit_of(st) then return false end
-    if ts > st.last and cleared(st, st.last + 1, ts + 1) then return false end
+    if ts > st.last and cleared(st, st.last, ts) then return false end
   elseif st.w > 0 and ts > st.last + st.w then
     return false
   end
@@ -225,13 +235,21 @@ local function edge_of(st)
   return st.last
 end
 
+-- A P:x value as (tags, info); either may be ''.
+local function tags_info(value)
+  if not value then return '', '' end
+  local cut = string.find(value, '\n', 1, true)
+  if not cut then return value, '' end
+  return string.sub(value, 1, cut - 1), string.sub(value, cut + 1)
+end
+
 -- Add tag counts to the episode's tag hash in one HINCRBY per distinct tag (sign -1:
 -- subtract them, dropping tags that reach zero).
 local function add_tags(st, list_of_tag_strings, sign)
   local counts = {}
-  for _, tags in ipairs(list_of_tag_strings) do
-    if tags then
-      for _, tag in ipairs(split(tags)) do counts[tag] = (counts[tag] or 0) + 1 end
+  for _, value in ipairs(list_of_tag_strings) do
+    if value then
+      for _, tag in ipairs(split((tags_info(value)))) do counts[tag] = (counts[tag] or 0) + 1 end
     end
   end
   local tk = key('t', st)
@@ -273,12 +291,12 @@ local function grow(st, ts, info, counted)
   local first, last = math.min(f0, ts), math.max(l0, ts)
   if w > 0 then
     local hk, ck = key('h', st), key('c', st)
-    local ceil = INF
+    local ceil = INF  -- the latest hit time it may take in
     if pending(st) then ceil = st.pend end
-    if st.state == 'closed' and limit_of(st) + 1 < ceil then ceil = limit_of(st) + 1 end
-    local nc = redis.call('ZRANGEBYSCORE', ck, excl(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if st.state == 'closed' and limit_of(st) < ceil then ceil = limit_of(st) end
+    local nc = redis.call('ZRANGEBYSCORE', ck, fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
-    local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), excl(ceil), 'WITHSCORES')
+    local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), fmt(ceil), 'WITHSCORES')
     for i = 2, #ahead, 2 do
       local t = tonumber(ahead[i])
       if t - last > w then break end
@@ -304,7 +322,7 @@ local function grow(st, ts, info, counted)
   st.first, st.last = first, last
   if st.state == 'open' and not pending(st) then
     -- A clear seen earlier, once too late to end it, may end it now that it lasts longer.
-    local nc = redis.call('ZRANGEBYSCORE', key('c', st), excl(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local nc = redis.call('ZRANGEBYSCORE', key('c', st), fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if nc[2] and ends_at(st, tonumber(nc[2])) then st.pend = tonumber(nc[2]) end
   end
   if st.state == 'open' then schedule(st) end
@@ -330,13 +348,13 @@ end
 local function qualifying(st, ts)
   local hk, ck, w, n = key('h', st), key('c', st), st.w, st.need
   local before = redis.call('ZREVRANGEBYSCORE', ck, excl(ts), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  local after = redis.call('ZRANGEBYSCORE', ck, excl(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local after = redis.call('ZRANGEBYSCORE', ck, fmt(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   local floor = before[2] and tonumber(before[2]) or -INF
   local ceil = after[2] and tonumber(after[2]) or INF
   local edge = edge_of(st)
   if edge > floor then floor = edge end
   if n <= 1 then return ts, ts, floor, ceil end
-  local lo, hi = excl(floor), excl(ceil)
+  local lo, hi = excl(floor), fmt(ceil)
   if w > 0 and ts - w > floor then lo = fmt(ts - w) end
   if w > 0 and ts + w < ceil then hi = fmt(ts + w) end
   local raw = redis.call('ZRANGEBYSCORE', hk, lo, hi, 'WITHSCORES')
@@ -360,7 +378,7 @@ local function chain(st, a, b, floor, ceil)
     if w > 0 and first - t > w then break end
     first = t
   end
-  local ahead = redis.call('ZRANGEBYSCORE', hk, excl(b), excl(ceil), 'WITHSCORES')
+  local ahead = redis.call('ZRANGEBYSCORE', hk, excl(b), fmt(ceil), 'WITHSCORES')
   for i = 2, #ahead, 2 do
     local t = tonumber(ahead[i])
     if w > 0 and t - last > w then break end
@@ -416,22 +434,25 @@ local function detach(st, ts)
 end
 
 -- A clear at ts inside the episode (it arrived after hits it precedes): the hits after ts
--- leave it (count mode). Returns them as hits {member, ts, tags, ''} to walk again: they
--- may start a new episode.
-local function cut_tail(st, ts)
+-- leave it (count mode). 'unwalked' says which of them this call has not counted yet
+-- (they are only stored). Returns them as hits {member, ts, tags, info} to walk again:
+-- they may start a new episode.
+local function cut_tail(st, ts, unwalked)
   if st.d == '1' or ts >= st.last then return {} end
   local hk = key('h', st)
   local raw = redis.call('ZRANGEBYSCORE', hk, excl(ts), fmt(st.last), 'WITHSCORES')
   local members = {}
   for i = 1, #raw, 2 do members[#members + 1] = raw[i] end
-  local tags = chunked('HMGET', key('x', st), members)
-  local tail = {}
+  local stored = chunked('HMGET', key('x', st), members)
+  local tail, gone = {}, {}
   for k, member in ipairs(members) do
-    tail[k] = {member, tonumber(raw[2 * k]), tags[k] or '', ''}
+    local tags, info = tags_info(stored[k])
+    tail[k] = {member, tonumber(raw[2 * k]), tags, info}
+    if not unwalked(member) then gone[#gone + 1] = tags end
   end
-  if #members > 0 then
-    st.n = math.max(st.n - #members, 0)
-    add_tags(st, tags, -1)
+  if #gone > 0 then
+    st.n = math.max(st.n - #gone, 0)
+    add_tags(st, gone, -1)
   end
   local before = redis.call('ZREVRANGEBYSCORE', hk, fmt(ts), fmt(st.first), 'WITHSCORES', 'LIMIT', 0, 1)
   st.last = before[2] and tonumber(before[2]) or st.first
@@ -443,14 +464,14 @@ end
 -- (so an earlier clear arriving late still wins), and the hits after it leave. Returns
 -- those hits (see cut_tail). A closed episode was announced as it was: clears arriving
 -- after its end change nothing in it.
-local function on_clear(st, ts)
-  if st.state ~= 'open' or ts <= st.first then return {} end
+local function on_clear(st, ts, unwalked)
+  if st.state ~= 'open' or ts < st.first then return {} end
   if ts < st.key then
     detach(st, ts)
   elseif (not pending(st) or ts < st.pend) and ends_at(st, ts) then
     st.pend = ts
     schedule(st)
-    return cut_tail(st, ts)
+    return cut_tail(st, ts, unwalked)
   end
   return {}
 end
@@ -486,6 +507,7 @@ local function process(sub)
     return
   end
   st.w, st.d, st.q, st.need = sub.w, tostring(sub.d), tostring(sub.q), sub.n
+  if st.state == 'open' and not st.af then st.af = active_of(st) end  -- saved before 'af'
   if sub.g ~= '' then st.g = sub.g end
   if sub.m ~= '' then st.m = sub.m end
   local hk, ck, tk, xk = key('h', st), key('c', st), key('t', st), key('x', st)
@@ -514,7 +536,11 @@ local function process(sub)
         end
       else
         changed = redis.call('ZADD', hk, 'NX', ts, hit[1])
-        if changed == 1 and hit[3] ~= '' then redis.call('HSET', xk, hit[1], hit[3]) end
+        if changed == 1 and (hit[3] ~= '' or hit[4] ~= '') then
+          local value = hit[3]
+          if hit[4] ~= '' then value = value .. '\n' .. hit[4] end
+          redis.call('HSET', xk, hit[1], value)
+        end
       end
       if changed == 1 then
         hits[#hits + 1] = hit
@@ -529,7 +555,15 @@ local function process(sub)
   local i, j, counted = 1, 1, {}
   while i <= #hits or j <= #clears do
     if j <= #clears and (i > #hits or clears[j] < hits[i][2]) then
-      local tail = on_clear(st, clears[j])
+      local from = i
+      local function unwalked(member)  -- a hit of this call still ahead and not counted
+        if counted[member] then return false end
+        for k = from, #hits do
+          if hits[k][1] == member then return true end
+        end
+        return false
+      end
+      local tail = on_clear(st, clears[j], unwalked)
       j = j + 1
       if #tail > 0 then
         for _, hit in ipairs(tail) do counted[hit[1]] = nil end
