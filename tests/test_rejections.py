@@ -268,38 +268,27 @@ async def test_data_session_failure_burst_resolves_when_a_session_starts(redis: 
     )
 
 
-async def test_late_rejection_before_a_stored_attachment_stays_out_of_the_storm(
-    redis: Redis,
+@pytest.mark.parametrize(
+    ("attached_before", "late_attachment"),
+    [
+        # A late rejection before an attachment that precedes the storm neither joins it
+        # nor lets a later late attachment end and re-open it under the same id.
+        (950, 970),
+        # A late rejection extends the storm back; an attachment arriving later between
+        # the two takes it out again instead of ending the storm.
+        (None, 950),
+    ],
+)
+async def test_late_rejection_before_the_storm_never_splits_or_reopens_it(
+    redis: Redis, attached_before: int | None, late_attachment: int
 ) -> None:
-    """A late rejection before an attachment that precedes the storm neither joins it nor
-    lets a later late attachment end and re-open it under the same id."""
+    """A rejection arriving late just before the storm, with an attachment between the two
+    (seen before it or after it), leaves the storm one alert of its own rejections."""
     handlers = [handler("rejections", redis, Clock(at(3600)))]
-    await feed(handlers, [event("attachment.accepted", 900, 950), *rejections(10, start=1000)])
-    await feed(handlers, rejections(1, start=900, seq0=50))
-    await feed(handlers, [event("attachment.accepted", 901, 970)])
-    await finish(handlers, at(1050))
-    await feed(handlers, rejections(1, start=1100, seq0=60))
-    await feed(handlers, [event("attachment.accepted", 902, 1200)])
-    await finish(handlers, at(1300))
-    opened, resolved = await stream_alerts(redis)
-    assert (opened["status"], resolved["status"], resolved["id"]) == (
-        "open",
-        "resolved",
-        opened["id"],
-    )
-    assert (resolved["first_seen"], resolved["count"]) == (iso(at(1000)), 11)
-    assert resolved["resolved_at"] == iso(at(1200))
-
-
-async def test_late_attachment_before_the_storm_detaches_the_late_rejections_it_follows(
-    redis: Redis,
-) -> None:
-    """A late rejection extends the storm back; an attachment arriving later between the two
-    takes it out again instead of ending the storm."""
-    handlers = [handler("rejections", redis, Clock(at(3600)))]
-    await feed(handlers, rejections(10, start=1000))
+    early = [event("attachment.accepted", 900, attached_before)] if attached_before else []
+    await feed(handlers, [*early, *rejections(10, start=1000)])
     await feed(handlers, rejections(1, start=900, seq0=50, code=83704))
-    await feed(handlers, [event("attachment.accepted", 901, 950)])
+    await feed(handlers, [event("attachment.accepted", 901, late_attachment)])
     await finish(handlers, at(1100))
     await feed(handlers, rejections(1, start=1100, seq0=60))
     await feed(handlers, [event("attachment.accepted", 902, 1200)])

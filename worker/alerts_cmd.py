@@ -17,11 +17,10 @@ from datetime import UTC, datetime
 
 import orjson
 
-from worker import logs
 from worker.alerts.handler import AlertHandler
-from worker.app import services
+from worker.app import command_settings, services
 from worker.errors import ConfigError
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 
 def _alert_handlers(handlers: list[object]) -> list[AlertHandler]:
@@ -82,10 +81,7 @@ async def _delete(settings: Settings, entries: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if not settings.stream_name:
-        raise ConfigError("SUPERSIM_STREAM_NAME: required (alert state is per stream)")
-    logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
+    settings = command_settings("alert state")
     if args.alerts_command == "dead":
         return asyncio.run(_dead(settings, args.json))
     if args.alerts_command == "delete":

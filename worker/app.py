@@ -23,16 +23,17 @@ from datetime import datetime
 import structlog
 from redis.asyncio import Redis
 
-from worker import keys, kinesis, redis_checks
+from worker import keys, kinesis, logs, redis_checks
 from worker.checkpoints import Checkpoints
 from worker.deadletter import DeadLetterStore
+from worker.errors import ConfigError
 from worker.handlers import registry
 from worker.handlers.base import Handler, HandlerContext
 from worker.leases import LeaseManager
 from worker.metrics import Metrics
 from worker.pipeline import BatchProcessor
 from worker.progress import ProgressReporter
-from worker.settings import Settings
+from worker.settings import Settings, load_settings
 from worker.supervisor import Supervisor
 from worker.ticker import Ticker
 
@@ -77,6 +78,16 @@ class Services:
     metrics: Metrics
     dead_letters: DeadLetterStore
     handlers: list[Handler]
+
+
+def command_settings(what: str) -> Settings:
+    """Settings for a maintenance command on one stream's state (``what`` says which),
+    with logging configured: the stream name is required."""
+    settings = load_settings()
+    if not settings.stream_name:
+        raise ConfigError(f"SUPERSIM_STREAM_NAME: required ({what} is per stream)")
+    logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
+    return settings
 
 
 @asynccontextmanager

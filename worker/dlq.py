@@ -18,14 +18,13 @@ from typing import Final
 
 import orjson
 
-from worker import logs
-from worker.app import services
+from worker.app import command_settings, services
 from worker.deadletter import DeadLetter, DeadLetterStore
 from worker.decode import decode
 from worker.errors import ConfigError, DecodeError
 from worker.handlers.base import Batch, Handler
 from worker.records import ConnectionEvent, KinesisMeta
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 ENTRY_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 """A Redis stream entry id, as the dead-letter store's entries have."""
@@ -133,10 +132,7 @@ async def _delete(settings: Settings, entry_ids: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if not settings.stream_name:
-        raise ConfigError("SUPERSIM_STREAM_NAME: required (the dead-letter store is per stream)")
-    logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
+    settings = command_settings("the dead-letter store")
     if args.dlq_command == "list":
         return asyncio.run(_list(settings, args.limit, args.json))
     if args.dlq_command == "delete":
