@@ -12,6 +12,7 @@ from alerts_support import (
     SIM_B,
     Clock,
     at,
+    close_all,
     event,
     feed,
     finish,
@@ -184,3 +185,18 @@ async def test_episode_split_by_a_late_unblocking_keeps_its_usage(redis: Redis) 
     assert alerts[1]["count"] == 1
     assert alerts[2]["details"]["usage_at_block"]["session_total"] == 0
     assert alerts[2]["details"]["usage_at_block"]["event_type"] == "data-session.updated"
+
+
+async def test_open_episode_saved_with_an_expiry_is_kept_from_the_next_start(
+    redis: Redis,
+) -> None:
+    """An open episode's state that still carries an expiry (saved by an older version) is
+    kept from a handler's first call on."""
+    first = handler("data_limit", redis, Clock(at(3600)))
+    await feed([first], [blocked(1, 0)])
+    (state,) = [key async for key in redis.scan_iter(match="*:s:data_limit_reached:*")]
+    await redis.expire(state, 1000)
+    later = handler("data_limit", redis, Clock(at(3600)))
+    await feed([later], [event("data-session.updated", 2, 10, sim=SIM_B)])
+    assert await redis.ttl(state) == -1
+    await close_all([first, later])

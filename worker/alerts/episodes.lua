@@ -10,6 +10,8 @@ ARGV[1]  JSON request (times are event-time milliseconds unless said otherwise);
   ttl    seconds state lives after its last change
   sinks  sink names; each sent transition gets one outbox entry per sink
   claim  how many due outbox entries to claim; lease: ms a claim lasts
+  keep   1 (a process's first call): make sure no open episode's state expires (states
+         saved by versions before open states were kept carry a TTL)
   subs   one per subject: {k kind, s subject, g group, m meta JSON, n threshold,
          w window ms (0: unbounded), d 1 = count distinct members, q 1 = closes when quiet,
          l lateness ms, h hits [[member, ts, tags, info]] in ts order, c clears [ts] in order}
@@ -604,6 +606,17 @@ local function process(sub)
   redis.call('EXPIRE', xk, TTL)
   st.need = nil
   save(st)
+end
+
+if req.keep == 1 then
+  for _, field in ipairs(redis.call('HKEYS', ACTIVE_KEY)) do
+    local k, rest = string.match(field, '^([^\t]*)\t[^\t]*\t(.*)$')
+    if k then
+      local st = {kind = k, subject = rest}
+      redis.call('PERSIST', key('s', st))
+      redis.call('PERSIST', key('t', st))
+    end
+  end
 end
 
 for _, sub in ipairs(req.subs) do process(sub) end

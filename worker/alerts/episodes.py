@@ -225,6 +225,9 @@ class EpisodeStore:
         self._ttl = max(1, int(settings.retention.total_seconds()))
         stale = settings.stale_after
         self._stale_ms = None if stale is None else _ms(stale.total_seconds())
+        self._kept = False
+        """Whether this process's first call asked the script to keep every open
+        episode's state (``keep``), which states saved by older versions may not be."""
 
     @property
     def prefix(self) -> str:
@@ -257,8 +260,10 @@ class EpisodeStore:
             "claim": CLAIM_LIMIT if claim else 0,
             "lease": self._lease_ms,
             "subs": [subject.request(self._lateness_ms) for subject in subjects],
+            "keep": 0 if self._kept else 1,
         }
         reply = await self._script(keys=[self._prefix], args=[orjson.dumps(request)])
+        self._kept = True
         recorded, claimed = reply
         return Applied(
             transitions=[Transition.parse(item) for item in recorded],
