@@ -31,8 +31,9 @@ def test_replay_of_a_simulated_file_reports_every_record(tmp_path: Path, redis_u
     counted = sum(
         int(line.split()[-1])
         for line in stdout.splitlines()[1:]
-        if not line.strip().startswith(("skipped", "dead-lettered"))
+        if line.startswith("  ") and not line.strip().startswith(("skipped", "dead-lettered"))
     )
+    assert "consumer group replay" in stdout.splitlines()[-1]
     assert "dead-lettered            1" in stdout
     assert "skipped                  2" in stdout
     assert counted == len(lines) - 2

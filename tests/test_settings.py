@@ -298,3 +298,39 @@ def test_utc_timestamp_rejects_bad_times(value: str, problem: str) -> None:
 def test_settings_class_uses_one_prefix() -> None:
     """Every field is read from SUPERSIM_<FIELD>; nothing else configures the worker."""
     assert Settings.model_config.get("env_prefix") == "SUPERSIM_"
+
+
+@pytest.mark.parametrize(
+    ("value", "codes"),
+    [
+        ("83704,83705,83702", {83702, 83704, 83705}),
+        ("83702", {83702}),
+        ("[83704, 83702]", {83702, 83704}),
+    ],
+)
+def test_fleet_ignore_codes_take_a_comma_list_or_json(
+    monkeypatch: pytest.MonkeyPatch, value: str, codes: set[int]
+) -> None:
+    monkeypatch.setenv("SUPERSIM_ALERTS__FLEET_IGNORE_CODES", value)
+    assert load_settings().alerts.fleet_ignore_codes == codes
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "SUPERSIM_ALERTS__FLEET_IGNORE_CODES",
+            "83704,abc",
+            "SUPERSIM_ALERTS__FLEET_IGNORE_CODES: ",
+        ),
+        ("SUPERSIM_ALERTS__FLEETS", "{bad", "SUPERSIM_ALERTS__FLEETS: Value error, not valid JSON"),
+        ("SUPERSIM_ALERTS", "{bad", "take JSON"),
+    ],
+)
+def test_malformed_structured_variables_are_named_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="invalid settings") as info:
+        load_settings()
+    assert message in str(info.value)

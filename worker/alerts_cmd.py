@@ -6,7 +6,8 @@ webhook's 4xx), when it stays undeliverable past ``SUPERSIM_ALERTS__WEBHOOK__MAX
 when its sink was switched off. It is then kept, with the reason, in its handler's dead
 store (see ``worker.alerts.outbox``). ``dead`` lists those entries, ``redrive`` puts them
 back in the outbox, due at once (a running worker delivers them on its next round, with
-the same idempotency keys), and ``delete`` discards them for good.
+the same idempotency keys), and ``delete`` discards them for good. They look at every
+alert handler's state, whatever ``SUPERSIM_HANDLERS`` names.
 """
 
 from __future__ import annotations
@@ -14,22 +15,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 from datetime import UTC, datetime
+from typing import Final
 
 import orjson
 
 from worker.alerts.handler import AlertHandler
 from worker.app import command_settings, services
-from worker.errors import ConfigError
+from worker.handlers.base import Handler
 from worker.settings import Settings
 
+ALERT_HANDLERS: Final = ("rejections", "data_limit", "attach_loops")
 
-def _alert_handlers(handlers: list[object]) -> list[AlertHandler]:
-    found = [handler for handler in handlers if isinstance(handler, AlertHandler)]
-    if not found:
-        raise ConfigError(
-            "SUPERSIM_HANDLERS: names no alert handler (rejections, data_limit, attach_loops)"
-        )
-    return found
+
+def _with_alert_handlers(settings: Settings) -> Settings:
+    return settings.model_copy(update={"handlers": ALERT_HANDLERS})
+
+
+def _alert_handlers(handlers: list[Handler]) -> list[AlertHandler]:
+    return [handler for handler in handlers if isinstance(handler, AlertHandler)]
 
 
 async def _dead(settings: Settings, as_json: bool) -> int:
@@ -81,7 +84,7 @@ async def _delete(settings: Settings, entries: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = command_settings("alert state")
+    settings = _with_alert_handlers(command_settings("alert state"))
     if args.alerts_command == "dead":
         return asyncio.run(_dead(settings, args.json))
     if args.alerts_command == "delete":

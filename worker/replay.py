@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {kind:<24} {count}")
     print(f"  {'skipped':<24} {summary.skipped}")
     print(f"  {'dead-lettered':<24} {summary.dead_lettered}")
+    print(f"stream {settings.stream_name}, consumer group {settings.consumer_group}")
     return 0 if summary.caught_up else 1
 
 

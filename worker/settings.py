@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from worker.alerts.settings import AlertSettings
 from worker.errors import ConfigError
@@ -155,6 +156,12 @@ def load_settings(**overrides: Any) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
+    except SettingsError as exc:  # a value that should be JSON is not (e.g. a whole section)
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(
+            f"invalid settings: {exc}{cause} (variables under {ENV_PREFIX} that hold "
+            "objects or lists take JSON)"
+        ) from None
     if settings.initial_position is InitialPosition.AT_TIMESTAMP and not settings.initial_timestamp:
         raise ConfigError(
             f"{ENV_PREFIX}INITIAL_TIMESTAMP: required when {ENV_PREFIX}INITIAL_POSITION is "

@@ -13,6 +13,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -170,14 +171,32 @@ class AlertSettings(_Frozen):
         timedelta(days=8),
         description="How long a closed episode's state outlives its last event (open ones are kept).",
     )
-    fleet_ignore_codes: frozenset[int] = Field(
+    fleet_ignore_codes: Annotated[frozenset[int], NoDecode] = Field(
         frozenset({83704, 83705}),
-        description="Rejection codes not counted for fleet alerts (SIM state, not network).",
+        description="Rejection codes not counted for fleet alerts (SIM state, not network): "
+        "comma-separated, or a JSON list.",
     )
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    fleets: dict[str, ThresholdOverrides] = Field(
-        default_factory=dict, description="Fleet SID -> threshold overrides."
+    fleets: Annotated[dict[str, ThresholdOverrides], NoDecode] = Field(
+        default_factory=dict, description="Fleet SID -> threshold overrides (a JSON object)."
     )
+
+    @field_validator("fleet_ignore_codes", mode="before")
+    @classmethod
+    def _split_codes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return _json(text, "a JSON list of codes")
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("fleets", mode="before")
+    @classmethod
+    def _parse_fleets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return _json(value, 'a JSON object such as {"HF...": {"storm_rejections": 5}}')
+        return value
 
     @field_validator("sinks", mode="before")
     @classmethod
@@ -205,6 +224,13 @@ class AlertSettings(_Frozen):
             return self.thresholds
         changed = overrides.model_dump(exclude_none=True)
         return self.thresholds.model_copy(update=changed)
+
+
+def _json(text: str, expected: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc}); expected {expected}") from None
 
 
 def alert_settings(settings: object) -> AlertSettings:
