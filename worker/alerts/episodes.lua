@@ -207,12 +207,6 @@ local function cleared(st, lo, hi)
   return #redis.call('ZRANGEBYSCORE', key('c', st), fmt(lo), excl(hi), 'LIMIT', 0, 1) > 0
 end
 
--- The latest hit time a closed episode takes in: up to the clear that ended it, or to its
--- quiet end (never further: later hits belong to a new episode).
-local function limit_of(st)
-  return st.closed
-end
-
 -- Whether a hit at ts belongs to the subject's current (or last) episode: not past its
 -- end, within its window (if any) of its hits, and with no clear between.
 local function covered(st, ts)
@@ -221,7 +215,9 @@ local function covered(st, ts)
   if st.w > 0 and ts < st.first - st.w then return false end
   if st.lo and ts <= st.lo then return false end
   if st.state == 'closed' then
-    if ts > limit_of(st) then return false end
+    -- It takes in hits up to the clear that ended it, or to its quiet end (never further:
+    -- later hits belong to a new episode).
+    if ts > st.closed then return false end
     if ts > st.last and cleared(st, st.last, ts) then return false end
   elseif st.w > 0 and ts > st.last + st.w then
     return false
@@ -295,7 +291,7 @@ local function grow(st, ts, info, counted)
     local hk, ck = key('h', st), key('c', st)
     local ceil = INF  -- the latest hit time it may take in
     if pending(st) then ceil = st.pend end
-    if st.state == 'closed' and limit_of(st) < ceil then ceil = limit_of(st) end
+    if st.state == 'closed' and st.closed < ceil then ceil = st.closed end
     local nc = redis.call('ZRANGEBYSCORE', ck, fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
     local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), fmt(ceil), 'WITHSCORES')
