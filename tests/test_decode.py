@@ -42,6 +42,7 @@ from worker.records import (
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "samples"
 USAGE_FIELDS = (
     "data_session_sid",
+    "data_session_start_time",
     "data_session_update_start_time",
     "data_session_update_end_time",
     "data_download",
@@ -507,14 +508,15 @@ BAD_RECORDS += [
     for kind in USAGE_KINDS
     for name in ("data_download", "data_total")
 ]
-BAD_RECORDS.append(
+BAD_RECORDS += [
     (
-        "started-lacks-session-sid",
-        make_record("data-session.started", drop=("data_session_sid",)),
-        "data-session.started event lacks data.data_session_sid",
-        "data.data_session_sid",
+        f"started-lacks-{name}",
+        make_record("data-session.started", drop=(name,)),
+        f"data-session.started event lacks data.{name}",
+        f"data.{name}",
     )
-)
+    for name in ("data_session_sid", "data_session_start_time")
+]
 
 REQUIRED = "Field required"
 STRING = "Input should be a valid string"

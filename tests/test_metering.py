@@ -4,6 +4,7 @@ the order, duplicates, replays, replicas and subscription."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import random
@@ -724,3 +725,94 @@ async def test_buckets_hold_hours_of_a_day_and_days_of_a_month(
     stored = reader.hgetall(hourly_key(PREFIX, "sim", event.data.sim_sid, "20221214"))
     cumulative = event.data.data_session_data_download, event.data.data_session_data_upload
     assert stored == {b"13d": str(cumulative[0]).encode(), b"13u": str(cumulative[1]).encode()}
+
+
+# --- limits of exact counting --------------------------------------------------------------
+
+MAX_COUNT = 2**53 - 1
+LIMIT_START = datetime(2024, 3, 1, 10, 0)
+
+
+def big_window(sim: str, session: str, n: int, down: int, seq: int, **fields: Any) -> bytes:
+    """A v1 updated event of session ``session`` whose n-th one-second window holds ``down``."""
+    begin, end = LIMIT_START + timedelta(seconds=n), LIMIT_START + timedelta(seconds=n + 1)
+    return make_record(
+        "data-session.updated",
+        seq=seq,
+        schema_version=1,
+        sim_sid=sim,
+        data_session_sid=session,
+        timestamp=_iso(end),
+        data_session_start_time=_iso(LIMIT_START),
+        data_session_update_start_time=_iso(begin),
+        data_session_update_end_time=_iso(end),
+        data_download=down,
+        data_upload=0,
+        data_total=down,
+        **fields,
+    )
+
+
+async def test_a_sum_beyond_exact_range_is_refused_with_nothing_written(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Two windows of one session summing past 2**53 - 1 cannot be counted exactly as
+    doubles: the call fails before writing anything; the first alone is counted exactly and
+    the second is then refused by the session's running total."""
+    sim, session = "HS" + "1" * 32, "PI" + "1" * 32
+    first, second = record_events(
+        big_window(sim, session, 0, MAX_COUNT, 1), big_window(sim, session, 1, 1, 2)
+    )
+    target = handler(client)
+    with pytest.raises(redis.exceptions.ResponseError, match="beyond 2\\^53"):
+        await target.handle(Batch("s", [first, second]))
+    assert list(reader.scan_iter()) == []
+    await target.handle(Batch("s", [first]))
+    with pytest.raises(redis.exceptions.ResponseError, match="session download"):
+        await target.handle(Batch("s", [second]))
+    day = LIMIT_START.date()
+    assert figures(reader, PREFIX, "sim", sim, day, day)[0].down == MAX_COUNT
+
+
+async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """HINCRBY refuses a total beyond 2**63 - 1 part-way through the writes: the writes made
+    before it are undone, so a retried batch never counts its other windows twice."""
+    sim = "HS" + "3" * 32
+    # 1024 sessions of 2**53 - 1 bytes in one SIM-hour: its buckets reach 2**63 - 1024.
+    target = handler(client)
+    for n in range(1024):
+        await target.handle(
+            Batch("s", record_events(big_window(sim, f"PI{n:032d}", 0, MAX_COUNT, n)))
+        )
+    # Another SIM in another fleet, account and network: its buckets are written first.
+    other = "HS" + "4" * 32
+    apart = {"fleet_sid": "HF" + "4" * 32, "account_sid": "AC" + "4" * 32, "network": None}
+    small, overflowing = record_events(
+        big_window(other, "PI" + "5" * 32, 0, 1000, 5000, **apart),
+        big_window(sim, "PI" + "6" * 32, 0, 2000, 5001),
+    )
+    before = snapshot(reader)
+    for _ in range(3):
+        with pytest.raises(redis.exceptions.ResponseError, match="nothing counted"):
+            await target.handle(Batch("s", [small, overflowing]))
+        assert snapshot(reader) == before
+    await target.handle(Batch("s", [small]))
+    day = LIMIT_START.date()
+    assert figures(reader, PREFIX, "sim", other, day, day)[0].down == 1000
+
+
+async def test_a_session_event_without_its_start_is_refused_not_filed_apart(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Decode refuses these; one built in code makes the handler raise (so the consumer
+    dead-letters it) instead of counting its window again under another session record."""
+    (event,) = record_events(make_record("data-session.updated"))
+    data = event.data.model_copy(update={"data_session_start_time": None})
+    startless = dataclasses.replace(
+        event, envelope=event.envelope.model_copy(update={"data": data})
+    )
+    with pytest.raises(ValueError, match="lacks data.data_session_start_time"):
+        await handler(client).handle(Batch("s", [event, startless]))
+    assert list(reader.scan_iter()) == []

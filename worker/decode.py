@@ -50,8 +50,11 @@ CLOUDEVENT_REQUIRED: Final = ("specversion", "id", "source")
 """CloudEvents attributes every event must carry as strings (besides ``type``)."""
 
 _KINDS: Final = {kind.value: kind for kind in EventKind}
+_SESSION_FIELDS: Final = ("data_session_sid", "data_session_start_time")
+"""What started, updated and ended events must carry: metering files a session's windows
+under its start, so a copy without it would be counted as another session."""
 _USAGE_FIELDS: Final = (
-    "data_session_sid",
+    *_SESSION_FIELDS,
     "data_session_update_start_time",
     "data_session_update_end_time",
     "data_download",
@@ -65,7 +68,7 @@ def _required_fields(kind: EventKind) -> tuple[str, ...]:
     if kind.carries_usage:
         return _USAGE_FIELDS
     if kind.is_data_session and kind is not EventKind.DATA_SESSION_FAILED:
-        return ("data_session_sid",)
+        return _SESSION_FIELDS
     return ()
 
 

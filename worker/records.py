@@ -5,7 +5,7 @@ same shape for every connection event kind and for both vendors (Twilio, KORE); 
 the envelope differs. These models describe that shape; ``worker.decode`` builds them.
 
 All datetimes are timezone-aware and normalised to UTC. Byte counts are integers from 0
-to 2**53 (9 PB: every count stays exact where it is summed as a double, in Redis's Lua).
+to 2**53 - 1 (9 PB: every count stays exact where it is summed as a double, in Redis's Lua).
 Unknown fields are kept, never fatal: the envelope's and ``data``'s in
 ``ConnectionEvent.extra``, those of ``network``, ``location`` and ``error`` in the nested
 models' ``model_extra``.
@@ -86,7 +86,7 @@ UtcDatetime = Annotated[datetime, _UtcDatetimeSchema()]
 far cheaper than a Python validator per field); ``worker.decode`` normalises other offsets
 first. Parsed times carry pydantic's UTC ``tzinfo``, which compares, hashes and formats
 like ``datetime.UTC``."""
-MAX_BYTES: Final = 2**53
+MAX_BYTES: Final = 2**53 - 1
 """The largest byte count accepted: integers up to it are exact as doubles (Lua numbers)."""
 ByteCount = Annotated[StrictInt, Field(ge=0, le=MAX_BYTES)]
 

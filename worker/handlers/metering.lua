@@ -21,6 +21,18 @@ for i = 1, NFIELDS do POSITION[RECORD_FIELDS[i]] = i end
 
 local fmt, max = string.format, math.max
 
+-- Byte sums are Lua numbers (doubles), exact below 2^53. A sum that reaches it (rounding
+-- never takes a larger true sum below it) fails the call before anything is written, so the
+-- consumer isolates and dead-letters the event(s) that caused it. Decode accepts counts up
+-- to 2^53 - 1 each; real sums are petabytes below.
+local EXACT = 9007199254740992
+local function exact(value, what)
+  if value >= EXACT or value <= -EXACT then
+    error('usage sum beyond 2^53 bytes (' .. what .. '): not counted exactly, refused', 0)
+  end
+  return value
+end
+
 -- ---- buckets: summed per batch, written once per (key, field) at the end -----------------
 
 local bucket_keys, bucket_ttl, bucket_sums, bucket_fields = {}, {}, {}, {}
@@ -40,7 +52,7 @@ local function add(key, field, delta, ttl)
     fields[#fields + 1] = field
     old = 0
   end
-  sums[field] = old + delta
+  sums[field] = exact(old + delta, 'batch total')
 end
 
 -- Key names and field names, built once per batch.
@@ -290,7 +302,8 @@ for i = 1, #events do
       if not covered(list, ws, we) then
         local old_d, old_u = ended_share(rec)
         rec.cov = with_interval(list, ws, we)
-        rec.sd, rec.su = rec.sd + down, rec.su + up
+        rec.sd = exact(rec.sd + down, 'session download')
+        rec.su = exact(rec.su + up, 'session upload')
         bump(sim, a[14], a[15], a[16], a[8], down, up)
         move_ended_share(sim, rec, old_d, old_u)
         counts = true
@@ -326,13 +339,30 @@ end
 
 -- A bucket hash's TTL restarts when it gains a field (a new hour or day), so it expires the
 -- retention after the last period it holds; rewriting a field leaves the TTL alone.
+-- HINCRBY refuses a total beyond 2^63 - 1; Redis does not undo a script's earlier writes,
+-- so those are undone here before failing: the call counts everything or nothing.
+local applied = {}
+local function undo_and_fail(reply)
+  for k = #applied, 1, -1 do
+    local key, field, delta, created = applied[k][1], applied[k][2], applied[k][3], applied[k][4]
+    if created then
+      redis.call('HDEL', key, field)
+    else
+      redis.call('HINCRBY', key, field, fmt('%d', -delta))
+    end
+  end
+  error('usage bucket total refused by Redis (' .. tostring(reply.err) .. '): nothing counted', 0)
+end
 for i = 1, #bucket_keys do
   local key = bucket_keys[i]
   local sums, fields, grew = bucket_sums[key], bucket_fields[key], false
   for j = 1, #fields do
     local delta = sums[fields[j]]
-    if delta ~= 0 and redis.call('HINCRBY', key, fields[j], fmt('%d', delta)) == delta then
-      grew = true
+    if delta ~= 0 then
+      local total = redis.pcall('HINCRBY', key, fields[j], fmt('%d', delta))
+      if type(total) == 'table' then undo_and_fail(total) end
+      applied[#applied + 1] = {key, fields[j], delta, total == delta}
+      if total == delta then grew = true end
     end
   end
   if grew then redis.call('EXPIRE', key, bucket_ttl[key]) end

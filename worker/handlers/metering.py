@@ -50,8 +50,13 @@ after one of its records last changed. Duplicates are recognised while the sessi
 record lives: keep it longer than the stream's retention plus the longest replay. Daily
 buckets must outlive session records (enforced); hourly ones should too, or a window
 arriving after its session's ended hour expired leaves a negative figure in a re-created
-hour. Events lacking ``data_session_start_time`` (never seen in practice) are filed under
-start day ``0``, apart from the rest of their session.
+hour. Decode refuses data-session events without ``data_session_start_time``: a session's
+windows are filed under its start.
+
+**Exactness.** Byte sums in the script are doubles, exact below 2**53 (decode caps each count
+at 2**53 - 1). A batch or session sum reaching it, or a bucket total HINCRBY refuses (beyond
+2**63 - 1), fails the whole call with nothing written; the consumer then isolates the
+event(s) responsible and dead-letters them. Real traffic is petabytes below either limit.
 
 **Cost** (``tests/bench/metering_bench.py``): one round trip per batch; about 11 µs of
 worker CPU and 40 µs of Redis CPU per event (so a 1,000-event batch holds Redis for tens
@@ -288,8 +293,10 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
         if session is None or session == DEFAULTS_FIELD:
             continue
         start_time = data.data_session_start_time
-        start = int(start_time.timestamp()) if start_time is not None else 0
-        start_day = hour_of(start)[:8] if start_time is not None else "0"
+        if start_time is None:  # decode refuses these: a session is filed under its start
+            raise ValueError(f"{event.kind.value} event lacks data.data_session_start_time")
+        start = int(start_time.timestamp())
+        start_day = hour_of(start)[:8]
         win_start = win_end = end = down = up = 0
         hour = ""
         cum_down: str | int = ""
@@ -297,8 +304,8 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
         if code != "s":
             window_start = data.data_session_update_start_time
             window_end = data.data_session_update_end_time
-            if window_start is None or window_end is None:
-                continue  # decode guarantees both on updated and ended events
+            if window_start is None or window_end is None:  # decode refuses these too
+                raise ValueError(f"{event.kind.value} event lacks its update window")
             win_start, win_end = int(window_start.timestamp()), int(window_end.timestamp())
             hour = hour_of(win_end)
             down, up = data.data_download or 0, data.data_upload or 0
