@@ -8,6 +8,7 @@ from collections import Counter
 
 import orjson
 import pytest
+import redis.exceptions as redis_exceptions
 from kinesis_support import create_stream, events, put, worker_settings
 from recording import seen, wait_handled
 from redis.asyncio import Redis
@@ -127,6 +128,42 @@ async def test_worker_keeps_running_through_a_redis_outage(moto_endpoint: str) -
         await asyncio.wait_for(worker, 60)
         if replacement is not None:
             replacement.stop()
+
+
+async def test_worker_keeps_running_while_redis_refuses_writes(moto_endpoint: str) -> None:
+    """Redis refusing writes because it cannot persist (MISCONF, as on a full disk) is an
+    outage: the worker waits it out, then goes on handling records."""
+    # Snapshots cannot be written under /proc, so a BGSAVE fails as on a full disk.
+    redis = start_redis(extra=["--dir", "/proc"])
+    stream = stream_name()
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(moto_endpoint, stream, shards=1)
+    await put(moto_endpoint, stream, events(5))
+    settings = worker_settings(moto_endpoint, redis.url, stream, lease_ttl=3)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    client = Redis.from_url(redis.url)
+    try:
+        await wait_handled(redis.url, key_prefix, 5)
+        await client.config_set("save", "3600 1")
+        await client.bgsave()
+        for _ in range(200):
+            if (await client.info("persistence"))["rdb_last_bgsave_status"] != "ok":
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(redis_exceptions.ResponseError, match=r"^MISCONF"):
+            await client.set("probe", "1")
+        await put(moto_endpoint, stream, events(5, start=5))
+        await asyncio.sleep(5)  # lease renewals, checkpoints and discovery all refused
+        assert not worker.done(), "the worker stopped while Redis refused writes"
+        await client.config_set("save", "")  # writes are accepted again
+        await wait_handled(redis.url, key_prefix, 10, within=90)
+        assert not worker.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 60)
+        await client.aclose()
+        redis.stop()
 
 
 async def test_dlq_commands_list_redrive_and_delete(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -73,14 +74,43 @@ async def test_idle_shards_never_delay_a_busy_shard(
 async def test_stop_during_a_slow_shard_listing_is_not_forgotten(
     proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
 ) -> None:
-    """A stop that arrives while ListShards is answering ends the worker when the listing
-    returns, not at the next discovery round (a minute away here)."""
+    """A stop that arrives while ListShards is answering ends the worker at once, not when
+    the listing returns nor at the next discovery round (a minute away here)."""
     stream = f"s-{uuid.uuid4().hex[:8]}"
     await create_stream(kinesalite_endpoint, stream, shards=1)
-    proxy.faults = Faults(delay={"ListShards": 1.0})
+    proxy.faults = Faults(delay={"ListShards": 10.0})
     settings = worker_settings(proxy.url, redis_url, stream, discovery_interval=60.0)
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
     await asyncio.wait_for(proxy.called("ListShards"), 20)
+    began = time.monotonic()
     stop.set()
     await asyncio.wait_for(task, 20)
+    assert time.monotonic() - began < 5.0
+
+
+async def test_shutdown_timeout_counts_from_the_stop_even_during_a_slow_listing(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """A stop while a periodic ListShards hangs (under the client's read timeout) still
+    ends the worker within SUPERSIM_SHUTDOWN_TIMEOUT plus the lease releases' second."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(5))
+    settings = worker_settings(
+        proxy.url, redis_url, stream, discovery_interval=1.0, shutdown_timeout=2.0
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+    await wait_handled(redis_url, keys.prefix(stream, "supersim-worker"), 5)
+    listed = proxy.calls["ListShards"]
+    proxy.faults = Faults(delay={"ListShards": 12.0})
+    for _ in range(400):  # until the next periodic listing has begun
+        if proxy.calls["ListShards"] > listed:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    began = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    assert time.monotonic() - began <= 2.0 + 1.5

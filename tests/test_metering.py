@@ -813,6 +813,6 @@ async def test_a_session_event_without_its_start_is_refused_not_filed_apart(
     startless = dataclasses.replace(
         event, envelope=event.envelope.model_copy(update={"data": data})
     )
-    with pytest.raises(ValueError, match="lacks data.data_session_start_time"):
+    with pytest.raises(ValueError, match=r"lacks data\.data_session_start_time"):
         await handler(client).handle(Batch("s", [event, startless]))
     assert list(reader.scan_iter()) == []

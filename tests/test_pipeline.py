@@ -5,11 +5,15 @@ Real redis-server for the dead-letter store; handlers are small in-test classes.
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import socket
 import uuid
 from collections.abc import Callable
 
 import pytest
 import redis.exceptions
+from botocore.exceptions import ClientError, EndpointConnectionError
 from events import make_record
 from redis.asyncio import Redis
 
@@ -98,11 +102,17 @@ async def test_same_failure_on_many_records_across_batches_is_an_outage(redis: R
         redis.exceptions.NoPermissionError("NOPERM this user has no permissions"),
         redis.exceptions.ResponseError("BUSY Redis is busy running a script"),
         redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+        redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots"),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        EndpointConnectionError(endpoint_url="https://dynamodb.example"),
+        ClientError({"Error": {"Code": "ThrottlingException"}}, "PutItem"),
     ],
-    ids=["noperm", "busy", "moved"],
+    ids=["noperm", "busy", "moved", "misconf", "no-route", "dns", "aws-endpoint", "aws-throttled"],
 )
 async def test_redis_refusals_are_outages_not_poison(redis: Redis, error: Exception) -> None:
-    """Permission, busy-server and cluster redirection errors are never the data's fault."""
+    """Permission, busy-server, cluster redirection and persistence errors of Redis, and
+    network or AWS outages met by a handler, are never the data's fault."""
     dlq = store(redis)
     handler = Failing(is_session, lambda: error)
     kinds = ["attachment.accepted"] * 5 + ["data-session.updated"]
@@ -162,3 +172,39 @@ async def test_a_batch_retried_for_another_reason_does_not_count_its_poison_twic
     await redis.delete(dlq.key)
     outcome = await pipeline.process(SHARD, batch)
     assert outcome.dead_lettered == 4
+
+
+async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Redis) -> None:
+    """Eight bad records in one batch look like a broken handler, so the batch waits; once
+    they have failed for ``outage_patience`` they are dead-lettered and the rest handled,
+    instead of the shard stalling on them for good."""
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: KeyError("network"))
+    pipeline = BatchProcessor(
+        [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
+    )
+    kinds = ["attachment.accepted"] * 40 + ["data-session.updated"] * 8
+    batch = records(kinds)
+    with pytest.raises(HandlerUnavailable, match=r"batch waits \(at most [01] s\)"):
+        await pipeline.process(SHARD, batch)
+    assert await dlq.list() == []
+    await asyncio.sleep(0.6)
+    outcome = await pipeline.process(SHARD, batch)
+    assert outcome.dead_lettered == 8
+    assert len(await dlq.list()) == 8
+    assert len(set(handler.handled)) == 40
+
+
+async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) -> None:
+    """The same for a batch whose every record fails (a handler failing on everything)."""
+    dlq = store(redis)
+    handler = Failing(lambda _: True, lambda: RuntimeError("boom"))
+    pipeline = BatchProcessor(
+        [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
+    )
+    batch = records(["attachment.accepted"] * 5 + ["data-session.updated"] * 5)
+    with pytest.raises(HandlerUnavailable):
+        await pipeline.process(SHARD, batch)
+    await asyncio.sleep(0.6)
+    outcome = await pipeline.process(SHARD, batch)
+    assert outcome.dead_lettered == 10

@@ -103,14 +103,19 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
         handlers = registry.build(settings.handlers, HandlerContext(settings, redis, key_prefix))
         yield Services(settings, redis, key_prefix, metrics, dlq, handlers)
     finally:
-        for handler in handlers:
-            try:
-                await handler.close()
-            except Exception as exc:
-                structlog.get_logger("worker.app").warning(
-                    "handler_close_failed", handler=handler.name, error=str(exc)
-                )
+        # Concurrently: each alert handler may take a few seconds to finish its deliveries,
+        # and the orchestrator's grace period counts them all.
+        await asyncio.gather(*(_close(handler) for handler in handlers))
         await redis.aclose()
+
+
+async def _close(handler: Handler) -> None:
+    try:
+        await handler.close()
+    except Exception as exc:
+        structlog.get_logger("worker.app").warning(
+            "handler_close_failed", handler=handler.name, error=f"{type(exc).__name__}: {exc}"
+        )
 
 
 async def run_worker(
@@ -139,7 +144,11 @@ async def run_worker(
             leases=LeaseManager(svc.redis, svc.key_prefix, owner_id(), settings.lease_ttl),
             checkpoints=Checkpoints(svc.redis, svc.key_prefix, settings.lease_ttl),
             processor=BatchProcessor(
-                svc.handlers, svc.dead_letters, svc.metrics, attempts=settings.handler_attempts
+                svc.handlers,
+                svc.dead_letters,
+                svc.metrics,
+                attempts=settings.handler_attempts,
+                outage_patience=settings.handler_outage_patience,
             ),
             from_start=from_start,
             at_timestamp=at_timestamp,

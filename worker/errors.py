@@ -8,9 +8,11 @@ connection resets); anything else is permanent for the operation that raised it.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 import aiohttp
 import redis.exceptions
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 
 class WorkerError(Exception):
@@ -52,20 +54,51 @@ _INFRASTRUCTURE = (
     redis.exceptions.AskError,
     aiohttp.ClientConnectionError,
     asyncio.TimeoutError,
-    ConnectionError,
-    TimeoutError,
+    OSError,  # the network or the host: connection errors, DNS (gaierror), no route, timeouts
 )
 
 
-_INFRASTRUCTURE_REPLIES = ("BUSY ", "NOREPLICAS ", "UNBLOCKED ")
-"""Redis error replies without a class of their own that say the server is busy or short
-of replicas (a long script, ``min-replicas-to-write``), not that a command was wrong."""
+_INFRASTRUCTURE_REPLIES = ("BUSY ", "NOREPLICAS ", "UNBLOCKED ", "MISCONF ")
+"""Redis error replies without a class of their own that say the server is busy, short of
+replicas (a long script, ``min-replicas-to-write``) or refusing writes because it cannot
+persist (``MISCONF``: a full disk), not that a command was wrong."""
+
+AWS_RETRIABLE_CODES: Final = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "ThrottlingException",
+        "KMSThrottlingException",
+        "InternalFailure",
+        "InternalFailureException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+"""AWS error codes that mean throttling or a server-side failure: worth retrying."""
+
+
+def is_aws_transient(exc: ClientError) -> bool:
+    """An AWS error reply that says throttled or a server error (5xx), not a bad request."""
+    code = exc.response.get("Error", {}).get("Code") or ""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in AWS_RETRIABLE_CODES or (isinstance(status, int) and status >= 500)
 
 
 def is_infrastructure_failure(exc: BaseException) -> bool:
-    """Redis, the network or a timeout failed, not the data: retry, never dead-letter."""
+    """Redis, AWS, the network or a timeout failed, not the data: retry, never dead-letter.
+
+    A handler calling AWS is covered too: botocore's own errors (no endpoint, a timeout,
+    missing credentials) and throttling or 5xx replies; a refused request parameter or
+    another 4xx reply may be the record's fault and is not."""
     if getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE):
         return True
+    if isinstance(exc, ClientError):
+        return is_aws_transient(exc)
+    if isinstance(exc, BotoCoreError):
+        return not isinstance(exc, ParamValidationError)
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
         _INFRASTRUCTURE_REPLIES
     )

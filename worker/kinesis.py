@@ -16,26 +16,16 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     NoCredentialsError,
+    NoRegionError,
     ParamValidationError,
+    PartialCredentialsError,
 )
 from botocore.utils import parse_timestamp
 
+from worker.errors import AWS_RETRIABLE_CODES, is_aws_transient
 from worker.settings import Settings
 
-RETRIABLE_CODES: Final = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "LimitExceededException",
-        "ThrottlingException",
-        "KMSThrottlingException",
-        "InternalFailure",
-        "InternalFailureException",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
+RETRIABLE_CODES: Final = AWS_RETRIABLE_CODES
 EXPIRED_ITERATOR: Final = "ExpiredIteratorException"
 KinesisClient = Any
 """aiobotocore's client is generated at run time and has no static type."""
@@ -51,10 +41,10 @@ def error_code(exc: BaseException) -> str | None:
 def is_retriable(exc: BaseException) -> bool:
     """Throttling, server errors, timeouts and connection problems are worth retrying."""
     if isinstance(exc, ClientError):
-        code = error_code(exc) or ""
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code in RETRIABLE_CODES or (isinstance(status, int) and status >= 500)
-    if isinstance(exc, NoCredentialsError | ParamValidationError):
+        return is_aws_transient(exc)
+    if isinstance(
+        exc, NoCredentialsError | PartialCredentialsError | NoRegionError | ParamValidationError
+    ):
         return False  # configuration: retrying cannot help
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
 

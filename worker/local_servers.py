@@ -192,15 +192,18 @@ class RedisServer(ServerProcess):
             client.flushall()
 
 
-def start_redis(timeout: float = 15.0, port: int | None = None) -> RedisServer:
-    """Start an in-memory redis-server (no RDB/AOF) on a free port of 127.0.0.1 (or ``port``)."""
+def start_redis(
+    timeout: float = 15.0, port: int | None = None, extra: Sequence[str] = ()
+) -> RedisServer:
+    """Start an in-memory redis-server (no RDB/AOF) on a free port of 127.0.0.1 (or ``port``),
+    with ``extra`` command-line options after the defaults."""
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if binary is None:
         raise ServerError("redis-server not found on PATH: run `make install`")
 
     def start(port: int) -> RedisServer:
         argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-        argv += ["--daemonize", "no", "--loglevel", "warning"]
+        argv += ["--daemonize", "no", "--loglevel", "warning", *extra]
         server = RedisServer(argv, port=port)
         server.wait_ready(server.ping, timeout=timeout)
         return server

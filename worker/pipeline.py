@@ -15,7 +15,8 @@ handler that looks broken rather than fed bad data: one failing on every event o
 sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the same
 exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
 whole class of events). Its shards then wait and retry instead of dead-lettering live
-traffic record by record.
+traffic record by record, but only for ``outage_patience`` seconds: records still failing
+after that are dead-lettered, so a shard never stalls for good on records that are bad.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ BROKEN_HANDLER_RECORDS = 8
 BROKEN_HANDLER_WINDOW = 60.0
 """A handler that fails, after retries, on this many single records with the same exception
 type within this many seconds (across batches and shards) is broken, not the data."""
+DEFAULT_OUTAGE_PATIENCE = 600.0
+"""Seconds a batch waits for a handler taken to be broken before its records that still
+fail are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
 
 
 class HandlerUnavailable(RetriableError):
@@ -79,6 +83,7 @@ class BatchProcessor:
         metrics: Metrics,
         attempts: int = 3,
         backoff: Backoff | None = None,
+        outage_patience: float = DEFAULT_OUTAGE_PATIENCE,
     ) -> None:
         self.handlers = list(handlers)
         self._dlq = dead_letters
@@ -86,10 +91,12 @@ class BatchProcessor:
         self._attempts = attempts
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.pipeline")
-        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
-        """Per handler, per record (shard, sequence number), oldest first: when it last
-        failed, with which exception type. Keyed by record, so that a batch retried for
-        another reason (a full dead-letter store, a Redis blip) does not count twice."""
+        self._patience = outage_patience
+        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, float, str]]] = {}
+        """Per handler, per record (shard, sequence number), least recently failed first:
+        when it last failed, when it first did, with which exception type. Keyed by
+        record, so that a batch retried for another reason (a full dead-letter store, a
+        Redis blip) does not count twice."""
 
     def decode_all(
         self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
@@ -124,7 +131,9 @@ class BatchProcessor:
             batch = Batch(shard_id, events)
             for handler in self.handlers:
                 failed = await self._run(handler, batch, self._attempts)
-                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
+                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH and not self._waited_out(
+                    handler, [event for event, _ in failed]
+                ):
                     # Every record of a sizeable batch failing is the handler's fault (a bad
                     # deploy, a dependency down), not the data's: keep the batch, retry later.
                     raise HandlerUnavailable(
@@ -194,25 +203,57 @@ class BatchProcessor:
 
     def _note_poisoned(self, handler: Handler, event: ConnectionEvent, error: Exception) -> None:
         """Count a record ``handler`` failed on; raise ``HandlerUnavailable`` when the same
-        exception type has failed ``BROKEN_HANDLER_RECORDS`` distinct records in the window."""
+        exception type has failed ``BROKEN_HANDLER_RECORDS`` distinct records in the window,
+        unless this record has been failing for ``outage_patience`` already: a batch waits
+        for a broken handler that long, then its failing records are dead-lettered."""
         assert event.meta is not None  # events from records always carry it
         now = time.monotonic()
         recent = self._poisoned.setdefault(handler.name, {})
         key = (event.meta.shard_id, event.meta.sequence_number)
-        recent.pop(key, None)  # re-inserted last: the dict stays oldest first
-        recent[key] = (now, type(error).__name__)
+        before = recent.pop(key, None)  # re-inserted last: least recently failed first
+        name = type(error).__name__
+        first = before[1] if before is not None else now
+        recent[key] = (now, first, name)
+        keep_after = now - self._patience - BROKEN_HANDLER_WINDOW
         for old in list(recent):
-            if recent[old][0] >= now - BROKEN_HANDLER_WINDOW and len(recent) <= 1024:
+            if recent[old][0] >= keep_after and len(recent) <= 4096:
                 break
             del recent[old]
-        name = type(error).__name__
-        count = sum(1 for _, seen in recent.values() if seen == name)
+        if now - first >= self._patience:
+            self._log.warning(
+                "handler_outage_patience_exhausted",
+                handler=handler.name,
+                shard_id=event.meta.shard_id,
+                sequence_number=event.meta.sequence_number,
+                failing_for=round(now - first, 1),
+                error=f"{name}: {error}",
+            )
+            return
+        # Records that have waited out the patience are being dead-lettered: not counted.
+        window, waiting = now - BROKEN_HANDLER_WINDOW, now - self._patience
+        count = sum(
+            1
+            for last, since, seen in recent.values()
+            if seen == name and last >= window and since > waiting
+        )
         if count >= BROKEN_HANDLER_RECORDS:
             raise HandlerUnavailable(
                 f"handler {handler.name} failed with {name} on {count} records within "
-                f"{BROKEN_HANDLER_WINDOW:.0f} s: treated as an outage, the batch waits: "
-                f"{error}"
+                f"{BROKEN_HANDLER_WINDOW:.0f} s: treated as an outage, the batch waits "
+                f"(at most {self._patience:.0f} s): {error}"
             ) from error
+
+    def _waited_out(self, handler: Handler, events: Sequence[ConnectionEvent]) -> bool:
+        """True when the batch of ``events`` has waited ``outage_patience``: one of them
+        has been failing that long (its other records may have joined it later)."""
+        recent = self._poisoned.get(handler.name, {})
+        waiting = time.monotonic() - self._patience
+        for event in events:
+            assert event.meta is not None
+            seen = recent.get((event.meta.shard_id, event.meta.sequence_number))
+            if seen is not None and seen[1] <= waiting:
+                return True
+        return False
 
 
 def _as_handler_error(caught: BaseException) -> Exception:

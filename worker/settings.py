@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     handler_attempts: int = Field(
         3, ge=1, le=20, description="Tries of a failing batch before bisecting."
     )
+    handler_outage_patience: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds a batch waits for a handler taken to be broken before the "
+        "records it still fails on are dead-lettered.",
+    )
     shutdown_timeout: float = Field(
         20.0, gt=0, description="Seconds to finish the in-flight batch."
     )

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 
 from worker import keys
 from worker.backoff import Backoff
@@ -40,6 +42,8 @@ from worker.shard_reader import (
 
 MIN_RESTART_DELAY = 0.2
 """Seconds before a shard's reader starts again, whatever ended the last one."""
+RELEASE_TIMEOUT = 2.0
+"""Seconds a lease release may take on a failure path before the lease is left to expire."""
 
 
 @dataclass(slots=True)
@@ -80,6 +84,7 @@ class Supervisor:
         self.progress: dict[str, ShardProgress] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._stop_requested: float | None = None
         self._backoff = Backoff(base=0.5, cap=30.0)
         self._log = structlog.get_logger("worker.supervisor")
         self.caught_up = False
@@ -97,7 +102,10 @@ class Supervisor:
         return LATEST
 
     def stop(self) -> None:
-        """Ask for a graceful stop (idempotent): readers stop fetching at once."""
+        """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
+        discovery round in progress is cut short. ``shutdown_timeout`` counts from here."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
         self._stopping.set()
         self._wake.set()
         for running in self._running.values():
@@ -112,14 +120,12 @@ class Supervisor:
                 # the work awaits I/O must cut the wait below short, not be forgotten.
                 self._wake.clear()
                 try:
-                    await self._reap()
-                    await self._reconcile()
-                    if self._until_caught_up and await self.all_caught_up():
+                    if await self._unless_stopped(self._discover()):
                         self.caught_up = True
                         self._log.info("caught_up", shards=len(self.progress))
                         break
                 except Exception as exc:
-                    if not (is_retriable(exc) or is_infrastructure_failure(exc)):
+                    if not _worth_retrying(exc):
                         raise
                     self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
                 interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
@@ -129,6 +135,29 @@ class Supervisor:
             await self._shutdown()
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
+
+    async def _discover(self) -> bool:
+        """One round: collect finished readers, start readers for the shards due one.
+        True when ``until_caught_up`` and every shard is at its tip."""
+        await self._reap()
+        await self._reconcile()
+        return self._until_caught_up and await self.all_caught_up()
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, bool]) -> bool:
+        """Run ``work`` unless a stop comes first: then it is cancelled (a slow ListShards
+        must not eat into the shutdown budget). False when cut short."""
+        task = asyncio.create_task(work, name="discovery")
+        stopped = asyncio.create_task(self._stopping.wait(), name="discovery-stop")
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (task, stopped):
+                if not waiting.done():
+                    waiting.cancel()
+            await asyncio.gather(task, stopped, return_exceptions=True)
+        if task.cancelled():
+            return False
+        return task.result()
 
     def _next_wake(self, interval: float) -> float:
         now = time.monotonic()
@@ -154,23 +183,33 @@ class Supervisor:
             lease = await self._leases.acquire(sid)
             if lease is None:
                 continue
-            # Another replica may have moved the checkpoint since the snapshot above.
-            latest = await self._checkpoints.get(sid)
-            fresh = self._checkpoint(sid, {sid: latest} if latest else {})
-            if fresh == keys.SHARD_END:
-                self._ended.add(sid)
-                await self._leases.release(lease)
-                continue
-            self._restart_at.pop(sid, None)
             try:
-                await self._start_reader(shard, lease, fresh, latest)
-            except LeaseLost as exc:  # taken over between acquiring and starting: not ours
-                self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
-                self._log.warning("lease_lost", shard_id=sid, error=str(exc))
-            except CheckpointMoved as exc:  # moved since read just above: start again later
-                self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
-                self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
-                await self._release(lease)
+                await self._take(shard, lease)
+            except BaseException:
+                if sid not in self._running:  # failed or cut short before its reader started
+                    await self._release(lease, bounded=True)
+                raise
+
+    async def _take(self, shard: ShardInfo, lease: Lease) -> None:
+        """Start reading a shard whose lease was just acquired (or give the lease back)."""
+        sid = shard.shard_id
+        # Another replica may have moved the checkpoint since the snapshot above.
+        latest = await self._checkpoints.get(sid)
+        fresh = self._checkpoint(sid, {sid: latest} if latest else {})
+        if fresh == keys.SHARD_END:
+            self._ended.add(sid)
+            await self._leases.release(lease)
+            return
+        self._restart_at.pop(sid, None)
+        try:
+            await self._start_reader(shard, lease, fresh, latest)
+        except LeaseLost as exc:  # taken over between acquiring and starting: not ours
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            self._log.warning("lease_lost", shard_id=sid, error=str(exc))
+        except CheckpointMoved as exc:  # moved since read just above: start again later
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
+            await self._release(lease)
 
     def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
         """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
@@ -280,11 +319,20 @@ class Supervisor:
                     self._ended.add(sid)
             await self._release(running.reader.lease)
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, lease: Lease, *, bounded: bool = False) -> None:
+        """Give a lease back; ``bounded`` waits at most ``RELEASE_TIMEOUT`` (a failure path,
+        possibly during shutdown). The lease expires by itself anyway: never stop for this."""
         try:
-            await self._leases.release(lease)
-        except Exception as exc:  # the lease expires by itself; never stop for this
-            self._log.warning("lease_release_failed", shard_id=lease.shard_id, error=str(exc))
+            if bounded:
+                await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
+            else:
+                await self._leases.release(lease)
+        except Exception as exc:
+            self._log.warning(
+                "lease_release_failed",
+                shard_id=lease.shard_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     async def all_caught_up(self) -> bool:
         """True when every shard still in the stream is ended, or at its tip: read by us,
@@ -318,14 +366,15 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         """Let readers finish their batch, then release their leases, all within
-        ``shutdown_timeout`` (releases get at least a second)."""
-        deadline = time.monotonic() + self._settings.shutdown_timeout
+        ``shutdown_timeout`` of the stop request (releases get at least a second)."""
+        began = self._stop_requested if self._stop_requested is not None else time.monotonic()
+        deadline = began + self._settings.shutdown_timeout
         running = list(self._running.values())
         for item in running:
             item.reader.stop()
         if running:
             _done, pending = await asyncio.wait(
-                [item.task for item in running], timeout=self._settings.shutdown_timeout
+                [item.task for item in running], timeout=max(0.0, deadline - time.monotonic())
             )
             for task in pending:
                 task.cancel()
@@ -351,3 +400,12 @@ class Supervisor:
                 )
             except TimeoutError:
                 self._log.warning("lease_release_timeout", leases=len(running))
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed discovery round (ListShards, lease and checkpoint reads) is retried.
+    Kinesis configuration errors (no credentials or region, an unknown stream, access
+    denied) end the run with their message; outages of Kinesis, Redis or the network wait."""
+    if isinstance(exc, BotoCoreError | ClientError):
+        return is_retriable(exc)
+    return is_infrastructure_failure(exc)
