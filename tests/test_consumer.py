@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from kinesis_support import create_stream, events, put, worker_settings
+from kinesis_support import create_stream, events, kinesis_client, put, worker_settings
 from recording import seen, wait_handled
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from worker import keys
 from worker.app import run_worker
@@ -224,3 +225,26 @@ async def test_at_timestamp_backfill_starts_at_that_time(
 
 def sid_of(record: bytes) -> str:
     return str(orjson.loads(record)["id"])
+
+
+@pytest.mark.parametrize(("retention_days", "warned"), [(40, True), (20, False)])
+async def test_a_stream_kept_longer_than_metering_sessions_is_warned_about(
+    moto_endpoint: str, redis_url: str, retention_days: int, warned: bool
+) -> None:
+    """A replay reaching past the session records' retention would count windows twice:
+    the worker says so at start-up when the stream's retention allows it."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(moto_endpoint, stream, shards=1)
+    async with kinesis_client(moto_endpoint) as client:
+        await client.increase_stream_retention_period(
+            StreamName=stream, RetentionPeriodHours=retention_days * 24
+        )
+    settings = worker_settings(moto_endpoint, redis_url, stream, handlers=("metering",))
+    with capture_logs() as logs:
+        summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    found = [e for e in logs if e["event"] == "metering_session_retention_shorter_than_stream"]
+    assert bool(found) is warned
+    if warned:
+        assert found[0]["stream_retention_hours"] == 960
+        assert found[0]["session_retention_days"] == 30

@@ -138,6 +138,8 @@ async def run_worker(
             svc.redis, require_noeviction=settings.require_noeviction
         )
         client = await stack.enter_async_context(kinesis.client(settings))
+        if "metering" in settings.handlers:
+            await _check_metering_retention(client, settings)
         supervisor = Supervisor(
             settings=settings,
             kinesis=client,
@@ -182,6 +184,21 @@ async def run_worker(
         )
         log.info("worker_stopped", seconds=round(summary.seconds, 2), **summary.metrics)
         return summary
+
+
+async def _check_metering_retention(client: kinesis.KinesisClient, settings: Settings) -> None:
+    """Warn when the stream keeps records longer than metering keeps its session records:
+    a replay or backfill reaching further back would count those windows again."""
+    hours = await kinesis.retention_hours(client, settings.stream_name)
+    days = settings.metering.session_retention_days
+    if hours is not None and hours > days * 24:
+        structlog.get_logger("worker.app").warning(
+            "metering_session_retention_shorter_than_stream",
+            stream_retention_hours=hours,
+            session_retention_days=days,
+            fix="raise SUPERSIM_METERING__SESSION_RETENTION_DAYS above the stream's "
+            "retention, or never replay further back than it",
+        )
 
 
 async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:

@@ -97,6 +97,17 @@ class ShardInfo:
         return self.ending_sequence is not None
 
 
+async def retention_hours(kinesis: KinesisClient, stream: str) -> int | None:
+    """The stream's data retention in hours, or None if it cannot be read (a missing
+    permission, a local server without DescribeStreamSummary)."""
+    try:
+        response = await kinesis.describe_stream_summary(StreamName=stream)
+        hours = response["StreamDescriptionSummary"]["RetentionPeriodHours"]
+    except (BotoCoreError, ClientError, KeyError, TypeError):
+        return None
+    return hours if isinstance(hours, int) else None
+
+
 async def list_shards(kinesis: KinesisClient, stream: str) -> list[ShardInfo]:
     """Every shard of the stream still in retention, following NextToken."""
     shards: list[ShardInfo] = []
