@@ -3,8 +3,9 @@
 Named by import path (``recording:create``) so worker subprocesses find it with
 ``PYTHONPATH=tests``. ``RECORDING_DELAY`` (seconds per batch) slows it down;
 ``RECORDING_FAIL_FIRST=N`` makes its first N calls (per stream) fail as if its store were
-down; an event whose ``sim_unique_name`` is ``poison`` makes it raise, ``cancel`` makes it
-raise ``CancelledError``.
+down; an event whose ``sim_unique_name`` is ``poison`` makes it raise (unless
+``RECORDING_ACCEPT_POISON=1``: the handler once fixed), ``cancel`` makes it raise
+``CancelledError``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class RecordingHandler:
         self._redis = context.redis
         self._key = seen_key(context.key_prefix)
         self._delay = float(os.environ.get("RECORDING_DELAY", "0"))
+        self._accept_poison = os.environ.get("RECORDING_ACCEPT_POISON") == "1"
         _failures_left.setdefault(self._key, int(os.environ.get("RECORDING_FAIL_FIRST", "0")))
 
     async def handle(self, batch: Batch) -> None:
@@ -40,7 +42,7 @@ class RecordingHandler:
             _failures_left[self._key] -= 1
             raise RetriableError("recording store unavailable (injected)")
         for event in batch.events:
-            if event.data.sim_unique_name == POISON:
+            if event.data.sim_unique_name == POISON and not self._accept_poison:
                 raise ValueError("poison record")
             if event.data.sim_unique_name == CANCEL:
                 raise asyncio.CancelledError("a future the handler awaited was cancelled")

@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 
 from worker import keys
 from worker.app import run_worker
-from worker.deadletter import DeadLetterStore
-from worker.dlq import redrive
+from worker.deadletter import DeadLetter, DeadLetterStore
+from worker.dlq import RedriveAborted, redrive
 from worker.handlers import registry
-from worker.handlers.base import HandlerContext
+from worker.handlers.base import Batch, HandlerContext
 from worker.metrics import Metrics
 
 
@@ -128,10 +128,23 @@ async def test_poison_record_is_dead_lettered_and_the_shard_moves_on(
     assert all(letter.sequence_number and letter.shard_id for letter in letters)
 
 
+class StoreDown:
+    """A handler whose own store is unreachable."""
+
+    name = "recording"
+
+    async def handle(self, batch: Batch) -> None:
+        raise ConnectionResetError("store down")
+
+    async def close(self) -> None:
+        return None
+
+
 async def test_redrive_handles_dead_letters_that_now_succeed(
-    kinesis_endpoint: str, redis_url: str
+    kinesis_endpoint: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Redrive re-runs the current handlers and removes the entries that now succeed."""
+    """Redrive re-runs the handler that failed on each entry and removes those that now
+    succeed; other handlers never stand in for it, and an outage stops the redrive."""
     stream = stream_name()
     await create_stream(kinesis_endpoint, stream, shards=1)
     poison = events(2, start=700, **{"data.sim_unique_name": "poison"})
@@ -139,17 +152,65 @@ async def test_redrive_handles_dead_letters_that_now_succeed(
     settings = worker_settings(kinesis_endpoint, redis_url, stream, handler_attempts=1)
     await run_worker(settings, until_caught_up=True, install_signals=False)
     client = Redis.from_url(redis_url)
+    context = HandlerContext(settings, client, prefix(stream))
     try:
         store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
         assert await store.length() == 3
-        handlers = registry.build(["log"], HandlerContext(settings, client, prefix(stream)))
-        result = await redrive(store, handlers, limit=100)
+        (log,) = registry.build(["log"], context)
+        # Only `log` available: the recording handler's entries are not "redriven" by it.
+        result = await redrive(store, {"log": log}.get, [log], limit=100)
+        assert (result.redriven, result.still_failing) == (0, 3)
+        assert {f.handler for f in result.failures} == {"recording", "decode"}
+        assert any("not available" in f.error for f in result.failures)
+        assert await store.length() == 3
+        # The handler fails on them again: they stay, with the new error reported.
+        (still_broken,) = registry.build(["recording:create"], context)
+        result = await redrive(store, {"recording": still_broken}.get, None, limit=100)
+        assert result.still_failing == 3
+        errors = [f.error for f in result.failures if f.handler == "recording"]
+        assert errors == ["ValueError: poison record"] * 2
+        # An outage stops the redrive; nothing is removed or counted.
+        with pytest.raises(RedriveAborted, match="store down"):
+            await redrive(store, {"recording": StoreDown()}.get, None, limit=100)
+        assert await store.length() == 3
+        # Fixed: both poison entries are handled and removed.
+        monkeypatch.setenv("RECORDING_ACCEPT_POISON", "1")
+        (fixed,) = registry.build(["recording:create"], context)
+        result = await redrive(store, {"recording": fixed}.get, None, limit=100)
         assert (result.redriven, result.still_failing) == (2, 1)
         remaining = await store.list()
     finally:
         await client.aclose()
     assert [letter.handler for letter in remaining] == ["decode"]
     assert "UTF-8" in remaining[0].reason
+
+
+async def test_redrive_of_records_that_failed_to_decode_needs_the_handler_list(
+    kinesis_endpoint: str, redis_url: str
+) -> None:
+    """A record that failed to decode never reached a handler: once it decodes, it goes
+    through the handlers SUPERSIM_HANDLERS names, and is left alone while that is unset."""
+    stream = stream_name()
+    await create_stream(kinesis_endpoint, stream, shards=1)
+    settings = worker_settings(kinesis_endpoint, redis_url, stream)
+    client = Redis.from_url(redis_url)
+    context = HandlerContext(settings, client, prefix(stream))
+    try:
+        store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
+        record = events(1, start=500)[0]
+        await store.add(
+            [DeadLetter(record, "shardId-000000000000", "1", "pk", None, "old bug", "decode")]
+        )
+        (recording,) = registry.build(["recording:create"], context)
+        result = await redrive(store, {}.get, None, limit=10)
+        assert result.still_failing == 1
+        assert "SUPERSIM_HANDLERS" in result.failures[0].error
+        result = await redrive(store, {}.get, [recording], limit=10)
+        assert (result.redriven, result.still_failing) == (1, 0)
+        assert await store.length() == 0
+    finally:
+        await client.aclose()
+    assert [sid for _, _, sid in await seen(redis_url, prefix(stream))] == [sid_of(record)]
 
 
 async def test_backfill_from_start_ignores_checkpoints(

@@ -182,14 +182,33 @@ async def test_dlq_commands_list_redrive_and_delete(
     await run_worker(settings, until_caught_up=True, install_signals=False)
     monkeypatch.setenv("SUPERSIM_STREAM_NAME", stream)
     monkeypatch.setenv("SUPERSIM_REDIS_URL", redis_url)
-    monkeypatch.setenv("SUPERSIM_HANDLERS", "log")
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["dlq", "list", "--json"]) == 0
     rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(row["handler"] for row in rows) == ["decode", "recording"]
     assert any("JSON array" in row["reason"] for row in rows)
-    assert await asyncio.to_thread(main, ["dlq", "redrive"]) == 1  # the array still fails
-    assert "redriven 1" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["dlq", "list", "--limit", "1"]) == 0
+    first_page = capsys.readouterr().out
+    assert "1 shown of 2 dead-lettered records (next: --after " in first_page
+    after = first_page.split("--after ")[1].rstrip(")\n")
+    assert await asyncio.to_thread(main, ["dlq", "list", "--after", after]) == 0
+    assert "1 shown of 2" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["dlq", "list", "--newest", "--limit", "1"]) == 0
+    assert (
+        "[recording] handler recording failed on this record after retries: ValueError: poison record"
+        in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit) as exited:
+        main(["dlq", "list", "--limit", "0"])
+    assert exited.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    # The handler that failed is fixed; the array still fails to decode.
+    monkeypatch.setenv("SUPERSIM_HANDLERS", "recording:create")
+    monkeypatch.setenv("RECORDING_ACCEPT_POISON", "1")
+    assert await asyncio.to_thread(main, ["dlq", "redrive"]) == 1
+    out = capsys.readouterr().out
+    assert "redriven 1" in out
+    assert "still fails [decode] DecodeError: record is a JSON array" in out
     assert await asyncio.to_thread(main, ["dlq", "list"]) == 0
     listing = capsys.readouterr().out
     assert "1 shown of 1 dead-lettered records" in listing

@@ -251,3 +251,23 @@ def test_personal_data_quoted_in_error_messages_is_redacted() -> None:
         assert sequence in text
         assert "HS2f71995b834d803ff5376799ba59bd1d" in text
         assert "2022-12-14T13:40:52Z" in text
+
+
+def test_location_and_named_fields_quoted_in_error_messages_are_redacted() -> None:
+    """A handler quoting a location, or personal fields with their names, in its exception
+    text: coordinates and the named values go; times, durations and SIDs stay."""
+    message = (
+        "ValueError: cannot place SIM: location=Location(cell_id='47322374', lac='15170', "
+        "lat=34.166991, lon=-118.5720773) {'imsi': 'X-12', \"ip_address\": \"10.1.2.3\"} "
+        "at 2022-12-14T13:40:52.123456Z after 0.25 s for HS2f71995b834d803ff5376799ba59bd1d"
+    )
+    with capture_logs(processors=[redact_pii]) as captured:
+        structlog.get_logger("test").warning("handler_failed", error=message)
+        structlog.get_logger("test").warning("alert", details={"codes": [{"message": message}]})
+    for text in (captured[0]["error"], captured[1]["details"]["codes"][0]["message"]):
+        for value in ("47322374", "15170", "34.166991", "118.5720773", "X-12", "10.1.2.3"):
+            assert value not in text
+        assert "lat=[redacted]" in text
+        assert "2022-12-14T13:40:52.123456Z" in text
+        assert "0.25 s" in text
+        assert "HS2f71995b834d803ff5376799ba59bd1d" in text

@@ -816,3 +816,14 @@ async def test_a_session_event_without_its_start_is_refused_not_filed_apart(
     with pytest.raises(ValueError, match=r"lacks data\.data_session_start_time"):
         await handler(client).handle(Batch("s", [event, startless]))
     assert list(reader.scan_iter()) == []
+
+
+async def test_a_session_named_like_the_records_defaults_field_is_refused(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """``~`` names a field of the session hashes: such an event is refused (and so
+    dead-lettered by the consumer), not skipped in silence."""
+    (event,) = record_events(make_record("data-session.updated", data_session_sid="~"))
+    with pytest.raises(ValueError, match="is not a session id"):
+        await handler(client).handle(Batch("s", [event]))
+    assert list(reader.scan_iter()) == []

@@ -208,3 +208,21 @@ async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) ->
     await asyncio.sleep(0.6)
     outcome = await pipeline.process(SHARD, batch)
     assert outcome.dead_lettered == 10
+
+
+async def test_each_handler_failing_on_a_record_gets_its_own_entry(redis: Redis) -> None:
+    """Two handlers failing on one record: two entries, so a redrive re-runs each of them."""
+    dlq = store(redis)
+    first = Failing(is_session, lambda: ValueError("first"))
+    second = Failing(is_session, lambda: KeyError("second"))
+    second.name = "second"
+    pipeline = BatchProcessor(
+        [first, second], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002)
+    )
+    outcome = await pipeline.process(
+        SHARD, records(["attachment.accepted", "data-session.updated"])
+    )
+    assert outcome.handled == 1
+    letters = await dlq.list()
+    assert sorted(letter.handler for letter in letters) == ["failing", "second"]
+    assert len({letter.sequence_number for letter in letters}) == 1

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from worker import alerts_cmd, decode_file, dlq, replay, run_cmd, simulate, usage
-from worker.errors import ConfigError
+from worker.errors import ConfigError, WorkerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RedisConnectionError as exc:
         print(f"supersim-worker: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    except WorkerError as exc:  # an operation stopped part-way, e.g. a redrive by an outage
+        print(f"supersim-worker: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -133,8 +133,15 @@ class DeadLetterStore:
                 "`supersim-worker dlq list`",
             )
 
-    async def list(self, count: int = 100, start: str = "-") -> list[DeadLetter]:
-        entries = await self._redis.xrange(self.key, min=start, max="+", count=count)
+    async def list(
+        self, count: int = 100, start: str = "-", *, newest: bool = False
+    ) -> list[DeadLetter]:
+        """Up to ``count`` entries from ``start`` on (an id, ``(id`` for after it), oldest
+        first; or with ``newest`` the newest ``count``, newest first."""
+        if newest:
+            entries = await self._redis.xrevrange(self.key, max="+", min="-", count=count)
+        else:
+            entries = await self._redis.xrange(self.key, min=start, max="+", count=count)
         return [DeadLetter.from_fields(_text(entry_id), fields) for entry_id, fields in entries]
 
     async def delete(self, entry_ids: Sequence[str]) -> int:

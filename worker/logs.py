@@ -4,9 +4,10 @@ Context (``shard_id``, ``sequence_number``) is bound per shard and per record wi
 contextvars. Personal data in events (IMSI, IMEI, ICCID, IP address, location) is
 replaced by ``REDACTED`` unless redaction is turned off in the settings, wherever it sits
 in a logged value (nested dicts and lists, decoded events and their models). Free-text
-fields that carry exception messages (``error``, ``exception``) may quote values a
-handler saw, so runs of 14 to 20 digits (IMSI, IMEI, ICCID) and IP addresses in them are
-replaced too.
+fields that carry exception messages (``error``, ``exception``, ``reason``) and strings
+inside logged containers may quote values a handler saw, so runs of 14 to 20 digits
+(IMSI, IMEI, ICCID), IP addresses, coordinates and the values of personal data fields
+quoted with their names (``lac='15170'``) in them are replaced too.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ PII_KEYS: Final = frozenset(
     {"imsi", "imei", "iccid", "sim_iccid", "ip_address", "location", "lat", "lon", "cell_id", "lac"}
 )
 
-FREE_TEXT_KEYS: Final = frozenset({"error", "exception"})
+FREE_TEXT_KEYS: Final = frozenset({"error", "exception", "reason"})
 PII_TEXT: Final = re.compile(
     r"(?<![0-9A-Za-z])[0-9]{14,20}(?![0-9A-Za-z])"  # IMSI, IMEI, ICCID
     r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?!\.?[0-9])"  # IPv4
     r"|(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])"  # IPv6
     r"|(?<![0-9A-Za-z:])[0-9A-Fa-f]{1,4}::[0-9A-Fa-f]{1,4}(?![0-9A-Za-z:])"  # IPv6, short
+    r"|(?<![0-9A-Za-z.:])-?[0-9]{1,3}\.[0-9]{4,}(?![0-9])"  # a coordinate (4+ decimals)
 )
 """Personal data as it appears inside a message: identifiers are digit runs of their own
 (a 56-digit Kinesis sequence number or a hex SID is left alone), addresses dotted or
-colon-separated with three colons or more (a time of day has two) or with ``::``."""
+colon-separated with three colons or more (a time of day has two) or with ``::``, and
+latitudes or longitudes (a number with four decimals or more, not a time's fraction)."""
+PII_FIELD_TEXT: Final = re.compile(
+    r"(?i)(?<![0-9A-Za-z_])(imsi|imei|iccid|sim_iccid|ip_address|cell_id|lac|lat|lon)"
+    r"""(['"]?\s*[:=]\s*['"]?)([^'",\s)}\]]+)"""
+)
+"""A personal data field quoted in a message with its value, ``lac='15170'``,
+``"cell_id": "47322374"`` or ``imsi=732...``: the value goes whatever it looks like."""
 
 _MAX_DEPTH: Final = 8
 """Containers nested deeper than this are replaced whole by the marker."""
@@ -61,11 +70,16 @@ def redact_pii(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
     return event_dict
 
 
+def scrub_text(text: str) -> str:
+    """``text`` with the personal data a message may quote replaced by the marker."""
+    return PII_TEXT.sub(REDACTED, PII_FIELD_TEXT.sub(rf"\1\2{REDACTED}", text))
+
+
 def _scrubbed(value: Any, depth: int) -> Any:
     """A free-text value (or a rendered traceback: dicts and lists of them) with personal
     data in its strings replaced."""
     if isinstance(value, str):
-        return PII_TEXT.sub(REDACTED, value)
+        return scrub_text(value)
     if depth <= 0:
         return value if value is None or isinstance(value, int | float | bool) else REDACTED
     if isinstance(value, dict):
@@ -95,6 +109,8 @@ def _redacted(value: Any, depth: int) -> Any:
         if depth <= 0:
             return REDACTED
         return [_redacted(v, depth - 1) for v in value]
+    if isinstance(value, str):  # e.g. an upstream error message inside an alert's details
+        return scrub_text(value)
     return value
 
 

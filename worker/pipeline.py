@@ -125,7 +125,8 @@ class BatchProcessor:
         """Handle one batch completely; returns when it may be checkpointed."""
         outcome = BatchOutcome(records=len(records))
         events, letters = self.decode_all(shard_id, records, outcome)
-        poisoned: dict[str, DeadLetter] = {}
+        poisoned: dict[tuple[str, str], DeadLetter] = {}
+        """One entry per record and handler failing on it: a redrive re-runs each."""
         if events:
             raw = {record.sequence_number: record for record in records}
             batch = Batch(shard_id, events)
@@ -145,12 +146,12 @@ class BatchProcessor:
                     record = raw[event.meta.sequence_number]
                     reason = f"handler {handler.name} failed on this record after retries"
                     letter = _letter(record, shard_id, reason, handler.name, exc)
-                    poisoned.setdefault(record.sequence_number, letter)
+                    poisoned.setdefault((record.sequence_number, handler.name), letter)
         # Written once the batch is done, so a batch retried after a handler outage does not
         # dead-letter its undecodable records again.
         await self._dlq.add([*letters, *poisoned.values()])
         outcome.dead_lettered = len(letters) + len(poisoned)
-        outcome.handled = len(events) - len(poisoned)
+        outcome.handled = len(events) - len({sequence for sequence, _ in poisoned})
         self._metrics.incr("records", outcome.records)
         self._metrics.incr("events_handled", outcome.handled)
         for name, count in outcome.skipped.items():

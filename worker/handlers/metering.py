@@ -290,8 +290,13 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
             continue
         data = event.data
         session = data.data_session_sid
-        if session is None or session == DEFAULTS_FIELD:
-            continue
+        if session is None:  # decode refuses these
+            raise ValueError(f"{event.kind.value} event lacks data.data_session_sid")
+        if session == DEFAULTS_FIELD:
+            raise ValueError(
+                f"data.data_session_sid {DEFAULTS_FIELD!r} is not a session id (it names a "
+                "field of the session records)"
+            )
         start_time = data.data_session_start_time
         if start_time is None:  # decode refuses these: a session is filed under its start
             raise ValueError(f"{event.kind.value} event lacks data.data_session_start_time")
