@@ -23,6 +23,7 @@ from botocore.exceptions import (
 from botocore.utils import parse_timestamp
 
 from worker.errors import AWS_RETRIABLE_CODES, is_aws_transient
+from worker.kinesis_parser import KinesisParserFactory
 from worker.settings import Settings
 
 RETRIABLE_CODES: Final = AWS_RETRIABLE_CODES
@@ -68,9 +69,9 @@ async def client(settings: Settings) -> AsyncIterator[KinesisClient]:
         max_pool_connections=64,
     )
     session = get_session()
-    session.get_component("response_parser_factory").set_parser_defaults(
-        timestamp_parser=utc_timestamp
-    )
+    parsers = KinesisParserFactory()
+    parsers.set_parser_defaults(timestamp_parser=utc_timestamp)
+    session.register_component("response_parser_factory", parsers)
     async with session.create_client(
         "kinesis",
         region_name=settings.region,
