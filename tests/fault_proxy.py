@@ -2,8 +2,8 @@
 
 It forwards every request to the upstream server and can answer some GetRecords calls
 itself with throttling (``ProvisionedThroughputExceededException``), an expired iterator
-(``ExpiredIteratorException``) or a server error, as AWS would, and hold any operation's
-answers for a while. It also counts GetRecords
+(``ExpiredIteratorException``), a server error, as AWS would, or an empty reply, and hold
+any operation's answers for a while. It also counts GetRecords
 calls per shard by following the iterators it sees.
 """
 
@@ -28,6 +28,9 @@ class Faults:
     delay: dict[str, float] = field(default_factory=dict)
     """Seconds to hold each call of an operation (e.g. ``{"ListShards": 2.0}``) before
     forwarding it: a slow answer, not an error."""
+    empty_at: frozenset[int] = frozenset()
+    """GetRecords calls (1 for the first) answered 200 with an empty object: a garbled
+    reply without records or a next iterator, which is not the end of an open shard."""
 
 
 @dataclass
@@ -92,6 +95,9 @@ class FaultProxy:
         hold = self.faults.delay.get(operation)
         if hold:
             await asyncio.sleep(hold)
+        if operation == "GetRecords" and self.calls["GetRecords"] in self.faults.empty_at:
+            self.injected["empty"] += 1
+            return web.json_response({}, content_type="application/x-amz-json-1.1")
         fault = self._fault(operation)
         if fault is not None:
             status, code = fault

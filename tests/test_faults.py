@@ -11,6 +11,7 @@ import pytest
 from fault_proxy import FaultProxy, Faults
 from kinesis_support import create_stream, events, put, put_to_shard, worker_settings
 from recording import seen, wait_handled
+from redis.asyncio import Redis
 
 from worker import keys
 from worker.app import run_worker
@@ -114,3 +115,27 @@ async def test_shutdown_timeout_counts_from_the_stop_even_during_a_slow_listing(
     stop.set()
     await asyncio.wait_for(task, 60)
     assert time.monotonic() - began <= 2.0 + 1.5
+
+
+async def test_an_empty_reply_is_not_the_end_of_an_open_shard(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """A 200 reply without records or a next iterator (garbled on the way) looks like a
+    shard's end; the shard is still open, so it is read again, never checkpointed ended."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(30))
+    proxy.faults = Faults(empty_at=frozenset({2}))
+    settings = worker_settings(proxy.url, redis_url, stream, batch_limit=10)
+    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    assert proxy.injected["empty"] == 1
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    assert len({sid for _, _, sid in await seen(redis_url, key_prefix)}) == 30
+    client = Redis.from_url(redis_url)
+    try:
+        stored = await client.hgetall(keys.checkpoints(key_prefix))
+    finally:
+        await client.aclose()
+    assert stored
+    assert all(b"SHARD_END" not in value for value in stored.values())

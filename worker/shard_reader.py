@@ -28,7 +28,13 @@ from worker import keys
 from worker.backoff import Backoff
 from worker.checkpoints import Checkpoints
 from worker.errors import RetriableError
-from worker.kinesis import EXPIRED_ITERATOR, KinesisClient, error_code, is_retriable
+from worker.kinesis import (
+    EXPIRED_ITERATOR,
+    KinesisClient,
+    error_code,
+    is_retriable,
+    list_shards,
+)
 from worker.leases import Lease
 from worker.pipeline import BatchProcessor, RawRecord
 
@@ -260,6 +266,8 @@ class ShardReader:
                 start = StartPosition.after(records[-1].sequence_number)
             behind = response.get("MillisBehindLatest")
             next_iterator = response.get("NextShardIterator")
+            if next_iterator is None:
+                await self._confirm_closed()
             await queue.put(_Fetched(records, behind, ended=next_iterator is None))
             if next_iterator is None:
                 return
@@ -267,6 +275,17 @@ class ShardReader:
             if not behind and len(records) < self._limit:
                 await self._idle_wait()
         await queue.put(_STOPPED)
+
+    async def _confirm_closed(self) -> None:
+        """A reply without a next iterator ends the shard only if Kinesis lists it closed
+        (or no longer lists it: trimmed). A garbled reply must never checkpoint an open shard
+        as ``SHARD_END``: nothing would read it again."""
+        for shard in await list_shards(self._kinesis, self._stream):
+            if shard.shard_id == self.shard_id and not shard.closed:
+                raise RetriableError(
+                    f"GetRecords gave no next iterator for shard {self.shard_id}, which is "
+                    "still open: not its end; reading again from the checkpoint"
+                )
 
     async def _idle_wait(self) -> None:
         with contextlib.suppress(TimeoutError):
