@@ -28,6 +28,8 @@ class Faults:
     delay: dict[str, float] = field(default_factory=dict)
     """Seconds to hold each call of an operation (e.g. ``{"ListShards": 2.0}``) before
     forwarding it: a slow answer, not an error."""
+    fail_first: dict[str, int] = field(default_factory=dict)
+    """Answer the first N calls of an operation with a server error (500 InternalFailure)."""
     empty_at: frozenset[int] = frozenset()
     """GetRecords calls (1 for the first) answered 200 with an empty object: a garbled
     reply without records or a next iterator, which is not the end of an open shard."""
@@ -71,6 +73,8 @@ class FaultProxy:
         await self._arrived[operation].wait()
 
     def _fault(self, operation: str) -> tuple[int, str] | None:
+        if self.calls[operation] <= self.faults.fail_first.get(operation, 0):
+            return 500, "InternalFailure"
         if operation != "GetRecords":
             return None
         n = self.calls["GetRecords"]

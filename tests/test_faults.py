@@ -12,6 +12,7 @@ from fault_proxy import FaultProxy, Faults
 from kinesis_support import create_stream, events, put, put_to_shard, worker_settings
 from recording import seen, wait_handled
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from worker import keys
 from worker.app import run_worker
@@ -139,3 +140,23 @@ async def test_an_empty_reply_is_not_the_end_of_an_open_shard(
         await client.aclose()
     assert stored
     assert all(b"SHARD_END" not in value for value in stored.values())
+
+
+async def test_get_shard_iterator_failures_are_retried_and_logged(
+    proxy: FaultProxy, kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Server errors on GetShardIterator are retried with backoff, each logged with its
+    attempt, and nothing is lost."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(10))
+    proxy.faults = Faults(fail_first={"GetShardIterator": 2})
+    settings = worker_settings(proxy.url, redis_url, stream)
+    with capture_logs() as logs:
+        summary = await run_worker(settings, until_caught_up=True, install_signals=False)
+    assert summary.caught_up
+    retries = [e for e in logs if e["event"] == "get_shard_iterator_retry"]
+    assert [e["attempt"] for e in retries] == [1, 2]
+    assert "InternalFailure" in retries[0]["error"]
+    handled = await seen(redis_url, keys.prefix(stream, "supersim-worker"))
+    assert len({sid for _, _, sid in handled}) == 10

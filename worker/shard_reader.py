@@ -302,7 +302,15 @@ class ShardReader:
                 failures += 1
                 if not is_retriable(exc) or failures > MAX_FETCH_FAILURES:
                     raise
-                await asyncio.sleep(self._backoff.delay(failures))
+                delay = self._backoff.delay(failures)
+                self._log.warning(
+                    "get_shard_iterator_retry",
+                    attempt=failures,
+                    attempts_left=MAX_FETCH_FAILURES - failures + 1,
+                    delay=round(delay, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await asyncio.sleep(delay)
                 continue
             iterator: str = response["ShardIterator"]
             return iterator
