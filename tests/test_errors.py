@@ -45,6 +45,7 @@ INFRASTRUCTURE = [
 ]
 RECORD_FAULTS = [
     ValueError("bad value"),
+    FileNotFoundError(errno.ENOENT, "No such file"),  # bounded by the outage patience
     KeyError("field"),
     DecodeError("not JSON"),
     ParamValidationError(report="Invalid length for parameter Key"),

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from worker import logs
 from worker.decode import decode
-from worker.logs import PII_KEYS, REDACTED, redact_pii
+from worker.logs import PII_KEYS, REDACTED, redact_pii, scrub_text
 from worker.records import ConnectionEvent
 
 IMSI, IMEI, ICCID = SIM["imsi"], SIM["imei"], SIM["sim_iccid"]
@@ -271,3 +271,18 @@ def test_location_and_named_fields_quoted_in_error_messages_are_redacted() -> No
         assert "2022-12-14T13:40:52.123456Z" in text
         assert "0.25 s" in text
         assert "HS2f71995b834d803ff5376799ba59bd1d" in text
+
+
+def test_numbers_of_our_own_messages_are_not_redacted() -> None:
+    """Durations, decimals and limits in messages stay readable; a lone decimal number is
+    not a coordinate, and a long decimal fraction is not an identifier."""
+    for text in (
+        "Timeout after 12.5000 s",
+        "took 0.30000000000000004 s",
+        "latency: 3.14159 ms",
+        "at 2022-12-14T13:40:52.123456Z",
+        "sequence 49590338271490256608559692538361571095921575989136588898",
+    ):
+        assert scrub_text(text) == text
+    assert scrub_text("IMSI 732123200563187.") == "IMSI [redacted]."
+    assert scrub_text("at 34.166991, -118.5720773") == "at [redacted]"

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from worker.decode import decode
+from worker.errors import is_infrastructure_failure
 from worker.handlers.base import Batch, HandlerContext
 from worker.handlers.metering import (
     MeteringHandler,
@@ -827,3 +828,20 @@ async def test_a_session_named_like_the_records_defaults_field_is_refused(
     with pytest.raises(ValueError, match="is not a session id"):
         await handler(client).handle(Batch("s", [event]))
     assert list(reader.scan_iter()) == []
+
+
+async def test_redis_refusing_writes_is_passed_on_as_an_outage(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """A full Redis (noeviction) refuses the script's writes with its own error, which the
+    consumer treats as an outage (retry), not as bad records (dead-letter)."""
+    (event,) = record_events(make_record("data-session.updated"))
+    reader.config_set("maxmemory-policy", "noeviction")
+    reader.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
+            await handler(client).handle(Batch("s", [event]))
+    finally:
+        reader.config_set("maxmemory", "0")
+    assert is_infrastructure_failure(refused.value)
+    await handler(client).handle(Batch("s", [event]))

@@ -185,7 +185,7 @@ async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Re
     )
     kinds = ["attachment.accepted"] * 40 + ["data-session.updated"] * 8
     batch = records(kinds)
-    with pytest.raises(HandlerUnavailable, match=r"batch waits \(at most [01] s\)"):
+    with pytest.raises(HandlerUnavailable, match=r"the batch waits \(for at most [01] s more\)"):
         await pipeline.process(SHARD, batch)
     assert await dlq.list() == []
     await asyncio.sleep(0.6)
@@ -196,18 +196,27 @@ async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Re
 
 
 async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) -> None:
-    """The same for a batch whose every record fails (a handler failing on everything)."""
+    """The same for a big batch whose every record fails (a handler failing on everything):
+    once the patience is spent the whole batch is dead-lettered in one pass, not eight
+    records per patience; a batch that then goes through ends the outage."""
     dlq = store(redis)
-    handler = Failing(lambda _: True, lambda: RuntimeError("boom"))
+    handler = Failing(lambda event: event.kind.is_data_session, lambda: RuntimeError("boom"))
     pipeline = BatchProcessor(
         [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
     )
-    batch = records(["attachment.accepted"] * 5 + ["data-session.updated"] * 5)
+    batch = records(["data-session.updated"] * 40)
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, batch)
     await asyncio.sleep(0.6)
     outcome = await pipeline.process(SHARD, batch)
+    assert outcome.dead_lettered == 40
+    # Still broken: new records are dead-lettered at once while the outage lasts...
+    outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=100))
     assert outcome.dead_lettered == 10
+    # ...until a batch goes through; the next outage waits again.
+    await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=200))
+    with pytest.raises(HandlerUnavailable):
+        await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=300))
 
 
 async def test_each_handler_failing_on_a_record_gets_its_own_entry(redis: Redis) -> None:

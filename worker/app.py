@@ -105,11 +105,12 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
     finally:
         # Concurrently: each alert handler may take a few seconds to finish its deliveries,
         # and the orchestrator's grace period counts them all.
-        await asyncio.gather(*(_close(handler) for handler in handlers))
+        await asyncio.gather(*(close_handler(handler) for handler in handlers))
         await redis.aclose()
 
 
-async def _close(handler: Handler) -> None:
+async def close_handler(handler: Handler) -> None:
+    """Close a handler; a failure is logged, never raised (the others still close)."""
     try:
         await handler.close()
     except Exception as exc:

@@ -25,7 +25,7 @@ from typing import Final
 import orjson
 import structlog
 
-from worker.app import command_settings, services
+from worker.app import close_handler, command_settings, services
 from worker.deadletter import DECODE, DeadLetter, DeadLetterStore
 from worker.decode import decode
 from worker.errors import ConfigError, DecodeError, WorkerError, is_infrastructure_failure
@@ -161,8 +161,9 @@ async def _list(
         )
     async with services(settings.model_copy(update={"handlers": ()})) as svc:
         start = "-" if after is None else "(" + after
-        letters = await svc.dead_letters.list(count=limit, start=start, newest=newest)
+        letters = await svc.dead_letters.list(count=limit + 1, start=start, newest=newest)
         total = await svc.dead_letters.length()
+    more, letters = len(letters) > limit, letters[:limit]
     shown = scrub_text if settings.redact_pii else str
     for letter in letters:
         row = {
@@ -171,7 +172,7 @@ async def _list(
             "sequence_number": letter.sequence_number,
             "arrival": letter.arrival.isoformat() if letter.arrival else None,
             "handler": letter.handler,
-            "reason": shown(letter.reason),
+            "reason": letter.reason,  # never quotes values (decode's nor the pipeline's)
             "exception": shown(letter.exception) if letter.exception else letter.exception,
             "bytes": len(letter.raw),
         }
@@ -184,10 +185,8 @@ async def _list(
                 f"[{letter.handler}] {row['reason']}{detail}"
             )
     if not as_json:
-        more = ""
-        if letters and not newest and len(letters) == limit:
-            more = f" (next: --after {letters[-1].entry_id})"
-        print(f"{len(letters)} shown of {total} dead-lettered records{more}")
+        following = f" (next: --after {letters[-1].entry_id})" if more and not newest else ""
+        print(f"{len(letters)} shown of {total} dead-lettered records{following}")
     return 0
 
 
@@ -212,7 +211,7 @@ async def _redrive(settings: Settings, limit: int) -> int:
                 svc.dead_letters, handler_for, svc.handlers if explicit else None, limit
             )
         finally:
-            await asyncio.gather(*(handler.close() for handler in built.values()))
+            await asyncio.gather(*(close_handler(handler) for handler in built.values()))
     for failed in result.failures:
         error = scrub_text(failed.error) if settings.redact_pii else failed.error
         print(f"{failed.entry_id}  still fails [{failed.handler}] {error}")

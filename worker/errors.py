@@ -8,6 +8,8 @@ connection resets); anything else is permanent for the operation that raised it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from typing import Final
 
 import aiohttp
@@ -54,8 +56,27 @@ _INFRASTRUCTURE = (
     redis.exceptions.AskError,
     aiohttp.ClientConnectionError,
     asyncio.TimeoutError,
-    OSError,  # the network or the host: connection errors, DNS (gaierror), no route, timeouts
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,  # DNS
+    socket.herror,
 )
+_NETWORK_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
+        errno.EPIPE,
+        errno.EADDRNOTAVAIL,
+    }
+)
+"""``OSError`` numbers that mean the network failed (a file or permission error does not)."""
 
 
 _INFRASTRUCTURE_REPLIES = ("BUSY ", "NOREPLICAS ", "UNBLOCKED ", "MISCONF ")
@@ -94,6 +115,8 @@ def is_infrastructure_failure(exc: BaseException) -> bool:
     missing credentials) and throttling or 5xx replies; a refused request parameter or
     another 4xx reply may be the record's fault and is not."""
     if getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
         return True
     if isinstance(exc, ClientError):
         return is_aws_transient(exc)

@@ -4,10 +4,10 @@ Context (``shard_id``, ``sequence_number``) is bound per shard and per record wi
 contextvars. Personal data in events (IMSI, IMEI, ICCID, IP address, location) is
 replaced by ``REDACTED`` unless redaction is turned off in the settings, wherever it sits
 in a logged value (nested dicts and lists, decoded events and their models). Free-text
-fields that carry exception messages (``error``, ``exception``, ``reason``) and strings
-inside logged containers may quote values a handler saw, so runs of 14 to 20 digits
-(IMSI, IMEI, ICCID), IP addresses, coordinates and the values of personal data fields
-quoted with their names (``lac='15170'``) in them are replaced too.
+fields that carry exception messages (``error``, ``exception``) and strings inside logged
+containers may quote values a handler saw, so runs of 14 to 20 digits (IMSI, IMEI,
+ICCID), IP addresses, latitude and longitude pairs and the values of personal data fields
+quoted with their names (``lac='15170'``, ``lat=34.1``) in them are replaced too.
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ PII_KEYS: Final = frozenset(
     {"imsi", "imei", "iccid", "sim_iccid", "ip_address", "location", "lat", "lon", "cell_id", "lac"}
 )
 
-FREE_TEXT_KEYS: Final = frozenset({"error", "exception", "reason"})
+FREE_TEXT_KEYS: Final = frozenset({"error", "exception"})
 PII_TEXT: Final = re.compile(
-    r"(?<![0-9A-Za-z])[0-9]{14,20}(?![0-9A-Za-z])"  # IMSI, IMEI, ICCID
+    r"(?<![0-9A-Za-z])(?<![0-9]\.)[0-9]{14,20}(?!\.?[0-9A-Za-z])"  # IMSI, IMEI, ICCID
     r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?!\.?[0-9])"  # IPv4
     r"|(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])"  # IPv6
     r"|(?<![0-9A-Za-z:])[0-9A-Fa-f]{1,4}::[0-9A-Fa-f]{1,4}(?![0-9A-Za-z:])"  # IPv6, short
-    r"|(?<![0-9A-Za-z.:])-?[0-9]{1,3}\.[0-9]{4,}(?![0-9])"  # a coordinate (4+ decimals)
+    r"|(?<![0-9A-Za-z.:])-?[0-9]{1,3}\.[0-9]{4,} ?, ?-?[0-9]{1,3}\.[0-9]{4,}(?![0-9])"  # lat, lon
 )
 """Personal data as it appears inside a message: identifiers are digit runs of their own
-(a 56-digit Kinesis sequence number or a hex SID is left alone), addresses dotted or
+(a 56-digit Kinesis sequence number, a hex SID or a number's decimals are left alone), addresses dotted or
 colon-separated with three colons or more (a time of day has two) or with ``::``, and
-latitudes or longitudes (a number with four decimals or more, not a time's fraction)."""
+a latitude and longitude pair (``34.166991, -118.5720773``; a lone number is not one)."""
 PII_FIELD_TEXT: Final = re.compile(
     r"(?i)(?<![0-9A-Za-z_])(imsi|imei|iccid|sim_iccid|ip_address|cell_id|lac|lat|lon)"
     r"""(['"]?\s*[:=]\s*['"]?)([^'",\s)}\]]+)"""

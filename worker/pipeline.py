@@ -15,8 +15,9 @@ handler that looks broken rather than fed bad data: one failing on every event o
 sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the same
 exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
 whole class of events). Its shards then wait and retry instead of dead-lettering live
-traffic record by record, but only for ``outage_patience`` seconds: records still failing
-after that are dead-lettered, so a shard never stalls for good on records that are bad.
+traffic record by record, but only for ``outage_patience`` seconds from when the handler
+was first taken to be broken: after that the records it fails on are dead-lettered until
+a batch goes through it without a failure, so a shard never stalls for good.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ BROKEN_HANDLER_WINDOW = 60.0
 """A handler that fails, after retries, on this many single records with the same exception
 type within this many seconds (across batches and shards) is broken, not the data."""
 DEFAULT_OUTAGE_PATIENCE = 600.0
-"""Seconds a batch waits for a handler taken to be broken before its records that still
-fail are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
+"""Seconds batches wait for a handler taken to be broken before the records it fails on
+are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
 
 
 class HandlerUnavailable(RetriableError):
@@ -92,11 +93,14 @@ class BatchProcessor:
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.pipeline")
         self._patience = outage_patience
-        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, float, str]]] = {}
-        """Per handler, per record (shard, sequence number), least recently failed first:
-        when it last failed, when it first did, with which exception type. Keyed by
-        record, so that a batch retried for another reason (a full dead-letter store, a
-        Redis blip) does not count twice."""
+        self._outage_since: dict[str, float] = {}
+        """Per handler taken to be broken: when it first was, in this outage."""
+        self._patience_spent: dict[str, float] = {}
+        """Per handler: the outage whose patience running out was logged (its start)."""
+        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
+        """Per handler, per record (shard, sequence number), oldest first: when it last
+        failed, with which exception type. Keyed by record, so that a batch retried for
+        another reason (a full dead-letter store, a Redis blip) does not count twice."""
 
     def decode_all(
         self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
@@ -132,14 +136,16 @@ class BatchProcessor:
             batch = Batch(shard_id, events)
             for handler in self.handlers:
                 failed = await self._run(handler, batch, self._attempts)
-                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH and not self._waited_out(
-                    handler, [event for event, _ in failed]
-                ):
+                if not failed:
+                    self._outage_since.pop(handler.name, None)  # it works: any outage is over
+                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
                     # deploy, a dependency down), not the data's: keep the batch, retry later.
-                    raise HandlerUnavailable(
+                    self._outage(
+                        handler,
                         f"handler {handler.name} failed on all {len(batch)} events of the "
-                        f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}"
+                        f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
+                        failed[0][1],
                     )
                 for event, exc in failed:
                     assert event.meta is not None  # events from records always carry it
@@ -203,58 +209,51 @@ class BatchProcessor:
         ]
 
     def _note_poisoned(self, handler: Handler, event: ConnectionEvent, error: Exception) -> None:
-        """Count a record ``handler`` failed on; raise ``HandlerUnavailable`` when the same
-        exception type has failed ``BROKEN_HANDLER_RECORDS`` distinct records in the window,
-        unless this record has been failing for ``outage_patience`` already: a batch waits
-        for a broken handler that long, then its failing records are dead-lettered."""
+        """Count a record ``handler`` failed on; when the same exception type has failed
+        ``BROKEN_HANDLER_RECORDS`` distinct records in the window, the handler is taken to
+        be broken (``_outage``)."""
         assert event.meta is not None  # events from records always carry it
         now = time.monotonic()
         recent = self._poisoned.setdefault(handler.name, {})
         key = (event.meta.shard_id, event.meta.sequence_number)
-        before = recent.pop(key, None)  # re-inserted last: least recently failed first
+        recent.pop(key, None)  # re-inserted last: the dict stays oldest first
         name = type(error).__name__
-        first = before[1] if before is not None else now
-        recent[key] = (now, first, name)
-        keep_after = now - self._patience - BROKEN_HANDLER_WINDOW
+        recent[key] = (now, name)
         for old in list(recent):
-            if recent[old][0] >= keep_after and len(recent) <= 4096:
+            if recent[old][0] >= now - BROKEN_HANDLER_WINDOW and len(recent) <= 1024:
                 break
             del recent[old]
-        if now - first >= self._patience:
-            self._log.warning(
+        count = sum(1 for _, seen in recent.values() if seen == name)
+        if count >= BROKEN_HANDLER_RECORDS:
+            self._outage(
+                handler,
+                f"handler {handler.name} failed with {name} on {count} records within "
+                f"{BROKEN_HANDLER_WINDOW:.0f} s",
+                error,
+            )
+
+    def _outage(self, handler: Handler, what: str, error: Exception) -> None:
+        """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
+        has been taken to be broken for ``outage_patience`` already: then return, and the
+        records it fails on are dead-lettered. The clock starts at the first such raise and
+        stops when a batch goes through the handler without a failure."""
+        now = time.monotonic()
+        since = self._outage_since.setdefault(handler.name, now)
+        if now - since < self._patience:
+            raise HandlerUnavailable(
+                f"{what}: treated as an outage, the batch waits (for at most "
+                f"{self._patience - (now - since):.0f} s more): {error}"
+            ) from error
+        if self._patience_spent.get(handler.name) != since:
+            self._patience_spent[handler.name] = since
+            self._log.error(
                 "handler_outage_patience_exhausted",
                 handler=handler.name,
-                shard_id=event.meta.shard_id,
-                sequence_number=event.meta.sequence_number,
-                failing_for=round(now - first, 1),
-                error=f"{name}: {error}",
+                broken_for=round(now - since, 1),
+                error=f"{type(error).__name__}: {error}",
+                hint="the records it fails on are dead-lettered until a batch goes through; "
+                "redrive them with `supersim-worker dlq redrive` once it is fixed",
             )
-            return
-        # Records that have waited out the patience are being dead-lettered: not counted.
-        window, waiting = now - BROKEN_HANDLER_WINDOW, now - self._patience
-        count = sum(
-            1
-            for last, since, seen in recent.values()
-            if seen == name and last >= window and since > waiting
-        )
-        if count >= BROKEN_HANDLER_RECORDS:
-            raise HandlerUnavailable(
-                f"handler {handler.name} failed with {name} on {count} records within "
-                f"{BROKEN_HANDLER_WINDOW:.0f} s: treated as an outage, the batch waits "
-                f"(at most {self._patience:.0f} s): {error}"
-            ) from error
-
-    def _waited_out(self, handler: Handler, events: Sequence[ConnectionEvent]) -> bool:
-        """True when the batch of ``events`` has waited ``outage_patience``: one of them
-        has been failing that long (its other records may have joined it later)."""
-        recent = self._poisoned.get(handler.name, {})
-        waiting = time.monotonic() - self._patience
-        for event in events:
-            assert event.meta is not None
-            seen = recent.get((event.meta.shard_id, event.meta.sequence_number))
-            if seen is not None and seen[1] <= waiting:
-                return True
-        return False
 
 
 def _as_handler_error(caught: BaseException) -> Exception:

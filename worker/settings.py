@@ -101,8 +101,8 @@ class Settings(BaseSettings):
     handler_outage_patience: float = Field(
         600.0,
         ge=0,
-        description="Seconds a batch waits for a handler taken to be broken before the "
-        "records it still fails on are dead-lettered.",
+        description="Seconds batches wait for a handler taken to be broken before the "
+        "records it fails on are dead-lettered.",
     )
     shutdown_timeout: float = Field(
         20.0, gt=0, description="Seconds to finish the in-flight batch."

@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
@@ -103,7 +102,7 @@ class Supervisor:
 
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
-        discovery round in progress is cut short. ``shutdown_timeout`` counts from here."""
+        shard listing in progress is cut short. ``shutdown_timeout`` counts from here."""
         if self._stop_requested is None:
             self._stop_requested = time.monotonic()
         self._stopping.set()
@@ -120,7 +119,7 @@ class Supervisor:
                 # the work awaits I/O must cut the wait below short, not be forgotten.
                 self._wake.clear()
                 try:
-                    if await self._unless_stopped(self._discover()):
+                    if await self._discover():
                         self.caught_up = True
                         self._log.info("caught_up", shards=len(self.progress))
                         break
@@ -143,21 +142,22 @@ class Supervisor:
         await self._reconcile()
         return self._until_caught_up and await self.all_caught_up()
 
-    async def _unless_stopped(self, work: Coroutine[Any, Any, bool]) -> bool:
-        """Run ``work`` unless a stop comes first: then it is cancelled (a slow ListShards
-        must not eat into the shutdown budget). False when cut short."""
-        task = asyncio.create_task(work, name="discovery")
-        stopped = asyncio.create_task(self._stopping.wait(), name="discovery-stop")
+    async def _list_unless_stopped(self) -> list[ShardInfo] | None:
+        """The stream's shards, or None if a stop comes first: a slow ListShards is then
+        cancelled, so it does not eat into the shutdown budget. Only the listing is raced:
+        lease and checkpoint calls are never cut off half-way."""
+        listing = asyncio.create_task(list_shards(self._kinesis, self._stream), name="list")
+        stopped = asyncio.create_task(self._stopping.wait(), name="list-stop")
         try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({listing, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiting in (task, stopped):
+            for waiting in (listing, stopped):
                 if not waiting.done():
                     waiting.cancel()
-            await asyncio.gather(task, stopped, return_exceptions=True)
-        if task.cancelled():
-            return False
-        return task.result()
+            await asyncio.gather(listing, stopped, return_exceptions=True)
+        if listing.cancelled():
+            return None
+        return listing.result()
 
     def _next_wake(self, interval: float) -> float:
         now = time.monotonic()
@@ -165,7 +165,9 @@ class Supervisor:
         return max(0.05, min([interval, *pending]))
 
     async def _reconcile(self) -> None:
-        shards = await list_shards(self._kinesis, self._stream)
+        shards = await self._list_unless_stopped()
+        if shards is None:
+            return
         self._shards = {shard.shard_id: shard for shard in shards}
         checkpoints = await self._checkpoints.all()
         now = time.monotonic()
@@ -185,8 +187,8 @@ class Supervisor:
                 continue
             try:
                 await self._take(shard, lease)
-            except BaseException:
-                if sid not in self._running:  # failed or cut short before its reader started
+            except Exception:
+                if sid not in self._running:  # failed before its reader started
                     await self._release(lease, bounded=True)
                 raise
 

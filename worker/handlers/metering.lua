@@ -340,9 +340,11 @@ end
 -- A bucket hash's TTL restarts when it gains a field (a new hour or day), so it expires the
 -- retention after the last period it holds; rewriting a field leaves the TTL alone.
 -- HINCRBY refuses a total beyond 2^63 - 1; Redis does not undo a script's earlier writes,
--- so those are undone here before failing: the call counts everything or nothing.
+-- so those are undone here before failing: the call counts everything or nothing. Any other
+-- refusal (OOM, READONLY, MISCONF: Redis refuses a script's first write, so nothing is
+-- undone then) is passed on as Redis gave it, so the caller sees an outage, not bad data.
 local applied = {}
-local function undo_and_fail(reply)
+local function undo()
   for k = #applied, 1, -1 do
     local key, field, delta, created = applied[k][1], applied[k][2], applied[k][3], applied[k][4]
     if created then
@@ -351,7 +353,6 @@ local function undo_and_fail(reply)
       redis.call('HINCRBY', key, field, fmt('%d', -delta))
     end
   end
-  error('usage bucket total refused by Redis (' .. tostring(reply.err) .. '): nothing counted', 0)
 end
 for i = 1, #bucket_keys do
   local key = bucket_keys[i]
@@ -360,7 +361,14 @@ for i = 1, #bucket_keys do
     local delta = sums[fields[j]]
     if delta ~= 0 then
       local total = redis.pcall('HINCRBY', key, fields[j], fmt('%d', delta))
-      if type(total) == 'table' then undo_and_fail(total) end
+      if type(total) == 'table' then
+        undo()
+        local why = tostring(total.err)
+        if why:find('overflow', 1, true) then
+          error('usage bucket total refused by Redis (' .. why .. '): nothing counted', 0)
+        end
+        return redis.error_reply(why)
+      end
       applied[#applied + 1] = {key, fields[j], delta, total == delta}
       if total == delta then grew = true end
     end
