@@ -25,6 +25,8 @@ from alerts_support import (
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from worker.handlers.base import Batch
+
 NAMES = ("rejections", "data_limit", "attach_loops")
 
 
@@ -109,3 +111,20 @@ async def test_old_episode_still_going_is_announced_once_it_is_recent(redis: Red
         "open"
     ]
     await close_all(handlers)
+
+
+async def test_a_redriven_dead_letter_holds_back_no_shards_event_time(redis: Redis) -> None:
+    """A dead letter redriven long after it failed is a late event (a batch without a
+    shard): it counts in its episode but is not taken for a shard's progress, which would
+    hold back closing every quiet episode for as long as that shard counts as active."""
+    clock = Clock(at(600))
+    (rejections,) = [handler("rejections", redis, clock)]
+    live = [event("attachment.rejected", n, 300 + n, error={"code": 20006}) for n in range(3)]
+    await feed([rejections], live, shard="shardId-000000000001")
+    late = event("attachment.rejected", 99, 10, error={"code": 20006})
+    await rejections.handle(Batch("", [late]))
+    shards: set[bytes] = set()
+    async for key in redis.scan_iter(match="*:seen"):
+        shards |= set(await redis.hkeys(key))
+    assert shards == {b"shardId-000000000001"}
+    await close_all([rejections])

@@ -138,7 +138,7 @@ async def _redrive_one(
                 "SUPERSIM_HANDLERS (as the worker does) to redrive its entries",
             )
         handlers = [found]
-    batch = Batch(letter.shard_id, [event])
+    batch = Batch("", [event])  # a late event: no shard's progress (its meta names the shard)
     for handler in handlers:
         try:
             await handler.handle(batch)

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One shard's decoded connection events, in sequence-number order."""
+    """One shard's decoded connection events, in sequence-number order.
+
+    ``shard_id`` is empty for dead letters being redriven: they are late events, not part of
+    any shard's progress (each event's ``meta`` still names the shard it came from)."""
 
     shard_id: str
     events: Sequence[ConnectionEvent]
