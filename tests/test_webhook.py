@@ -8,6 +8,7 @@ from datetime import timedelta
 import orjson
 import pytest
 import servers
+from aiohttp import web
 from alerts_support import (
     NOISY,
     SECRET,
@@ -26,7 +27,9 @@ from alerts_support import (
     webhook_settings,
 )
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
+from worker.alerts.dispatch import RetryPolicy
 from worker.alerts.handler import AlertHandler
 from worker.alerts.webhook import (
     ALERT_ID_HEADER,
@@ -224,3 +227,72 @@ async def test_full_dead_store_keeps_alerts_pending_and_the_alerts_commands_mana
     assert await asyncio.to_thread(main, ["alerts", "dead"]) == 0
     assert "0 undeliverable alerts" in capsys.readouterr().out
     await rejections.close()
+
+
+async def test_a_resolution_is_never_delivered_before_its_opening(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """The open alert's first delivery fails and is retried later; the episode resolves in
+    the meantime. The resolution waits for the opening: the receiver sees open, then
+    resolved, never a resolution of an alert it has not seen."""
+    clock = Clock(at(3600))
+    storm_handler = handler("rejections", redis, clock, webhook_settings(receiver.url, attempts=1))
+    receiver.fail_next = 1
+    await feed([storm_handler], [event("attachment.rejected", i, i * 10) for i in range(12)])
+    await storm_handler.flush()
+    await feed([storm_handler], [event("attachment.accepted", 1, 200)])
+    await finish([storm_handler], at(400))
+    assert list(receiver.accepted) == []  # the resolution waits for the opening's retry
+    clock.advance(5)
+    await finish([storm_handler], at(400))
+    assert [key.rsplit(":", 1)[1] for key in receiver.accepted] == ["open", "resolved"]
+    await close_all([storm_handler])
+
+
+def test_retries_are_spread_with_jitter() -> None:
+    """Alerts that failed together do not come due together: each next try is between
+    half and all of the exponential delay."""
+    policy = RetryPolicy(timedelta(seconds=30), timedelta(minutes=15), timedelta(days=1))
+    dues = {policy.next_due(0, 1) for _ in range(50)}
+    assert len(dues) > 40
+    assert all(30_000 <= due <= 60_000 for due in dues)
+    assert all(450_000 <= policy.next_due(0, 20) <= 900_000 for _ in range(20))
+
+
+async def test_an_accepted_post_counts_whatever_the_answer_body_does(redis: Redis) -> None:
+    """A receiver that answers 200 and then dribbles (or never ends) its body has accepted
+    the alert: the status decides, the body is never read, nothing is posted again."""
+    posts = 0
+
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        nonlocal posts
+        posts += 1
+        await request.read()
+        response = web.StreamResponse(status=200)
+        response.content_length = 10_000_000
+        await response.prepare(request)
+        await response.write(b"{")
+        await asyncio.sleep(3)  # longer than the client's 1 s timeout
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", dribble)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    tuned = webhook_settings(f"http://127.0.0.1:{port}/hook", timeout=timedelta(seconds=1))
+    storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
+    try:
+        with capture_logs() as logs:
+            await feed(
+                [storm_handler], [event("attachment.rejected", i, i * 10) for i in range(12)]
+            )
+            await storm_handler.flush()
+        assert posts == 1
+        assert not [line for line in logs if line["event"] == "webhook_attempt_failed"]
+        assert await storm_handler.outbox.pending() == 0
+    finally:
+        await close_all([storm_handler])
+        await runner.cleanup()

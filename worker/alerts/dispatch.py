@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -29,6 +30,9 @@ from worker.alerts.outbox import ClaimedEntry, Outbox, Outcome, Settlement
 from worker.alerts.sinks import AlertSink
 
 Render = Callable[[Transition], Alert]
+WAIT_MS = 0
+"""How long a resolution waits for its opening's delivery before it is looked at again:
+it is due at once, so the next claim (the next batch or tick) takes it up again."""
 
 
 class RetryPolicy:
@@ -39,9 +43,11 @@ class RetryPolicy:
         self._cap_ms = cap.total_seconds() * 1000
         self._max_age_ms = max_age.total_seconds() * 1000
 
-    def next_due(self, now_ms: int, tries: int) -> int:
+    def next_due(self, now_ms: int, tries: int, rng: random.Random | None = None) -> int:
+        """Exponential from ``base``, capped, with equal jitter (half fixed, half random),
+        so alerts that failed together in an outage do not all come due together."""
         delay: float = min(self._cap_ms, self._base_ms * 2.0 ** min(tries, 32))
-        return now_ms + round(delay)
+        return now_ms + round(delay / 2 + (rng or random).random() * delay / 2)
 
     def expired(self, now_ms: int, created_ms: int) -> bool:
         return now_ms - created_ms > self._max_age_ms
@@ -132,7 +138,17 @@ class Dispatcher:
                     self._queue.task_done()
 
     async def _deliver(self, entries: list[ClaimedEntry]) -> None:
-        results = await asyncio.gather(*(self._one(entry) for entry in entries))
+        sends: dict[str, asyncio.Future[Settlement]] = {}
+        for entry in entries:  # a resolution claimed with its opening waits for that send
+            opening = entry.opening_entry
+            sends[entry.entry] = asyncio.ensure_future(
+                self._one(entry, sends.get(opening) if opening else None)
+            )
+        try:
+            results = await asyncio.gather(*sends.values())
+        finally:
+            for send in sends.values():
+                send.cancel()
         now_ms = round(self._clock() * 1000)
         try:
             settled = await self._outbox.settle(results, now_ms)
@@ -152,7 +168,21 @@ class Dispatcher:
                 "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
 
-    async def _one(self, entry: ClaimedEntry) -> Settlement:
+    async def _one(
+        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement] | None = None
+    ) -> Settlement:
+        """How the entry's delivery went. A resolution is sent only once its opening is
+        delivered, so a receiver never sees an alert resolved before it opened:
+        ``opening`` is that send when it is in the same round, else the outbox says whether
+        the opening is still pending."""
+        if entry.opening_entry is not None:
+            if opening is not None:
+                ready = (await asyncio.shield(opening)).outcome is Outcome.DONE
+            else:
+                ready = not await self._outbox.is_pending(entry.opening_entry)
+            if not ready:
+                due = round(self._clock() * 1000) + WAIT_MS
+                return Settlement(entry.entry, Outcome.WAIT, due_ms=due)
         sink = self._sinks.get(entry.sink)
         if sink is None:
             return Settlement(entry.entry, Outcome.DEAD, reason=f"sink {entry.sink} is not enabled")

@@ -9,6 +9,8 @@ done:  the entry is removed; if it carries stream fields they are appended to th
        only when this call removed the entry, so the stream gets each alert once even
        when two replicas deliver the same entry.
 retry: the entry stays, due again at 'due', one more failed round counted.
+wait:  the entry stays, due again at 'due' (it was not tried: a resolution waiting for
+       its open alert's delivery).
 dead:  the entry moves to P:dead (entry -> {payload, reason, at}) with its reason; when
        P:dead already holds deadmax entries it stays in the outbox instead, due again
        'hold' ms later (held): nothing is dropped to make room.
@@ -36,11 +38,13 @@ for _, result in ipairs(req.results) do
       end
     end
     forget(entry)
-  elseif result.o == 'retry' then
+  elseif result.o == 'retry' or result.o == 'wait' then
     if redis.call('HEXISTS', OUTBOX_KEY, entry) == 1 then
       redis.call('ZADD', DUE_KEY, result.due, entry)
-      redis.call('HINCRBY', TRIES_KEY, entry, 1)
-      retried = retried + 1
+      if result.o == 'retry' then
+        redis.call('HINCRBY', TRIES_KEY, entry, 1)
+        retried = retried + 1
+      end
     end
   elseif redis.call('HEXISTS', OUTBOX_KEY, entry) == 1
       and redis.call('HEXISTS', DEAD_KEY, entry) == 0

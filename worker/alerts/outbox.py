@@ -62,6 +62,12 @@ class ClaimedEntry:
     def sink(self) -> str:
         return self.entry.partition("|")[0]
 
+    @property
+    def opening_entry(self) -> str | None:
+        """For a resolution, the entry of the same sink and episode that opened it."""
+        head, _, status = self.entry.rpartition("|")
+        return f"{head}|open" if status == "resolved" else None
+
     @classmethod
     def from_reply(cls, flat: Sequence[bytes | str]) -> list[ClaimedEntry]:
         return [
@@ -74,6 +80,8 @@ class Outcome(StrEnum):
     DONE = "done"
     RETRY = "retry"
     DEAD = "dead"
+    WAIT = "wait"
+    """Not tried: due again at ``due_ms``, no failed round counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +156,11 @@ class Outbox:
             keys=[self._prefix, self._stream_key], args=[orjson.dumps(request)]
         )
         return Settled(*(int(count) for count in reply))
+
+    async def is_pending(self, entry: str) -> bool:
+        """Whether ``entry`` is still in the outbox (not yet delivered nor dead)."""
+        found: int = await self._redis.hexists(f"{self._prefix}:outbox", entry)  # type: ignore[misc]
+        return bool(found)
 
     async def pending(self) -> int:
         """Entries not yet delivered (new, claimed or waiting for a retry)."""

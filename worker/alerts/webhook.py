@@ -119,8 +119,10 @@ class WebhookSink:
                 async with self._client().post(
                     self._url, data=body, headers=self.headers(alert, body), allow_redirects=False
                 ) as response:
+                    # The status decides; the body is never read (a receiver's slow or huge
+                    # answer must not turn an accepted alert into a retry, nor fill memory).
                     status = response.status
-                    await response.read()
+                    response.release()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
