@@ -12,6 +12,7 @@ from aiohttp import web
 from alerts_support import (
     NOISY,
     SECRET,
+    SIM_A,
     SIM_B,
     Clock,
     Receiver,
@@ -293,6 +294,44 @@ async def test_an_accepted_post_counts_whatever_the_answer_body_does(redis: Redi
         assert posts == 1
         assert not [line for line in logs if line["event"] == "webhook_attempt_failed"]
         assert await storm_handler.outbox.pending() == 0
+    finally:
+        await close_all([storm_handler])
+        await runner.cleanup()
+
+
+async def test_a_shutdown_mid_round_keeps_what_was_delivered(redis: Redis) -> None:
+    """Closing while one POST hangs: the alerts of the round already delivered are settled,
+    so only the one in flight is delivered again later."""
+    delivered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["sim_sid"] == SIM_B:
+            await asyncio.sleep(4)  # hangs past the close's grace
+        delivered.append(body["sim_sid"])
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    tuned = webhook_settings(
+        f"http://127.0.0.1:{port}/hook", timeout=timedelta(seconds=10), attempts=1
+    )
+    storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
+    storms = [event("attachment.rejected", i, i * 10, sim=SIM_A) for i in range(10)]
+    storms += [event("attachment.rejected", 100 + i, i * 10, sim=SIM_B) for i in range(10)]
+    try:
+        await feed([storm_handler], storms)
+        await asyncio.sleep(1)
+        assert delivered == [SIM_A]
+        await storm_handler.dispatcher.close(grace=0.5)
+        left = await redis.hkeys(f"{storm_handler.store.prefix}:outbox")
+        assert [entry.decode().split("|")[0] for entry in left] == ["webhook"]
+        assert SIM_B in left[0].decode()
     finally:
         await close_all([storm_handler])
         await runner.cleanup()

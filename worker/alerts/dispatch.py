@@ -5,8 +5,9 @@ dispatcher's background task renders each claimed entry, sends it to its sink an
 settles the round in the outbox (one more round trip per round, not per batch). A slow
 or failing webhook therefore never holds up the shard.
 
-Guarantees: an entry is claimed by one replica at a time (lease); a process that dies
-mid-round leaves its claims to expire and be claimed again, so every entry is delivered
+Guarantees: an entry is claimed by one replica at a time (lease); a shutdown mid-round
+settles what the round had already delivered; a process that dies mid-round leaves its
+claims to expire and be claimed again, so every entry is delivered
 at least once and, through the stream sink's atomic append and the webhook's idempotency
 key, observed once. The task is owned here: ``close`` waits for it (bounded), cancels
 it, and its failures surface on the next ``submit`` or ``flush``.
@@ -146,6 +147,18 @@ class Dispatcher:
             )
         try:
             results = await asyncio.gather(*sends.values())
+        except asyncio.CancelledError:
+            # A shutdown cut the round short: settle what was delivered (or failed) before
+            # it, so only the sends still in flight are repeated after their claim.
+            finished = [
+                send.result()
+                for send in sends.values()
+                if send.done() and not send.cancelled() and send.exception() is None
+            ]
+            if finished:
+                with contextlib.suppress(RedisError):
+                    await self._outbox.settle(finished, round(self._clock() * 1000))
+            raise
         finally:
             for send in sends.values():
                 send.cancel()
