@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from aiohttp import web
 from alerts_support import (
     NOISY,
     Clock,
     Receiver,
+    at,
     close_all,
+    event,
     feed,
     finish,
     fleet_subject,
@@ -30,6 +34,8 @@ from redis.asyncio import Redis
 
 from worker.alerts.handler import AlertHandler
 from worker.alerts.settings import AlertSettings
+from worker.alerts.webhook import IDEMPOTENCY_HEADER
+from worker.handlers.base import Batch
 from worker.records import ConnectionEvent
 
 NAMES = ("rejections", "data_limit", "attach_loops")
@@ -123,3 +129,52 @@ async def test_three_replicas_splitting_the_shards_find_every_episode_once(
         assert alert["status"] == "resolved"
         assert alert["count"] == episode["count"]
     await stop(replicas)
+
+
+async def test_a_slow_webhook_backlog_is_never_posted_twice_by_another_replica(
+    redis: Redis,
+) -> None:
+    """One replica claims far more than a slow webhook takes within a claim's lease; a
+    second replica claims what ran out. Each alert is still POSTed once: a delivery is
+    settled as soon as the webhook accepts it, and an entry whose claim another replica
+    took meanwhile is not sent."""
+    posts: Counter[str] = Counter()
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(0.8)
+        posts[request.headers[IDEMPOTENCY_HEADER]] += 1
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    webhook = webhook_settings(
+        url, timeout=timedelta(seconds=1.5), attempts=1, backoff_cap=timedelta(seconds=0.05)
+    ).webhook
+    tuned = settings(sinks="log,webhook", webhook=webhook)
+    first, second = (handler("rejections", redis, time.time, tuned) for _ in range(2))
+    try:
+        for k in range(4):  # 200 storms: 25 s of POSTs, more than a claim's lease
+            storms = [
+                event("attachment.rejected", s * 100 + i, i * 10, sim=f"HS{s:032x}")
+                for s in range(50 * k, 50 * k + 50)
+                for i in range(10)
+            ]
+            await first.handle(Batch("shardId-000000000000", storms))
+        await asyncio.sleep(tuned.webhook.round_seconds + 11)
+        await second.handle(
+            Batch(
+                "shardId-000000000001", [event("data-session.updated", 1, 5, sim="HS" + "f" * 32)]
+            )
+        )
+        await asyncio.gather(first.flush(), second.flush())
+        await finish([first, second], at(0))
+    finally:
+        await close_all([first, second])
+        await runner.cleanup()
+    assert len(posts) == 200
+    assert max(posts.values()) == 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -66,28 +68,34 @@ class Dispatcher:
         retry: RetryPolicy,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
+        lease_ms: float = math.inf,
+        send_budget_ms: float = 0.0,
     ) -> None:
         self._outbox = outbox
+        self._lease_ms = lease_ms
+        self._budget_ms = send_budget_ms
         self._sinks = dict(sinks)
         self._render = render
         self._retry = retry
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
-        self._queued: set[str] = set()
+        self._queued: dict[str, float] = {}
+        """Entries queued here -> when their claim ends (wall ms, the outbox's due score)."""
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._log = structlog.get_logger("worker.alerts")
 
-    def submit(self, entries: Sequence[ClaimedEntry]) -> None:
-        """Queue claimed entries (ones already queued here are skipped)."""
+    def submit(self, entries: Sequence[ClaimedEntry], claimed_until_ms: float = math.inf) -> None:
+        """Queue entries claimed until ``claimed_until_ms`` (ones already queued here are
+        not queued twice; the newer claim is the one that holds)."""
         self._surface_failure()
         if self._closed:
             return
         for entry in entries:
             if entry.entry not in self._queued:
-                self._queued.add(entry.entry)
                 self._queue.put_nowait(entry)
+            self._queued[entry.entry] = claimed_until_ms
         if self._queued and self._task is None:
             self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
 
@@ -135,25 +143,27 @@ class Dispatcher:
                 await self._deliver(round_)
             finally:
                 for entry in round_:
-                    self._queued.discard(entry.entry)
+                    self._queued.pop(entry.entry, None)
                     self._queue.task_done()
 
     async def _deliver(self, entries: list[ClaimedEntry]) -> None:
-        sends: dict[str, asyncio.Future[Settlement]] = {}
+        sends: dict[str, asyncio.Future[Settlement | None]] = {}
         for entry in entries:  # a resolution claimed with its opening waits for that send
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
                 self._one(entry, sends.get(opening) if opening else None)
             )
         try:
-            results = await asyncio.gather(*sends.values())
+            gathered = await asyncio.gather(*sends.values())
+            results = [result for result in gathered if result and not result.settled]
         except asyncio.CancelledError:
             # A shutdown cut the round short: settle what was delivered (or failed) before
             # it, so only the sends still in flight are repeated after their claim.
             finished = [
-                send.result()
+                result
                 for send in sends.values()
                 if send.done() and not send.cancelled() and send.exception() is None
+                if (result := send.result()) is not None and not result.settled
             ]
             if finished:
                 with contextlib.suppress(RedisError):
@@ -181,16 +191,52 @@ class Dispatcher:
                 "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
 
+    async def _still_claimed(self, entry: ClaimedEntry) -> bool:
+        """Whether this replica may send ``entry`` now: its claim lasts long enough for a
+        send, or is extended (if it is still this claim). An entry that waited in the queue
+        too long is left to whoever claims it next, never sent twice."""
+        until = self._queued.get(entry.entry, math.inf)
+        now_ms = self._clock() * 1000
+        if now_ms + self._budget_ms <= until:
+            return True
+        renewed = now_ms + self._lease_ms
+        if await self._outbox.extend_claim(entry.entry, until, renewed):
+            self._queued[entry.entry] = renewed
+            return True
+        self._log.info("alert_claim_lost_unsent", entry=entry.entry)
+        return False
+
     async def _one(
-        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement] | None = None
-    ) -> Settlement:
+        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement | None] | None = None
+    ) -> Settlement | None:
+        """Deliver one entry (``_outcome``); a remote sink's outcome is settled at once:
+        its claim was checked to last the send, so it is settled before it runs out."""
+        settlement = await self._outcome(entry, opening)
+        sink = self._sinks.get(entry.sink)
+        if settlement is None or sink is None or not sink.remote:
+            return settlement
+        try:
+            await self._outbox.settle([settlement], round(self._clock() * 1000))
+        except RedisError as exc:
+            self._log.warning(
+                "alert_settle_failed",
+                entries=1,
+                error=f"{type(exc).__name__}: {exc}",
+                note="the delivery is repeated when its claim expires",
+            )
+        return dataclasses.replace(settlement, settled=True)
+
+    async def _outcome(
+        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement | None] | None = None
+    ) -> Settlement | None:
         """How the entry's delivery went. A resolution is sent only once its opening is
         delivered, so a receiver never sees an alert resolved before it opened:
         ``opening`` is that send when it is in the same round, else the outbox says whether
         the opening is still pending."""
         if entry.opening_entry is not None:
             if opening is not None:
-                ready = (await asyncio.shield(opening)).outcome is Outcome.DONE
+                opened = await asyncio.shield(opening)
+                ready = opened is not None and opened.outcome is Outcome.DONE
             else:
                 ready = not await self._outbox.is_pending(entry.opening_entry)
             if not ready:
@@ -205,6 +251,8 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError) as exc:
             return Settlement(entry.entry, Outcome.DEAD, reason=f"cannot render: {exc}")
         async with self._limit:
+            if not await self._still_claimed(entry):
+                return None
             result = await sink.send(alert)
         if result.delivered:
             return Settlement(entry.entry, Outcome.DONE, stream_fields=result.stream_fields)

@@ -33,6 +33,9 @@ class AlertSink(Protocol):
     """Delivers rendered alerts somewhere."""
 
     name: str
+    remote: bool
+    """True if sending waits on another system (settled as soon as it is sent, so a slow
+    receiver never lets the claims of what it already accepted run out)."""
 
     async def send(self, alert: Alert) -> SendResult: ...
 
@@ -43,6 +46,7 @@ class LogSink:
     """One structured log line per alert: warnings (errors if critical) open, info resolved."""
 
     name = "log"
+    remote = False
 
     def __init__(self) -> None:
         self._log = structlog.get_logger("worker.alerts")
@@ -69,6 +73,7 @@ class StreamSink:
     """
 
     name = "stream"
+    remote = False
 
     async def send(self, alert: Alert) -> SendResult:
         fields = (

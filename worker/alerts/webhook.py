@@ -79,6 +79,7 @@ class WebhookSink:
     """POSTs alerts to one URL. Owns an aiohttp session, opened on first use."""
 
     name = "webhook"
+    remote = True
 
     def __init__(
         self, settings: WebhookSettings, *, clock: Callable[[], float] = time.time
