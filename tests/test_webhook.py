@@ -335,3 +335,32 @@ async def test_a_shutdown_mid_round_keeps_what_was_delivered(redis: Redis) -> No
     finally:
         await close_all([storm_handler])
         await runner.cleanup()
+
+
+async def test_a_redriven_alert_gets_every_retry_round_again(
+    redis: Redis, receiver: Receiver
+) -> None:
+    """An alert given up on for its age, then redriven, is not dead again at its first
+    failure: its age counts from the redrive. The reason says it was too old."""
+    clock = Clock(at(3600))
+    tuned = webhook_settings(receiver.url, attempts=1, max_age=timedelta(seconds=60))
+    storm_handler = handler("rejections", redis, clock, tuned)
+    receiver.status = 503
+    await feed([storm_handler], [event("attachment.rejected", i, i * 10) for i in range(10)])
+    await storm_handler.flush()
+    clock.advance(120)
+    await storm_handler.tick(at(130))
+    await storm_handler.flush()
+    dead = await storm_handler.outbox.dead()
+    assert len(dead) == 1
+    assert "maximum age (last: HTTP 503)" in next(iter(dead.values()))["reason"]
+    await storm_handler.outbox.requeue(list(dead), round(clock() * 1000))
+    receiver.status = 200
+    receiver.fail_next = 1  # the receiver is back, but one POST fails
+    await storm_handler.tick(at(130))
+    await storm_handler.flush()
+    assert await storm_handler.outbox.dead() == {}
+    clock.advance(40)
+    await finish([storm_handler], at(130))
+    assert [key.rsplit(":", 1)[1] for key in receiver.accepted] == ["open"]
+    await close_all([storm_handler])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Final
 
@@ -68,7 +69,7 @@ async def _redrive(settings: Settings, entries: list[str]) -> int:
     async with services(settings) as svc:
         for handler in _alert_handlers(list(svc.handlers)):
             wanted = entries or list(await handler.outbox.dead())
-            moved += await handler.outbox.requeue(wanted)
+            moved += await handler.outbox.requeue(wanted, round(time.time() * 1000))
     print(f"requeued {moved} alerts; a running worker delivers them on its next round")
     return 1 if entries and moved < len(set(entries)) else 0
 

@@ -264,9 +264,14 @@ class Dispatcher:
             "reason": result.reason,
             "failed_rounds": entry.tries + 1,
         }
-        if not result.retriable or self._retry.expired(now_ms, transition.created_ms):
+        if not result.retriable:
             self._log.error("alert_delivery_dead", **fields)
             return Settlement(entry.entry, Outcome.DEAD, reason=result.reason)
+        since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
+        if self._retry.expired(now_ms, since):
+            reason = f"undelivered for longer than the maximum age (last: {result.reason})"
+            self._log.error("alert_delivery_dead", **(fields | {"reason": reason}))
+            return Settlement(entry.entry, Outcome.DEAD, reason=reason)
         due = self._retry.next_due(now_ms, entry.tries)
         self._log.warning("alert_delivery_deferred", retry_in_s=(due - now_ms) / 1000, **fields)
         return Settlement(entry.entry, Outcome.RETRY, due_ms=due, reason=result.reason)

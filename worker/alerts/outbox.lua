@@ -26,6 +26,7 @@ local done, retried, dead, held = 0, 0, 0, 0
 local function forget(entry)
   redis.call('ZREM', DUE_KEY, entry)
   redis.call('HDEL', TRIES_KEY, entry)
+  redis.call('HDEL', P .. ':requeued', entry)
 end
 
 for _, result in ipairs(req.results) do

@@ -28,20 +28,21 @@ SCRIPT: Final = resources.files("worker.alerts").joinpath("outbox.lua").read_tex
 REQUEUE: Final = """
 local P = KEYS[1]
 local moved = 0
-for i = 1, #ARGV do
+for i = 2, #ARGV do
   local letter = redis.call('HGET', P .. ':dead', ARGV[i])
   if letter then
     redis.call('HSETNX', P .. ':outbox', ARGV[i], cjson.decode(letter).payload)
     redis.call('ZADD', P .. ':due', 0, ARGV[i])
     redis.call('HDEL', P .. ':tries', ARGV[i])
+    redis.call('HSET', P .. ':requeued', ARGV[i], ARGV[1])
     redis.call('HDEL', P .. ':dead', ARGV[i])
     moved = moved + 1
   end
 end
 return moved
 """
-"""Dead entries (ARGV) back into the outbox, due at once (whatever a replica's clock says)
-with no failed rounds."""
+"""Dead entries (ARGV[2:]) back into the outbox, due at once (whatever a replica's clock
+says) with no failed rounds; ARGV[1] (wall ms) is when, from which its age counts anew."""
 EXTEND: Final = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
@@ -193,14 +194,20 @@ class Outbox:
         raw = await self._redis.hgetall(f"{self._prefix}:dead")  # type: ignore[misc]
         return {_text(entry): orjson.loads(value) for entry, value in raw.items()}
 
-    async def requeue(self, entries: Sequence[str]) -> int:
-        """Move these dead entries back to the outbox, due at once; returns how many were
-        dead here (the others are ignored)."""
+    async def requeue(self, entries: Sequence[str], now_ms: int) -> int:
+        """Move these dead entries back to the outbox, due at once, their age counting from
+        ``now_ms`` (they get every retry round again); returns how many were dead here (the
+        others are ignored)."""
         moved = 0
         for start in range(0, len(entries), 500):
-            part = list(entries[start : start + 500])
+            part = [str(now_ms), *entries[start : start + 500]]
             moved += int(await self._requeue(keys=[self._prefix], args=part))
         return moved
+
+    async def requeued_at(self, entry: str) -> int:
+        """When ``entry`` was last redriven (wall ms), or 0."""
+        at = await self._redis.hget(f"{self._prefix}:requeued", entry)  # type: ignore[misc]
+        return int(at) if at else 0
 
     async def delete_dead(self, entries: Sequence[str]) -> int:
         """Remove these dead entries for good; returns how many were there."""
