@@ -62,7 +62,7 @@ async def test_each_batch_costs_one_redis_round_trip_per_handler(redis_url: str)
     assert client.sent == ["EVALSHA"]
     await handlers[0].flush()
     # The round's settle; resolutions whose opening went out in an earlier round check it
-    # is no longer pending (one HEXISTS each).
+    # is no longer pending (HEXISTS, pipelined: one round trip per round).
     assert [sent for sent in client.sent if sent != "HEXISTS"] == ["EVALSHA"] * 2
     await close_all(handlers)
     await client.aclose()

@@ -80,6 +80,9 @@ class Dispatcher:
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
+        self._pending_openings: set[str] = set()
+        """Openings of the current round's resolutions, delivered in an earlier round but
+        still in the outbox (failed, or with another replica)."""
         self._queued: dict[str, float] = {}
         """Entries queued here -> when their claim ends (wall ms, the outbox's due score)."""
         self._task: asyncio.Task[None] | None = None
@@ -147,14 +150,26 @@ class Dispatcher:
                     self._queue.task_done()
 
     async def _deliver(self, entries: list[ClaimedEntry]) -> None:
+        in_round = {entry.entry for entry in entries}
+        earlier = [
+            opening
+            for entry in entries
+            if (opening := entry.opening_entry) is not None and opening not in in_round
+        ]
+        try:
+            self._pending_openings = await self._outbox.pending_among(earlier)
+        except RedisError as exc:
+            self._log.warning("alert_round_skipped", error=f"{type(exc).__name__}: {exc}")
+            return  # nothing sent: delivered when the claims run out
         sends: dict[str, asyncio.Future[Settlement | None]] = {}
-        for entry in entries:  # a resolution claimed with its opening waits for that send
+        # Openings first, so that a resolution claimed with its opening waits for that send.
+        for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
                 self._one(entry, sends.get(opening) if opening else None)
             )
         try:
-            gathered = await asyncio.gather(*sends.values())
+            gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
             results = [result for result in gathered if result and not result.settled]
         except asyncio.CancelledError:
             # A shutdown cut the round short: settle what was delivered (or failed) before
@@ -238,7 +253,7 @@ class Dispatcher:
                 opened = await asyncio.shield(opening)
                 ready = opened is not None and opened.outcome is Outcome.DONE
             else:
-                ready = not await self._outbox.is_pending(entry.opening_entry)
+                ready = entry.opening_entry not in self._pending_openings
             if not ready:
                 due = round(self._clock() * 1000) + WAIT_MS
                 return Settlement(entry.entry, Outcome.WAIT, due_ms=due)

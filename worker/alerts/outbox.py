@@ -179,10 +179,16 @@ class Outbox:
         kept = await self._extend(keys=[f"{self._prefix}:due"], args=args)
         return bool(kept)
 
-    async def is_pending(self, entry: str) -> bool:
-        """Whether ``entry`` is still in the outbox (not yet delivered nor dead)."""
-        found: int = await self._redis.hexists(f"{self._prefix}:outbox", entry)  # type: ignore[misc]
-        return bool(found)
+    async def pending_among(self, entries: Sequence[str]) -> set[str]:
+        """Those of ``entries`` still in the outbox (not yet delivered nor dead): one round
+        trip."""
+        if not entries:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hexists(f"{self._prefix}:outbox", entry)
+            found = await pipe.execute()
+        return {entry for entry, there in zip(entries, found, strict=True) if there}
 
     async def pending(self) -> int:
         """Entries not yet delivered (new, claimed or waiting for a retry)."""
