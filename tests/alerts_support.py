@@ -8,9 +8,10 @@ the truth's episodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -312,3 +313,19 @@ def webhook_settings(url: str, **overrides: Any) -> AlertSettings:
 async def close_all(handlers: Iterable[AlertHandler]) -> None:
     for item in handlers:
         await item.close()
+
+
+@contextlib.asynccontextmanager
+async def hook_server(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A webhook receiver on 127.0.0.1 answering every POST with ``answer``; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/hook", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    finally:
+        await runner.cleanup()

@@ -22,6 +22,7 @@ from alerts_support import (
     finish,
     fleet_subject,
     handler,
+    hook_server,
     match,
     settings,
     sim_end,
@@ -146,35 +147,30 @@ async def test_a_slow_webhook_backlog_is_never_posted_twice_by_another_replica(
         posts[request.headers[IDEMPOTENCY_HEADER]] += 1
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    webhook = webhook_settings(
-        url, timeout=timedelta(seconds=1.5), attempts=1, backoff_cap=timedelta(seconds=0.05)
-    ).webhook
-    tuned = settings(sinks="log,webhook", webhook=webhook)
-    first, second = (handler("rejections", redis, time.time, tuned) for _ in range(2))
-    try:
-        for k in range(4):  # 200 storms: 25 s of POSTs, more than a claim's lease
-            storms = [
-                event("attachment.rejected", s * 100 + i, i * 10, sim=f"HS{s:032x}")
-                for s in range(50 * k, 50 * k + 50)
-                for i in range(10)
-            ]
-            await first.handle(Batch("shardId-000000000000", storms))
-        await asyncio.sleep(tuned.webhook.round_seconds + 11)
-        await second.handle(
-            Batch(
-                "shardId-000000000001", [event("data-session.updated", 1, 5, sim="HS" + "f" * 32)]
+    async with hook_server(slow) as url:
+        webhook = webhook_settings(
+            url, timeout=timedelta(seconds=1.5), attempts=1, backoff_cap=timedelta(seconds=0.05)
+        ).webhook
+        tuned = settings(sinks="log,webhook", webhook=webhook)
+        first, second = (handler("rejections", redis, time.time, tuned) for _ in range(2))
+        try:
+            for k in range(4):  # 200 storms: 25 s of POSTs, more than a claim's lease
+                storms = [
+                    event("attachment.rejected", s * 100 + i, i * 10, sim=f"HS{s:032x}")
+                    for s in range(50 * k, 50 * k + 50)
+                    for i in range(10)
+                ]
+                await first.handle(Batch("shardId-000000000000", storms))
+            await asyncio.sleep(tuned.webhook.round_seconds + 11)
+            await second.handle(
+                Batch(
+                    "shardId-000000000001",
+                    [event("data-session.updated", 1, 5, sim="HS" + "f" * 32)],
+                )
             )
-        )
-        await asyncio.gather(first.flush(), second.flush())
-        await finish([first, second], at(0))
-    finally:
-        await close_all([first, second])
-        await runner.cleanup()
+            await asyncio.gather(first.flush(), second.flush())
+            await finish([first, second], at(0))
+        finally:
+            await close_all([first, second])
     assert len(posts) == 200
     assert max(posts.values()) == 1

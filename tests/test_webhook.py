@@ -22,6 +22,7 @@ from alerts_support import (
     feed,
     finish,
     handler,
+    hook_server,
     sim_end,
     simulated,
     stream_alerts,
@@ -276,27 +277,18 @@ async def test_an_accepted_post_counts_whatever_the_answer_body_does(redis: Redi
         await asyncio.sleep(3)  # longer than the client's 1 s timeout
         return response
 
-    app = web.Application()
-    app.router.add_post("/hook", dribble)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    tuned = webhook_settings(f"http://127.0.0.1:{port}/hook", timeout=timedelta(seconds=1))
-    storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
-    try:
+    async with hook_server(dribble) as url:
+        tuned = webhook_settings(url, timeout=timedelta(seconds=1))
+        storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
         with capture_logs() as logs:
             await feed(
                 [storm_handler], [event("attachment.rejected", i, i * 10) for i in range(12)]
             )
             await storm_handler.flush()
-        assert posts == 1
-        assert not [line for line in logs if line["event"] == "webhook_attempt_failed"]
-        assert await storm_handler.outbox.pending() == 0
-    finally:
         await close_all([storm_handler])
-        await runner.cleanup()
+    assert posts == 1
+    assert not [line for line in logs if line["event"] == "webhook_attempt_failed"]
+    assert await storm_handler.outbox.pending() == 0
 
 
 async def test_a_shutdown_mid_round_keeps_what_was_delivered(redis: Redis) -> None:
@@ -311,30 +303,19 @@ async def test_a_shutdown_mid_round_keeps_what_was_delivered(redis: Redis) -> No
         delivered.append(body["sim_sid"])
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    tuned = webhook_settings(
-        f"http://127.0.0.1:{port}/hook", timeout=timedelta(seconds=10), attempts=1
-    )
-    storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
     storms = [event("attachment.rejected", i, i * 10, sim=SIM_A) for i in range(10)]
     storms += [event("attachment.rejected", 100 + i, i * 10, sim=SIM_B) for i in range(10)]
-    try:
+    async with hook_server(hook) as url:
+        tuned = webhook_settings(url, timeout=timedelta(seconds=10), attempts=1)
+        storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
         await feed([storm_handler], storms)
         await asyncio.sleep(1)
         assert delivered == [SIM_A]
         await storm_handler.dispatcher.close(grace=0.5)
         left = await redis.hkeys(f"{storm_handler.store.prefix}:outbox")
-        assert [entry.decode().split("|")[0] for entry in left] == ["webhook"]
-        assert SIM_B in left[0].decode()
-    finally:
         await close_all([storm_handler])
-        await runner.cleanup()
+    assert [entry.decode().split("|")[0] for entry in left] == ["webhook"]
+    assert SIM_B in left[0].decode()
 
 
 async def test_a_redriven_alert_gets_every_retry_round_again(

@@ -242,15 +242,7 @@ class ShardReader:
                     raise RetriableError(
                         f"GetRecords failed {failures} times in a row: {exc}"
                     ) from exc
-                delay = self._backoff.delay(failures)
-                self._log.warning(
-                    "get_records_retry",
-                    attempt=failures,
-                    attempts_left=MAX_FETCH_FAILURES - failures + 1,
-                    delay=round(delay, 3),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                await asyncio.sleep(delay)
+                await self._retry_pause("get_records_retry", failures, exc)
                 continue
             failures = 0
             records = [
@@ -287,6 +279,18 @@ class ShardReader:
                     "still open: not its end; reading again from the checkpoint"
                 )
 
+    async def _retry_pause(self, event: str, failures: int, exc: BaseException) -> None:
+        """Log a retried Kinesis call (``event``) and wait its jittered backoff."""
+        delay = self._backoff.delay(failures)
+        self._log.warning(
+            event,
+            attempt=failures,
+            attempts_left=MAX_FETCH_FAILURES - failures + 1,
+            delay=round(delay, 3),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        await asyncio.sleep(delay)
+
     async def _idle_wait(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._idle)
@@ -302,15 +306,7 @@ class ShardReader:
                 failures += 1
                 if not is_retriable(exc) or failures > MAX_FETCH_FAILURES:
                     raise
-                delay = self._backoff.delay(failures)
-                self._log.warning(
-                    "get_shard_iterator_retry",
-                    attempt=failures,
-                    attempts_left=MAX_FETCH_FAILURES - failures + 1,
-                    delay=round(delay, 3),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                await asyncio.sleep(delay)
+                await self._retry_pause("get_shard_iterator_retry", failures, exc)
                 continue
             iterator: str = response["ShardIterator"]
             return iterator
