@@ -155,17 +155,11 @@ async def feed(
             await item.handle(batch)
 
 
-async def finish(handlers: Sequence[AlertHandler], until: datetime, rounds: int = 5) -> None:
-    """Let event time reach ``until`` (closing quiet episodes) and deliver everything: a
-    few ticks, as a running worker would do, until nothing deliverable is left (claims a
-    lagging dispatcher let run out, and resolutions that waited for their opening, are
-    taken up again by the next tick)."""
-    for _ in range(rounds):
-        for item in handlers:
-            await item.tick(until)
-            await item.flush()
-        if all([await item.outbox.pending() == 0 for item in handlers]):
-            return
+async def finish(handlers: Sequence[AlertHandler], until: datetime) -> None:
+    """Let event time reach ``until`` (closing quiet episodes) and deliver everything."""
+    for item in handlers:
+        await item.tick(until)
+        await item.flush()
 
 
 async def stream_alerts(redis: Redis) -> list[dict[str, Any]]:

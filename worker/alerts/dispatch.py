@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,12 +67,8 @@ class Dispatcher:
         retry: RetryPolicy,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
-        lease_ms: float = math.inf,
-        send_budget_ms: float = 0.0,
     ) -> None:
         self._outbox = outbox
-        self._lease_ms = lease_ms
-        self._budget_ms = send_budget_ms
         self._sinks = dict(sinks)
         self._render = render
         self._retry = retry
@@ -83,22 +78,20 @@ class Dispatcher:
         self._pending_openings: set[str] = set()
         """Openings of the current round's resolutions, delivered in an earlier round but
         still in the outbox (failed, or with another replica)."""
-        self._queued: dict[str, float] = {}
-        """Entries queued here -> when their claim ends (wall ms, the outbox's due score)."""
+        self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._log = structlog.get_logger("worker.alerts")
 
-    def submit(self, entries: Sequence[ClaimedEntry], claimed_until_ms: float = math.inf) -> None:
-        """Queue entries claimed until ``claimed_until_ms`` (ones already queued here are
-        not queued twice; the newer claim is the one that holds)."""
+    def submit(self, entries: Sequence[ClaimedEntry]) -> None:
+        """Queue claimed entries (ones already queued here are skipped)."""
         self._surface_failure()
         if self._closed:
             return
         for entry in entries:
             if entry.entry not in self._queued:
+                self._queued.add(entry.entry)
                 self._queue.put_nowait(entry)
-            self._queued[entry.entry] = claimed_until_ms
         if self._queued and self._task is None:
             self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
 
@@ -146,7 +139,7 @@ class Dispatcher:
                 await self._deliver(round_)
             finally:
                 for entry in round_:
-                    self._queued.pop(entry.entry, None)
+                    self._queued.discard(entry.entry)
                     self._queue.task_done()
 
     async def _deliver(self, entries: list[ClaimedEntry]) -> None:
@@ -206,21 +199,6 @@ class Dispatcher:
                 "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
 
-    async def _still_claimed(self, entry: ClaimedEntry) -> bool:
-        """Whether this replica may send ``entry`` now: its claim lasts long enough for a
-        send, or is extended (if it is still this claim). An entry that waited in the queue
-        too long is left to whoever claims it next, never sent twice."""
-        until = self._queued.get(entry.entry, math.inf)
-        now_ms = self._clock() * 1000
-        if now_ms + self._budget_ms <= until:
-            return True
-        renewed = now_ms + self._lease_ms
-        if await self._outbox.extend_claim(entry.entry, until, renewed):
-            self._queued[entry.entry] = renewed
-            return True
-        self._log.info("alert_claim_lost_unsent", entry=entry.entry)
-        return False
-
     async def _one(
         self, entry: ClaimedEntry, opening: asyncio.Future[Settlement | None] | None = None
     ) -> Settlement | None:
@@ -266,8 +244,6 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError) as exc:
             return Settlement(entry.entry, Outcome.DEAD, reason=f"cannot render: {exc}")
         async with self._limit:
-            if not await self._still_claimed(entry):
-                return None
             result = await sink.send(alert)
         if result.delivered:
             return Settlement(entry.entry, Outcome.DONE, stream_fields=result.stream_fields)

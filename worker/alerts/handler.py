@@ -78,7 +78,6 @@ class AlertHandler(ABC):
         prefix = f"{context.key_prefix}:alerts:{self.name}"
         webhook = self.settings.webhook
         lease_ms = round((webhook.round_seconds + LEASE_MARGIN_S) * 1000)
-        self._lease_ms = lease_ms
         self.sinks = build_sinks(self.settings)
         self.store = EpisodeStore(
             context.redis, prefix, self.settings, sinks=list(self.sinks), lease_ms=lease_ms
@@ -97,8 +96,6 @@ class AlertHandler(ABC):
             render=self.render,
             retry=RetryPolicy(webhook.retry_base, webhook.retry_cap, webhook.max_age),
             clock=clock,
-            lease_ms=lease_ms,
-            send_budget_ms=webhook.round_seconds * 1000,
         )
         self._redis = context.redis
         self._prefix = prefix
@@ -179,7 +176,7 @@ class AlertHandler(ABC):
         for transition in applied.transitions:
             if not transition.sent:
                 self._record_unsent(transition)
-        self.dispatcher.submit(applied.claimed, claimed_until_ms=now_ms + self._lease_ms)
+        self.dispatcher.submit(applied.claimed)
 
     def _record_unsent(self, transition: Transition) -> None:
         alert = self.render(transition)

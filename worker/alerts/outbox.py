@@ -43,16 +43,6 @@ return moved
 """
 """Dead entries (ARGV[2:]) back into the outbox, due at once (whatever a replica's clock
 says) with no failed rounds; ARGV[1] (wall ms) is when, from which its age counts anew."""
-EXTEND: Final = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
-"""Extend a claim (entry ARGV[1] due at ARGV[2], its claim's end) to ARGV[3], only if it is
-still that claim: nobody claimed it since, and it was not settled."""
 
 
 def _text(value: bytes | str) -> str:
@@ -149,7 +139,6 @@ class Outbox:
         self._hold_ms = hold_ms
         self._script = redis.register_script(SCRIPT)
         self._requeue = redis.register_script(REQUEUE)
-        self._extend = redis.register_script(EXTEND)
 
     @property
     def stream_key(self) -> str:
@@ -170,14 +159,6 @@ class Outbox:
             keys=[self._prefix, self._stream_key], args=[orjson.dumps(request)]
         )
         return Settled(*(int(count) for count in reply))
-
-    async def extend_claim(self, entry: str, until_ms: float, new_until_ms: float) -> bool:
-        """Make this replica's claim of ``entry`` (ending ``until_ms``) last until
-        ``new_until_ms``; False if the claim is no longer ours (another replica took the
-        entry after it ran out, or it is settled)."""
-        args = [entry, repr(float(until_ms)), repr(float(new_until_ms))]
-        kept = await self._extend(keys=[f"{self._prefix}:due"], args=args)
-        return bool(kept)
 
     async def pending_among(self, entries: Sequence[str]) -> set[str]:
         """Those of ``entries`` still in the outbox (not yet delivered nor dead): one round
