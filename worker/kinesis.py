@@ -22,11 +22,10 @@ from botocore.exceptions import (
 )
 from botocore.utils import parse_timestamp
 
-from worker.errors import AWS_RETRIABLE_CODES, is_aws_transient
+from worker.errors import is_aws_transient
 from worker.kinesis_parser import KinesisParserFactory
 from worker.settings import Settings
 
-RETRIABLE_CODES: Final = AWS_RETRIABLE_CODES
 EXPIRED_ITERATOR: Final = "ExpiredIteratorException"
 KinesisClient = Any
 """aiobotocore's client is generated at run time and has no static type."""

@@ -32,9 +32,6 @@ from worker.alerts.outbox import ClaimedEntry, Outbox, Outcome, Settlement
 from worker.alerts.sinks import AlertSink
 
 Render = Callable[[Transition], Alert]
-WAIT_MS = 0
-"""How long a resolution waits for its opening's delivery before it is looked at again:
-it is due at once, so the next claim (the next batch or tick) takes it up again."""
 
 
 class RetryPolicy:
@@ -75,9 +72,6 @@ class Dispatcher:
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
-        self._pending_openings: set[str] = set()
-        """Openings of the current round's resolutions, delivered in an earlier round but
-        still in the outbox (failed, or with another replica)."""
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -150,20 +144,20 @@ class Dispatcher:
             if (opening := entry.opening_entry) is not None and opening not in in_round
         ]
         try:
-            self._pending_openings = await self._outbox.pending_among(earlier)
+            pending = await self._outbox.pending_among(earlier)
         except RedisError as exc:
             self._log.warning("alert_round_skipped", error=f"{type(exc).__name__}: {exc}")
             return  # nothing sent: delivered when the claims run out
-        sends: dict[str, asyncio.Future[Settlement | None]] = {}
+        sends: dict[str, asyncio.Future[Settlement]] = {}
         # Openings first, so that a resolution claimed with its opening waits for that send.
         for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
-                self._one(entry, sends.get(opening) if opening else None)
+                self._one(entry, sends.get(opening) if opening else None, opening in pending)
             )
         try:
             gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
-            results = [result for result in gathered if result and not result.settled]
+            results = [result for result in gathered if not result.settled]
         except asyncio.CancelledError:
             # A shutdown cut the round short: settle what was delivered (or failed) before
             # it, so only the sends still in flight are repeated after their claim.
@@ -171,7 +165,7 @@ class Dispatcher:
                 result
                 for send in sends.values()
                 if send.done() and not send.cancelled() and send.exception() is None
-                if (result := send.result()) is not None and not result.settled
+                if not (result := send.result()).settled
             ]
             if finished:
                 with contextlib.suppress(RedisError):
@@ -200,13 +194,16 @@ class Dispatcher:
             )
 
     async def _one(
-        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement | None] | None = None
-    ) -> Settlement | None:
-        """Deliver one entry (``_outcome``); a remote sink's outcome is settled at once:
-        its claim was checked to last the send, so it is settled before it runs out."""
-        settlement = await self._outcome(entry, opening)
+        self,
+        entry: ClaimedEntry,
+        opening: asyncio.Future[Settlement] | None,
+        opening_pending: bool,
+    ) -> Settlement:
+        """Deliver one entry (``_outcome``); a remote sink's outcome is settled at once, so
+        a slow receiver does not keep what it accepted unsettled until the round ends."""
+        settlement = await self._outcome(entry, opening, opening_pending)
         sink = self._sinks.get(entry.sink)
-        if settlement is None or sink is None or not sink.remote:
+        if sink is None or not sink.remote:
             return settlement
         try:
             await self._outbox.settle([settlement], round(self._clock() * 1000))
@@ -220,20 +217,23 @@ class Dispatcher:
         return dataclasses.replace(settlement, settled=True)
 
     async def _outcome(
-        self, entry: ClaimedEntry, opening: asyncio.Future[Settlement | None] | None = None
-    ) -> Settlement | None:
+        self,
+        entry: ClaimedEntry,
+        opening: asyncio.Future[Settlement] | None,
+        opening_pending: bool,
+    ) -> Settlement:
         """How the entry's delivery went. A resolution is sent only once its opening is
         delivered, so a receiver never sees an alert resolved before it opened:
-        ``opening`` is that send when it is in the same round, else the outbox says whether
-        the opening is still pending."""
+        ``opening`` is that send when it is in the same round, else ``opening_pending``
+        says whether the outbox still holds it. A waiting resolution is due again at once,
+        for the next claim (the next batch or tick)."""
         if entry.opening_entry is not None:
             if opening is not None:
-                opened = await asyncio.shield(opening)
-                ready = opened is not None and opened.outcome is Outcome.DONE
+                ready = (await asyncio.shield(opening)).outcome is Outcome.DONE
             else:
-                ready = entry.opening_entry not in self._pending_openings
+                ready = not opening_pending
             if not ready:
-                due = round(self._clock() * 1000) + WAIT_MS
+                due = round(self._clock() * 1000)
                 return Settlement(entry.entry, Outcome.WAIT, due_ms=due)
         sink = self._sinks.get(entry.sink)
         if sink is None:
