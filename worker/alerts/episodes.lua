@@ -54,6 +54,7 @@ Returns {transitions (JSON strings), claimed (flat: entry, payload, tries, ...)}
 
 local OPEN_KEY, ACTIVE_KEY = P .. ':open', P .. ':active'
 local OUTBOX_KEY, DUE_KEY, TRIES_KEY = P .. ':outbox', P .. ':due', P .. ':tries'
+local PEND_KEY = P .. ':pend'
 local transitions = {}
 
 local function fmt(x)
@@ -93,9 +94,12 @@ local function chunked(command, k, items)
 end
 
 local NUMERIC = {max = true, w = true, key = true, first = true, last = true, at = true,
-  n = true, closed = true, pend = true, lo = true}
+  n = true, closed = true, pend = true, lo = true, need = true, walked = true}
 local FIELDS = {'max', 'w', 'g', 'm', 'd', 'q', 'key', 'first', 'last', 'at', 'n', 'state',
-  'sent', 'pend', 'closed', 'why', 'info', 'af', 'lo'}
+  'sent', 'pend', 'closed', 'why', 'info', 'af', 'lo', 'need', 'walked'}
+-- The latest event time the current walk may look at: stored hits later than this have
+-- not been walked and are neither counted nor taken into an episode yet.
+local HORIZON = -INF
 
 local function load(kind, subject)
   local st = {kind = kind, subject = subject}
@@ -149,7 +153,7 @@ local function emit(st, event, at, sent)
   if st.d == '1' then
     -- Members are scored by their newest hit: count those up to the episode's end, and
     -- never fewer than announced (a member may have been hit again since).
-    local upto = '+inf'
+    local upto = fmt(HORIZON)  -- members stored beyond the walk are not counted yet
     if event == 'resolved' then upto = fmt(st.closed) end
     count = math.max(redis.call('ZCOUNT', key('h', st), fmt(st.first), upto), st.n or 0)
     st.n = count
@@ -289,8 +293,8 @@ local function grow(st, ts, info, counted)
   local first, last = math.min(f0, ts), math.max(l0, ts)
   if w > 0 then
     local hk, ck = key('h', st), key('c', st)
-    local ceil = INF  -- the latest hit time it may take in
-    if pending(st) then ceil = st.pend end
+    local ceil = HORIZON  -- the latest hit time it may take in
+    if pending(st) and st.pend < ceil then ceil = st.pend end
     if st.state == 'closed' and st.closed < ceil then ceil = st.closed end
     local nc = redis.call('ZRANGEBYSCORE', ck, fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
@@ -352,9 +356,10 @@ local function qualifying(st, ts)
   local edge = edge_of(st)
   if edge > floor then floor = edge end
   if n <= 1 then return ts, ts, floor, ceil end
-  local lo, hi = excl(floor), fmt(ceil)
+  local top = math.min(ceil, HORIZON)
+  local lo, hi = excl(floor), fmt(top)
   if w > 0 and ts - w > floor then lo = fmt(ts - w) end
-  if w > 0 and ts + w < ceil then hi = fmt(ts + w) end
+  if w > 0 and ts + w < top then hi = fmt(ts + w) end
   local raw = redis.call('ZRANGEBYSCORE', hk, lo, hi, 'WITHSCORES')
   local times = {}
   for i = 2, #raw, 2 do times[#times + 1] = tonumber(raw[i]) end
@@ -376,7 +381,7 @@ local function chain(st, a, b, floor, ceil)
     if w > 0 and first - t > w then break end
     first = t
   end
-  local ahead = redis.call('ZRANGEBYSCORE', hk, excl(b), fmt(ceil), 'WITHSCORES')
+  local ahead = redis.call('ZRANGEBYSCORE', hk, excl(b), fmt(math.min(ceil, HORIZON)), 'WITHSCORES')
   for i = 2, #ahead, 2 do
     local t = tonumber(ahead[i])
     if w > 0 and t - last > w then break end
@@ -491,70 +496,14 @@ local function requeue(hits, i, extra)
   return out
 end
 
--- Ingest a subject's hits and clears (new ones only), then walk them in event-time order.
-local function process(sub)
-  local st = load(sub.k, sub.s)
-  if st.max == nil and #sub.h == 0 then
-    -- No state yet: keep the clears briefly, in case hits they precede arrive late.
-    if #sub.c > 0 then
-      local ck, newest = key('c', st), math.min(sub.c[#sub.c], LOW)
-      for _, ts in ipairs(sub.c) do redis.call('ZADD', ck, ts, fmt(ts)) end
-      if WARM then redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(newest - sub.l - sub.w)) end
-      redis.call('EXPIRE', ck, math.ceil((sub.l + sub.w) / 1000) + 60)
-    end
-    return
-  end
-  st.w, st.d, st.q, st.need = sub.w, tostring(sub.d), tostring(sub.q), sub.n
-  if st.state == 'open' and not st.af then st.af = active_of(st) end  -- saved before 'af'
-  if sub.g ~= '' then st.g = sub.g end
-  if sub.m ~= '' then st.m = sub.m end
-  local hk, ck, tk, xk = key('h', st), key('c', st), key('t', st), key('x', st)
-  local newest = st.max or -INF
-
-  local clears = {}
-  for _, ts in ipairs(sub.c) do
-    if redis.call('ZADD', ck, ts, fmt(ts)) == 1 then
-      clears[#clears + 1] = ts
-      if ts > newest then newest = ts end
-    end
-  end
-  local hits = {}
-  for _, hit in ipairs(sub.h) do
-    local ts = hit[2]
-    -- A hit before the current episode that it does not belong to can change nothing.
-    if covered(st, ts) or ts > edge_of(st) then
-      local changed
-      if st.d == '1' then
-        changed = redis.call('ZADD', hk, 'GT', 'CH', ts, hit[1])
-        if changed == 1 then
-          for _, tag in ipairs(split(hit[3])) do
-            local seen = tonumber(redis.call('HGET', tk, tag) or '0')
-            if ts > seen then redis.call('HSET', tk, tag, fmt(ts)) end
-          end
-        end
-      else
-        changed = redis.call('ZADD', hk, 'NX', ts, hit[1])
-        if changed == 1 and (hit[3] ~= '' or hit[4] ~= '') then
-          local value = hit[3]
-          if hit[4] ~= '' then value = value .. '\n' .. hit[4] end
-          redis.call('HSET', xk, hit[1], value)
-        end
-      end
-      if changed == 1 then
-        hits[#hits + 1] = hit
-        if ts > newest then newest = ts end
-      end
-    end
-  end
-  if newest == -INF then return end
-
-  -- Walk in event-time order. 'counted' holds the hits of this call already counted (by
-  -- an opening or a growth that took in stored hits).
+-- Walk hits and clears in event-time order (see walk and process). 'counted' holds the
+-- hits of this walk already counted (by an opening or a growth that took in stored hits).
+local function run(st, hits, clears)
   local i, j, counted = 1, 1, {}
   while i <= #hits or j <= #clears do
     if j <= #clears and (i > #hits or clears[j] < hits[i][2]) then
       local from = i
-      local function unwalked(member)  -- a hit of this call still ahead and not counted
+      local function unwalked(member)  -- a hit of this walk still ahead and not counted
         if counted[member] then return false end
         for k = from, #hits do
           if hits[k][1] == member then return true end
@@ -581,11 +530,131 @@ local function process(sub)
       end
     end
   end
+end
+
+-- The earliest stored hit or clear the subject has not walked yet, or nil.
+local function next_unwalked(st)
+  local from = excl(st.walked or -INF)
+  local h = redis.call('ZRANGEBYSCORE', key('h', st), from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local c = redis.call('ZRANGEBYSCORE', key('c', st), from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local t = INF
+  if h[2] then t = tonumber(h[2]) end
+  if c[2] and tonumber(c[2]) < t then t = tonumber(c[2]) end
+  if t == INF then return nil end
+  return t
+end
+
+-- Walk the stored hits and clears from where the subject's walk stopped up to 'upto' (event
+-- time minus grace: every shard has delivered them), in event-time order, so that what
+-- episodes open, grow and end does not depend on which shard delivered first. Then index
+-- the subject under P:pend by its next unwalked event time, if any.
+local function walk(st, upto)
+  local from = st.walked or -INF
+  if upto > from and st.need then
+    local hk, lo, hi = key('h', st), excl(from), fmt(upto)
+    local raw = redis.call('ZRANGEBYSCORE', hk, lo, hi, 'WITHSCORES')
+    local hits = {}
+    if #raw > 0 then
+      local members = {}
+      for k = 1, #raw, 2 do members[#members + 1] = raw[k] end
+      local stored = {}
+      if st.d ~= '1' then stored = chunked('HMGET', key('x', st), members) end
+      for k, member in ipairs(members) do
+        local tags, info = tags_info(stored[k] or false)
+        hits[k] = {member, tonumber(raw[2 * k]), tags, info}
+      end
+    end
+    local clears = {}
+    for _, ts in ipairs(redis.call('ZRANGEBYSCORE', key('c', st), lo, hi)) do
+      clears[#clears + 1] = tonumber(ts)
+    end
+    HORIZON = upto
+    run(st, hits, clears)
+    st.walked = upto
+  end
+  local due = next_unwalked(st)
+  if due then
+    redis.call('ZADD', PEND_KEY, due, member_of(st))
+  else
+    redis.call('ZREM', PEND_KEY, member_of(st))
+  end
+end
+
+-- Where event time lets walks go: every shard has delivered what lies before it (nothing
+-- before warm-up ends).
+local CUTOFF = -INF
+if WARM then CUTOFF = LOW - GRACE end
+
+-- Ingest a subject's hits and clears (new ones only). Those at or before the subject's
+-- walk arrived late: they are walked at once, as they come. The others wait in storage
+-- until event time passes them (walk).
+local function process(sub)
+  local st = load(sub.k, sub.s)
+  if st.max == nil and #sub.h == 0 then
+    -- No state yet: keep the clears briefly, in case hits they precede arrive late.
+    if #sub.c > 0 then
+      local ck, newest = key('c', st), math.min(sub.c[#sub.c], LOW)
+      for _, ts in ipairs(sub.c) do redis.call('ZADD', ck, ts, fmt(ts)) end
+      if WARM then redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(newest - sub.l - sub.w)) end
+      redis.call('EXPIRE', ck, math.ceil((sub.l + sub.w) / 1000) + 60)
+    end
+    return
+  end
+  -- A state saved before walks were gated (no 'need') had walked everything it stored.
+  if st.max ~= nil and st.need == nil then st.walked = st.max end
+  st.w, st.d, st.q, st.need = sub.w, tostring(sub.d), tostring(sub.q), sub.n
+  if st.state == 'open' and not st.af then st.af = active_of(st) end  -- saved before 'af'
+  if sub.g ~= '' then st.g = sub.g end
+  if sub.m ~= '' then st.m = sub.m end
+  local hk, ck, tk, xk = key('h', st), key('c', st), key('t', st), key('x', st)
+  local newest = st.max or -INF
+  local walked = st.walked or -INF
+
+  local clears = {}
+  for _, ts in ipairs(sub.c) do
+    if redis.call('ZADD', ck, ts, fmt(ts)) == 1 then
+      if ts <= walked then clears[#clears + 1] = ts end
+      if ts > newest then newest = ts end
+    end
+  end
+  local hits = {}
+  for _, hit in ipairs(sub.h) do
+    local ts = hit[2]
+    -- A hit before the current episode that it does not belong to can change nothing.
+    if ts > walked or covered(st, ts) or ts > edge_of(st) then
+      local changed
+      if st.d == '1' then
+        changed = redis.call('ZADD', hk, 'GT', 'CH', ts, hit[1])
+        if changed == 1 then
+          for _, tag in ipairs(split(hit[3])) do
+            local seen = tonumber(redis.call('HGET', tk, tag) or '0')
+            if ts > seen then redis.call('HSET', tk, tag, fmt(ts)) end
+          end
+        end
+      else
+        changed = redis.call('ZADD', hk, 'NX', ts, hit[1])
+        if changed == 1 and (hit[3] ~= '' or hit[4] ~= '') then
+          local value = hit[3]
+          if hit[4] ~= '' then value = value .. '\n' .. hit[4] end
+          redis.call('HSET', xk, hit[1], value)
+        end
+      end
+      if changed == 1 then
+        if ts <= walked then hits[#hits + 1] = hit end
+        if ts > newest then newest = ts end
+      end
+    end
+  end
+  if newest == -INF then return end
+
+  HORIZON = walked
+  run(st, hits, clears)
+  walk(st, CUTOFF)
 
   st.max = newest
   -- Keep hits until no shard can still deliver one that needs them (not before warm-up).
   local cut = -INF
-  if WARM then cut = math.min(newest, LOW) - sub.l - sub.w end
+  if WARM then cut = math.min(newest, LOW, st.walked or -INF) - sub.l - sub.w end
   if st.d ~= '1' then
     chunked('HDEL', xk, redis.call('ZRANGEBYSCORE', hk, '-inf', excl(cut)))
   end
@@ -600,7 +669,6 @@ local function process(sub)
   redis.call('EXPIRE', hk, TTL)
   redis.call('EXPIRE', ck, TTL)
   redis.call('EXPIRE', xk, TTL)
-  st.need = nil
   save(st)
 end
 
@@ -617,23 +685,38 @@ end
 
 for _, sub in ipairs(req.subs) do process(sub) end
 
--- Episodes whose end (pending clear, or quiet for the window) is older than event time
--- minus grace close.
-local closable = {}
-if WARM then
-  closable = redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(LOW - GRACE), 'LIMIT', 0, 1000)
-end
-for _, m in ipairs(closable) do
+local function load_member(m)
   local tab = string.find(m, '\t', 1, true)
-  local st = load(string.sub(m, 1, tab - 1), string.sub(m, tab + 1))
-  if st.state == 'open' and pending(st) then
-    close(st, st.pend, 'recovered')
-    save(st)
-  elseif st.state == 'open' and st.q == '1' then
-    close(st, st.last + st.w, 'quiet')
-    save(st)
-  else
-    redis.call('ZREM', OPEN_KEY, m)
+  return load(string.sub(m, 1, tab - 1), string.sub(m, tab + 1))
+end
+
+-- Subjects whose stored events event time has now passed walk them (they may open, grow
+-- or end episodes), then episodes whose end (pending clear, or quiet for the window) event
+-- time has passed by grace close.
+if WARM then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', PEND_KEY, '-inf', fmt(CUTOFF), 'LIMIT', 0, 1000)) do
+    local st = load_member(m)
+    if st.need then
+      walk(st, CUTOFF)
+      save(st)
+    else
+      redis.call('ZREM', PEND_KEY, m)
+    end
+  end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(CUTOFF), 'LIMIT', 0, 1000)) do
+    local st = load_member(m)
+    if st.need then walk(st, CUTOFF) end
+    if st.state == 'open' and pending(st) and st.pend <= CUTOFF then
+      close(st, st.pend, 'recovered')
+      save(st)
+    elseif st.state == 'open' and st.q == '1' and st.last + st.w <= CUTOFF then
+      close(st, st.last + st.w, 'quiet')
+      save(st)
+    elseif st.state == 'open' then
+      save(st)  -- the walk moved its end on (schedule re-indexed it)
+    else
+      redis.call('ZREM', OPEN_KEY, m)
+    end
   end
 end
 
