@@ -5,7 +5,12 @@ dispatcher's background task renders each claimed entry, sends it to its sink an
 settles the round in the outbox (one more round trip per round, not per batch). A slow
 or failing webhook therefore never holds up the shard.
 
-Guarantees: an entry is claimed by one replica at a time (lease); a shutdown mid-round
+Guarantees: an entry is claimed by one replica at a time (lease). A replica claims only
+what one round can deliver within a lease: at most ``concurrency`` entries, and only while
+nothing it claimed earlier is still queued or in flight (``reserve``); each send is bounded
+by the webhook's ``round_seconds``, shorter than the lease, so no other replica can claim
+an entry again while it is being sent. A full round claims the next one itself, so a
+backlog drains without waiting for the next batch or tick. A shutdown mid-round
 settles what the round had already delivered; a process that dies mid-round leaves its
 claims to expire and be claimed again, so every entry is delivered
 at least once and, through the stream sink's atomic append and the webhook's idempotency
@@ -62,6 +67,7 @@ class Dispatcher:
         sinks: Mapping[str, AlertSink],
         render: Render,
         retry: RetryPolicy,
+        lease_ms: int,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
     ) -> None:
@@ -71,14 +77,28 @@ class Dispatcher:
         self._retry = retry
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
+        self._round = concurrency
+        self._lease_ms = lease_ms
+        self._reserved = False
         self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._log = structlog.get_logger("worker.alerts")
 
+    def reserve(self) -> int:
+        """How many entries the caller may claim for this dispatcher now: one round's worth
+        when it is idle and no other claim is under way, else 0. ``submit`` ends the
+        reservation (with what was claimed, or nothing)."""
+        if self._closed or self._reserved or self._queued:
+            return 0
+        self._reserved = True
+        return self._round
+
     def submit(self, entries: Sequence[ClaimedEntry]) -> None:
-        """Queue claimed entries (ones already queued here are skipped)."""
+        """Queue claimed entries (ones already queued here are skipped); ends a
+        reservation."""
+        self._reserved = False
         self._surface_failure()
         if self._closed:
             return
@@ -130,13 +150,31 @@ class Dispatcher:
             while not self._queue.empty():
                 round_.append(self._queue.get_nowait())
             try:
-                await self._deliver(round_)
+                tried = await self._deliver(round_)
+                if len(round_) >= self._round and tried and not self._closed:
+                    await self._claim_next()
             finally:
                 for entry in round_:
                     self._queued.discard(entry.entry)
                     self._queue.task_done()
 
-    async def _deliver(self, entries: list[ClaimedEntry]) -> None:
+    async def _claim_next(self) -> None:
+        """After a full round, claim the next one (queued before this round is marked
+        done, so ``flush`` waits for it too)."""
+        try:
+            claimed = await self._outbox.claim(
+                round(self._clock() * 1000), self._round, self._lease_ms
+            )
+        except RedisError as exc:
+            self._log.warning("alert_claim_failed", error=f"{type(exc).__name__}: {exc}")
+            return  # the next batch or tick claims them
+        for entry in claimed:
+            if entry.entry not in self._queued:
+                self._queued.add(entry.entry)
+                self._queue.put_nowait(entry)
+
+    async def _deliver(self, entries: list[ClaimedEntry]) -> int:
+        """Deliver one round; returns how many entries were tried (not left waiting)."""
         in_round = {entry.entry for entry in entries}
         earlier = [
             opening
@@ -147,17 +185,18 @@ class Dispatcher:
             pending = await self._outbox.pending_among(earlier)
         except RedisError as exc:
             self._log.warning("alert_round_skipped", error=f"{type(exc).__name__}: {exc}")
-            return  # nothing sent: delivered when the claims run out
+            return 0  # nothing sent: delivered when the claims run out
         sends: dict[str, asyncio.Future[Settlement]] = {}
         # Openings first, so that a resolution claimed with its opening waits for that send.
         for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
-                self._one(entry, sends.get(opening) if opening else None, opening in pending)
+                self._one(entry, sends.get(opening) if opening else None, pending.get(opening))
             )
         try:
             gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
             results = [result for result in gathered if not result.settled]
+            tried = sum(result.outcome is not Outcome.WAIT for result in gathered)
         except asyncio.CancelledError:
             # A shutdown cut the round short: settle what was delivered (or failed) before
             # it, so only the sends still in flight are repeated after their claim.
@@ -184,7 +223,7 @@ class Dispatcher:
                 error=f"{type(exc).__name__}: {exc}",
                 note="deliveries are repeated when their claims expire",
             )
-            return
+            return tried
         if settled.held:
             self._log.error(
                 "alert_dead_store_full",
@@ -192,16 +231,17 @@ class Dispatcher:
                 note="undeliverable alerts stay pending and are tried again later; "
                 "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
+        return tried
 
     async def _one(
         self,
         entry: ClaimedEntry,
         opening: asyncio.Future[Settlement] | None,
-        opening_pending: bool,
+        opening_due: int | None,
     ) -> Settlement:
         """Deliver one entry (``_outcome``); a remote sink's outcome is settled at once, so
         a slow receiver does not keep what it accepted unsettled until the round ends."""
-        settlement = await self._outcome(entry, opening, opening_pending)
+        settlement = await self._outcome(entry, opening, opening_due)
         sink = self._sinks.get(entry.sink)
         if sink is None or not sink.remote:
             return settlement
@@ -220,20 +260,21 @@ class Dispatcher:
         self,
         entry: ClaimedEntry,
         opening: asyncio.Future[Settlement] | None,
-        opening_pending: bool,
+        opening_due: int | None,
     ) -> Settlement:
         """How the entry's delivery went. A resolution is sent only once its opening is
         delivered, so a receiver never sees an alert resolved before it opened:
-        ``opening`` is that send when it is in the same round, else ``opening_pending``
-        says whether the outbox still holds it. A waiting resolution is due again at once,
-        for the next claim (the next batch or tick)."""
+        ``opening`` is that send when it is in the same round, else ``opening_due`` is
+        when the outbox's opening is due next (None once it has left the outbox). A
+        waiting resolution is due again just after its opening."""
         if entry.opening_entry is not None:
             if opening is not None:
-                ready = (await asyncio.shield(opening)).outcome is Outcome.DONE
+                sent = await asyncio.shield(opening)
+                waits_for = None if sent.outcome is Outcome.DONE else sent.due_ms
             else:
-                ready = not opening_pending
-            if not ready:
-                due = round(self._clock() * 1000)
+                waits_for = opening_due
+            if waits_for is not None:
+                due = max(waits_for, round(self._clock() * 1000)) + 1
                 return Settlement(entry.entry, Outcome.WAIT, due_ms=due)
         sink = self._sinks.get(entry.sink)
         if sink is None:

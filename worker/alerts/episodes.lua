@@ -720,21 +720,4 @@ if WARM then
   end
 end
 
--- Claim due outbox entries for delivery: nobody else takes them until the lease ends.
-local claimed = {}
-if req.claim > 0 then
-  local due = redis.call('ZRANGEBYSCORE', DUE_KEY, '-inf', fmt(NOW), 'LIMIT', 0, req.claim)
-  for _, entry in ipairs(due) do
-    local payload = redis.call('HGET', OUTBOX_KEY, entry)
-    if payload then
-      redis.call('ZADD', DUE_KEY, NOW + req.lease, entry)
-      claimed[#claimed + 1] = entry
-      claimed[#claimed + 1] = payload
-      claimed[#claimed + 1] = redis.call('HGET', TRIES_KEY, entry) or '0'
-    else
-      redis.call('ZREM', DUE_KEY, entry)
-    end
-  end
-end
-
-return {transitions, claimed}
+return {transitions, claim_due(P, NOW, req.claim, req.lease)}

@@ -54,10 +54,10 @@ if TYPE_CHECKING:
 
 _LUA: Final = resources.files("worker.alerts")
 SCRIPT: Final = "\n".join(
-    _LUA.joinpath(name).read_text("utf-8") for name in ("event_time.lua", "episodes.lua")
+    _LUA.joinpath(name).read_text("utf-8")
+    for name in ("event_time.lua", "claim.lua", "episodes.lua")
 )
-"""One script: event time (shard watermarks, warm-up), then episode detection."""
-CLAIM_LIMIT: Final = 200
+"""One script: event time (shard watermarks, warm-up), then episode detection, then claims."""
 _BY_TIME = itemgetter(1)
 
 
@@ -242,10 +242,11 @@ class EpisodeStore:
         shard: str = "",
         newest_ms: int = 0,
         tick_ms: int = 0,
-        claim: bool = True,
+        claim: int = 0,
     ) -> Applied:
         """Apply a batch's subjects, record that ``shard`` reached ``newest_ms`` (or that
-        every shard reached ``tick_ms``), close what event time has passed, claim entries."""
+        every shard reached ``tick_ms``), close what event time has passed, and claim up to
+        ``claim`` due outbox entries."""
         request = {
             "now": now_ms,
             "fresh": 0 if self._stale_ms is None else now_ms - self._stale_ms,
@@ -257,7 +258,7 @@ class EpisodeStore:
             "grace": self._grace_ms,
             "ttl": self._ttl,
             "sinks": self._sinks,
-            "claim": CLAIM_LIMIT if claim else 0,
+            "claim": claim,
             "lease": self._lease_ms,
             "subs": [subject.request(self._lateness_ms) for subject in subjects],
             "keep": 0 if self._kept else 1,

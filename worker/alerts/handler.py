@@ -23,7 +23,7 @@ import structlog
 from worker.alerts.dispatch import Dispatcher, RetryPolicy
 from worker.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
 from worker.alerts.model import Alert, AlertStatus, to_ms
-from worker.alerts.outbox import Outbox
+from worker.alerts.outbox import ClaimedEntry, Outbox
 from worker.alerts.settings import AlertSettings, SinkName, Thresholds, alert_settings
 from worker.alerts.sinks import AlertSink, LogSink, StreamSink
 from worker.alerts.webhook import WebhookSink
@@ -74,10 +74,12 @@ class AlertHandler(ABC):
     ) -> None:
         self.settings = settings or alert_settings(context.settings)
         self._clock = clock
+        self._delay_ms = round(self.settings.upstream_delay.total_seconds() * 1000)
         self._rules: dict[str | None, tuple[Rule, ...]] = {}
         prefix = f"{context.key_prefix}:alerts:{self.name}"
         webhook = self.settings.webhook
-        lease_ms = round((webhook.round_seconds + LEASE_MARGIN_S) * 1000)
+        # A round's resolution may wait for its opening's send before its own: two sends.
+        lease_ms = round((2 * webhook.round_seconds + LEASE_MARGIN_S) * 1000)
         self.sinks = build_sinks(self.settings)
         self.store = EpisodeStore(
             context.redis, prefix, self.settings, sinks=list(self.sinks), lease_ms=lease_ms
@@ -95,6 +97,7 @@ class AlertHandler(ABC):
             sinks=self.sinks,
             render=self.render,
             retry=RetryPolicy(webhook.retry_base, webhook.retry_cap, webhook.max_age),
+            lease_ms=lease_ms,
             clock=clock,
         )
         self._redis = context.redis
@@ -134,13 +137,18 @@ class AlertHandler(ABC):
         await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
 
     async def tick(self, now: datetime | None = None) -> None:
-        """Tell that every shard is caught up to ``now`` (default: the wall clock): closes
-        episodes that event time has passed, and retries due deliveries.
+        """Tell that every shard is caught up to event time ``now`` (default: the wall
+        clock minus ``upstream_delay``, how late events may still reach the stream): walks
+        and closes what event time has passed, and retries due deliveries.
 
         Call it only when the consumer is caught up on all shards (e.g. every few
         seconds while idle); during a backfill event time comes from the batches."""
         now_ms = round(self._clock() * 1000)
-        await self._apply(Subjects(), now_ms, tick_ms=to_ms(now) if now is not None else now_ms)
+        if now is None:
+            tick_ms = now_ms - self._delay_ms
+        else:
+            tick_ms = to_ms(now)
+        await self._apply(Subjects(), now_ms, tick_ms=tick_ms)
 
     async def flush(self) -> None:
         """Wait for the deliveries queued so far."""
@@ -170,13 +178,23 @@ class AlertHandler(ABC):
         newest_ms: int = 0,
         tick_ms: int = 0,
     ) -> None:
-        applied = await self.store.apply(
-            subjects, now_ms=now_ms, shard=shard, newest_ms=newest_ms, tick_ms=tick_ms
-        )
+        claimed: list[ClaimedEntry] = []
+        limit = self.dispatcher.reserve()
+        try:
+            applied = await self.store.apply(
+                subjects,
+                now_ms=now_ms,
+                shard=shard,
+                newest_ms=newest_ms,
+                tick_ms=tick_ms,
+                claim=limit,
+            )
+            claimed = applied.claimed
+        finally:
+            self.dispatcher.submit(claimed)
         for transition in applied.transitions:
             if not transition.sent:
                 self._record_unsent(transition)
-        self.dispatcher.submit(applied.claimed)
 
     def _record_unsent(self, transition: Transition) -> None:
         alert = self.render(transition)

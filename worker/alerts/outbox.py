@@ -24,7 +24,13 @@ import orjson
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-SCRIPT: Final = resources.files("worker.alerts").joinpath("outbox.lua").read_text("utf-8")
+_LUA: Final = resources.files("worker.alerts")
+SCRIPT: Final = _LUA.joinpath("outbox.lua").read_text("utf-8")
+CLAIM: Final = (
+    _LUA.joinpath("claim.lua").read_text("utf-8")
+    + "\nlocal req = cjson.decode(ARGV[1])\nreturn claim_due(KEYS[1], req.now, req.limit, req.lease)\n"
+)
+"""Claim due entries outside a batch (the dispatcher's next round)."""
 REQUEUE: Final = """
 local P = KEYS[1]
 local moved = 0
@@ -139,6 +145,7 @@ class Outbox:
         self._hold_ms = hold_ms
         self._script = redis.register_script(SCRIPT)
         self._requeue = redis.register_script(REQUEUE)
+        self._claim = redis.register_script(CLAIM)
 
     @property
     def stream_key(self) -> str:
@@ -160,16 +167,27 @@ class Outbox:
         )
         return Settled(*(int(count) for count in reply))
 
-    async def pending_among(self, entries: Sequence[str]) -> set[str]:
-        """Those of ``entries`` still in the outbox (not yet delivered nor dead): one round
-        trip."""
+    async def claim(self, now_ms: int, limit: int, lease_ms: int) -> list[ClaimedEntry]:
+        """Claim up to ``limit`` due entries for ``lease_ms``: one round trip."""
+        request = {"now": now_ms, "limit": limit, "lease": lease_ms}
+        reply = await self._claim(keys=[self._prefix], args=[orjson.dumps(request)])
+        return ClaimedEntry.from_reply(reply)
+
+    async def pending_among(self, entries: Sequence[str]) -> dict[str, int]:
+        """Those of ``entries`` still in the outbox (not yet delivered nor dead), with the
+        wall ms when each is due next: one round trip."""
         if not entries:
-            return set()
+            return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in entries:
+                pipe.zscore(f"{self._prefix}:due", entry)
                 pipe.hexists(f"{self._prefix}:outbox", entry)
             found = await pipe.execute()
-        return {entry for entry, there in zip(entries, found, strict=True) if there}
+        return {
+            entry: int(due or 0)
+            for entry, due, there in zip(entries, found[::2], found[1::2], strict=True)
+            if there
+        }
 
     async def pending(self) -> int:
         """Entries not yet delivered (new, claimed or waiting for a retry)."""

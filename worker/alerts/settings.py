@@ -150,7 +150,14 @@ class AlertSettings(_Frozen):
     )
     quiet_grace: Seconds = Field(
         timedelta(minutes=1),
-        description="Extra event time past 'quiet for the window' before an episode closes.",
+        description="How far out of order a shard may deliver events: episodes open, grow "
+        "and close once event time has passed their events by this much.",
+    )
+    upstream_delay: Seconds = Field(
+        timedelta(minutes=2),
+        description="How far behind the wall clock events may still arrive while the "
+        "consumer is caught up (delay in Event Streams and the Kinesis sink): event time "
+        "then is the wall clock minus this, so alerts open and close this much later.",
     )
     max_lateness: Seconds = Field(
         timedelta(minutes=30),

@@ -1,0 +1,27 @@
+--[==[
+Claim due outbox entries for delivery (see episodes.lua for the layout): nobody else takes
+them until the lease ends. Included by episodes.lua (a batch claims in the same round trip)
+and by the dispatcher's own claims (Outbox.claim).
+
+claim_due(P, now, limit, lease) -> flat {entry, payload, tries, ...}: at most 'limit' of
+the entries due by 'now' (wall ms), each then due again only at now + lease.
+]==]
+
+local function claim_due(prefix, now, limit, lease)
+  local claimed = {}
+  if limit <= 0 then return claimed end
+  local outbox, due_key, tries = prefix .. ':outbox', prefix .. ':due', prefix .. ':tries'
+  local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', string.format('%.0f', now), 'LIMIT', 0, limit)
+  for _, entry in ipairs(due) do
+    local payload = redis.call('HGET', outbox, entry)
+    if payload then
+      redis.call('ZADD', due_key, now + lease, entry)
+      claimed[#claimed + 1] = entry
+      claimed[#claimed + 1] = payload
+      claimed[#claimed + 1] = redis.call('HGET', tries, entry) or '0'
+    else
+      redis.call('ZREM', due_key, entry)
+    end
+  end
+  return claimed
+end
