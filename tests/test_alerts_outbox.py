@@ -13,6 +13,7 @@ from alerts_support import (
     close_all,
     event,
     feed,
+    finish,
     handler,
     settings,
     stream_alerts,
@@ -22,7 +23,7 @@ from redis.asyncio import Redis
 
 from worker.alerts.dispatch import Dispatcher, RetryPolicy
 from worker.alerts.episodes import Subjects
-from worker.alerts.model import Alert
+from worker.alerts.model import Alert, to_ms
 from worker.alerts.outbox import Outcome, Settlement
 from worker.alerts.sinks import SendResult
 from worker.handlers.base import Batch
@@ -43,27 +44,37 @@ def storm(seq0: int = 0, start: float = 0) -> list[ConnectionEvent]:
     return [event("attachment.rejected", seq0 + i, start + i * 10) for i in range(12)]
 
 
+OPENED = at(110 + 60)
+"""Event time past ``storm()``'s last rejection by the grace: the storm is open."""
+CLAIM = 8
+"""How many due entries a direct ``store.apply`` claims (one round's worth)."""
+
+
 async def test_each_batch_costs_one_redis_round_trip_per_handler(redis_url: str) -> None:
     """Handling a batch costs one EVALSHA per handler; a delivery round one more, off the
     batch path."""
     client = CountingRedis.from_url(redis_url)
     client.sent = []
-    handlers = [handler(n, client, Clock(at(3600))) for n in ("rejections", "attach_loops")]
+    clock = Clock(at(3600))
+    handlers = [handler(n, client, clock) for n in ("rejections", "attach_loops")]
     quiet = [event("data-session.updated", i, i) for i in range(50)]
     await feed(handlers, [*quiet, *storm(300, 2000)])  # loads both scripts (once per process)
-    await handlers[0].flush()
+    await finish(handlers, at(2110 + 60))  # the storm opens and is delivered
+    clock.advance(30)  # past the shard warm-up: batches alone move event time on
     client.sent.clear()
     for n in range(5):
         await feed(handlers, [event("data-session.started", 100 + n, 100 + n), *quiet])
     assert client.sent == ["EVALSHA"] * 10
     await handlers[1].flush()
     client.sent.clear()
-    await feed(handlers[:1], storm(200, 3000))
+    # Event time moves past the new storm by the grace: the first one closes, this one opens.
+    await feed(handlers[:1], [*storm(200, 3000), event("data-session.updated", 99, 3110 + 60)])
     assert client.sent == ["EVALSHA"]
     await handlers[0].flush()
     # The round's settle; resolutions whose opening went out in an earlier round check it
     # is no longer pending (HEXISTS, pipelined: one round trip per round).
     assert [sent for sent in client.sent if sent != "HEXISTS"] == ["EVALSHA"] * 2
+    assert [a["status"] for a in await stream_alerts(client)] == ["open", "resolved", "open"]
     await close_all(handlers)
     await client.aclose()
 
@@ -74,16 +85,20 @@ async def test_claim_of_a_crashed_worker_is_delivered_by_another_once(redis: Red
     crashed = handler("rejections", redis, clock)
     subjects = Subjects()
     crashed.collect(storm(), subjects)
-    applied = await crashed.store.apply(subjects, now_ms=round(clock() * 1000), shard="s0")
+    now_ms = round(clock() * 1000)
+    applied = await crashed.store.apply(subjects, now_ms=now_ms, shard="s0", claim=CLAIM)
+    assert applied.claimed == []  # event time has not passed the storm yet
+    tick_ms = to_ms(OPENED)
+    applied = await crashed.store.apply(Subjects(), now_ms=now_ms, tick_ms=tick_ms, claim=CLAIM)
     assert len(applied.claimed) == 2  # log and stream entries of the open alert
     assert await stream_alerts(redis) == []
 
     survivor = handler("rejections", redis, clock)
-    await survivor.tick(at(120))
+    await survivor.tick(OPENED)
     await survivor.flush()
     assert await stream_alerts(redis) == []  # still leased to the crashed worker
-    clock.advance(settings().webhook.round_seconds + 11)
-    await survivor.tick(at(120))
+    clock.advance(2 * settings().webhook.round_seconds + 11)  # past the claim's lease
+    await survivor.tick(OPENED)
     await survivor.flush()
     (alert,) = await stream_alerts(redis)
 
@@ -102,11 +117,12 @@ async def test_entries_of_a_sink_no_longer_enabled_are_dead_lettered(redis: Redi
     down = f"http://{servers.HOST}:{servers.free_port()}/alerts"
     before = handler("rejections", redis, clock, webhook_settings(down, attempts=1))
     await feed([before], storm())
+    await before.tick(OPENED)
     await before.flush()
     assert await before.outbox.pending() == 1
     after = handler("rejections", redis, clock, settings())
     clock.advance(3600)
-    await after.tick(at(120))
+    await after.tick(OPENED)
     await after.flush()
     assert await after.outbox.pending() == 0
     ((entry, letter),) = (await after.outbox.dead()).items()
@@ -131,12 +147,17 @@ async def test_a_failing_dispatcher_surfaces_its_error(redis: Redis) -> None:
     worker = handler("rejections", redis, clock)
     subjects = Subjects()
     worker.collect(storm(), subjects)
-    applied = await worker.store.apply(subjects, now_ms=round(clock() * 1000), shard="s0")
+    now_ms = round(clock() * 1000)
+    await worker.store.apply(subjects, now_ms=now_ms, shard="s0")
+    tick_ms = to_ms(OPENED)
+    applied = await worker.store.apply(Subjects(), now_ms=now_ms, tick_ms=tick_ms, claim=CLAIM)
+    assert applied.claimed  # the open alert's entries
     dispatcher = Dispatcher(
         outbox=worker.outbox,
         sinks={"log": BrokenSink()},
         render=worker.render,
         retry=RetryPolicy(*(settings().webhook.retry_base,) * 2, settings().webhook.max_age),
+        lease_ms=60_000,
         clock=clock,
     )
     dispatcher.submit(applied.claimed)

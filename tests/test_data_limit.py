@@ -112,6 +112,7 @@ async def test_gauge_counts_currently_blocked_sims_per_fleet(redis: Redis) -> No
             blocked(3, 0, sim="HS" + "c" * 32, fleet=FLEET_B),
         ],
     )
+    await finish([first], at(60))  # event time past the blocked events by the grace
     assert await other.blocked_sims() == {FLEET_A: 2, FLEET_B: 1}
     await feed([other], [event("data-session.updated", 4, 10, sim=SIM_B, fleet=FLEET_A)])
     await finish([other], at(100))
@@ -147,6 +148,7 @@ async def test_open_episode_never_expires_and_closed_one_does(redis: Redis) -> N
     state expires after the retention."""
     handlers = [handler("data_limit", redis, Clock(at(3600)))]
     await feed(handlers, [blocked(1, 0)])
+    await finish(handlers, at(60))  # event time past the blocked event by the grace: it opens
     (state,) = [key async for key in redis.scan_iter(match="*:s:data_limit_reached:*")]
     assert await redis.ttl(state) == -1
     await feed(handlers, [event("data-session.updated", 2, 10)])
@@ -159,6 +161,7 @@ async def test_gauge_follows_a_sim_that_moved_fleets_while_blocked(redis: Redis)
     data_limit = handler("data_limit", redis, Clock(at(3600)))
     assert isinstance(data_limit, DataLimitHandler)
     await feed([data_limit], [blocked(1, 0, fleet=FLEET_A)])
+    await finish([data_limit], at(60))  # event time past the blocked event by the grace
     assert await data_limit.blocked_sims() == {FLEET_A: 1}
     await feed(
         [data_limit],
@@ -194,6 +197,7 @@ async def test_open_episode_saved_with_an_expiry_is_kept_from_the_next_start(
     kept from a handler's first call on."""
     first = handler("data_limit", redis, Clock(at(3600)))
     await feed([first], [blocked(1, 0)])
+    await finish([first], at(60))  # event time past the blocked event by the grace: it opens
     (state,) = [key async for key in redis.scan_iter(match="*:s:data_limit_reached:*")]
     await redis.expire(state, 1000)
     later = handler("data_limit", redis, Clock(at(3600)))

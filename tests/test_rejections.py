@@ -130,7 +130,7 @@ async def test_storm_alert_details_and_hint_follow_the_code(
     clock = Clock(at(3600))
     handlers = [handler("rejections", redis, clock)]
     await feed(handlers, rejections(12, code=code))
-    await finish(handlers, at(120))
+    await finish(handlers, at(110 + 60))  # event time past the last rejection by the grace
     (alert,) = await stream_alerts(redis)
     assert alert["kind"] == "rejection_storm"
     assert (alert["sim_sid"], alert["fleet_sid"], alert["status"]) == (SIM_A, FLEET_A, "open")
@@ -307,10 +307,12 @@ async def test_late_rejection_before_the_storm_never_splits_or_reopens_it(
 async def test_late_attachment_inside_the_storm_never_resolves_it_before_it_opened(
     redis: Redis,
 ) -> None:
-    """An attachment arriving late between the storm's first rejection and the one that met
-    the threshold resolves it, at the opening time at the earliest."""
+    """An attachment arriving after the storm opened, between its first rejection and the one
+    that met the threshold, resolves it, at the opening time at the earliest."""
     handlers = [handler("rejections", redis, Clock(at(3600)))]
     await feed(handlers, rejections(10, start=1000))
+    await finish(handlers, at(1090 + 60))  # event time passes the storm by the grace: it opens
+    assert [a["status"] for a in await stream_alerts(redis)] == ["open"]
     await feed(handlers, [event("attachment.accepted", 901, 1045)])
     await finish(handlers, at(1200))
     opened, resolved = await stream_alerts(redis)

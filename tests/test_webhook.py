@@ -53,7 +53,7 @@ async def test_receiver_verifies_each_signed_alert(redis: Redis, receiver: Recei
     """An alert arrives as one signed POST whose body is the stream's alert, keyed by its delivery key."""
     handlers = [handler("rejections", redis, Clock(at(3600)), webhook_settings(receiver.url))]
     await feed(handlers, storm())
-    await finish(handlers, at(130))
+    await finish(handlers, at(180))
     (alert,) = await stream_alerts(redis)
     key = f"{alert['id']}:open"
     assert list(receiver.accepted) == [key]
@@ -85,7 +85,7 @@ async def test_server_errors_and_timeouts_are_retried_in_the_same_round(
     handlers = [handler("rejections", redis, Clock(at(3600)), tuned)]
     receiver.fail_next = 2
     await feed(handlers, storm())
-    await handlers[0].flush()
+    await finish(handlers, at(180))
     assert (receiver.requests, len(receiver.accepted), receiver.repeats) == (3, 1, 0)
     receiver.delay = 1.0
     await feed(handlers, [event("attachment.accepted", 1, 200)])
@@ -140,7 +140,7 @@ async def test_client_errors_are_dead_lettered_not_retried(
     handlers = [handler("rejections", redis, Clock(at(3600)), webhook_settings(receiver.url))]
     receiver.status = 422
     await feed(handlers, storm())
-    await handlers[0].flush()
+    await finish(handlers, at(180))
     dead = await handlers[0].outbox.dead()
     ((entry, letter),) = dead.items()
     assert entry.startswith("webhook|rejection_storm|")
@@ -156,14 +156,14 @@ async def test_unreachable_receiver_keeps_the_alert_for_a_later_round(redis: Red
     clock = Clock(at(3600))
     handlers = [handler("rejections", redis, clock, webhook_settings(url, attempts=2))]
     await feed(handlers, storm())
-    await handlers[0].flush()
+    await finish(handlers, at(180))
     assert await handlers[0].outbox.pending() == 1
     tries = f"{handlers[0].store.prefix}:tries"
-    await handlers[0].tick(at(130))
+    await handlers[0].tick(at(180))
     await handlers[0].flush()
     assert list((await redis.hgetall(tries)).values()) == [b"1"]
     clock.advance(2)
-    await handlers[0].tick(at(130))
+    await handlers[0].tick(at(180))
     await handlers[0].flush()
     assert list((await redis.hgetall(tries)).values()) == [b"2"]
     assert await handlers[0].outbox.pending() == 1
@@ -195,7 +195,7 @@ async def test_full_dead_store_keeps_alerts_pending_and_the_alerts_commands_mana
     receiver.status = 422
     other = [event("attachment.rejected", 100 + i, i * 10, sim=SIM_B) for i in range(12)]
     await feed([rejections], storm() + other)
-    await rejections.flush()
+    await finish([rejections], at(180))
     assert (len(await rejections.outbox.dead()), await rejections.outbox.pending()) == (1, 1)
 
     monkeypatch.setenv("SUPERSIM_STREAM_NAME", "alerts-test")
@@ -215,13 +215,13 @@ async def test_full_dead_store_keeps_alerts_pending_and_the_alerts_commands_mana
     assert "deleted 1 of 2 entries" in capsys.readouterr().out
 
     clock.advance(10)  # the held alert is due again, and the dead store has room now
-    await rejections.tick(at(130))
+    await rejections.tick(at(180))
     await rejections.flush()
     assert (len(await rejections.outbox.dead()), await rejections.outbox.pending()) == (1, 0)
     receiver.status = 200
     assert await asyncio.to_thread(main, ["alerts", "redrive"]) == 0
     assert "requeued 1 alerts" in capsys.readouterr().out
-    await rejections.tick(at(130))
+    await rejections.tick(at(180))
     await rejections.flush()
     assert len(receiver.accepted) == 1
     assert (await rejections.outbox.dead(), await rejections.outbox.pending()) == ({}, 0)
@@ -241,7 +241,7 @@ async def test_a_resolution_is_never_delivered_before_its_opening(
     storm_handler = handler("rejections", redis, clock, webhook_settings(receiver.url, attempts=1))
     receiver.fail_next = 1
     await feed([storm_handler], [event("attachment.rejected", i, i * 10) for i in range(12)])
-    await storm_handler.flush()
+    await finish([storm_handler], at(180))
     await feed([storm_handler], [event("attachment.accepted", 1, 200)])
     await finish([storm_handler], at(400))
     assert list(receiver.accepted) == []  # the resolution waits for the opening's retry
@@ -284,7 +284,7 @@ async def test_an_accepted_post_counts_whatever_the_answer_body_does(redis: Redi
             await feed(
                 [storm_handler], [event("attachment.rejected", i, i * 10) for i in range(12)]
             )
-            await storm_handler.flush()
+            await finish([storm_handler], at(180))
         await close_all([storm_handler])
     assert posts == 1
     assert not [line for line in logs if line["event"] == "webhook_attempt_failed"]
@@ -309,6 +309,7 @@ async def test_a_shutdown_mid_round_keeps_what_was_delivered(redis: Redis) -> No
         tuned = webhook_settings(url, timeout=timedelta(seconds=10), attempts=1)
         storm_handler = handler("rejections", redis, Clock(at(3600)), tuned)
         await feed([storm_handler], storms)
+        await storm_handler.tick(at(180))  # opens both storms; their round is not awaited
         await asyncio.sleep(1)
         assert delivered == [SIM_A]
         await storm_handler.dispatcher.close(grace=0.5)
@@ -328,9 +329,9 @@ async def test_a_redriven_alert_gets_every_retry_round_again(
     storm_handler = handler("rejections", redis, clock, tuned)
     receiver.status = 503
     await feed([storm_handler], [event("attachment.rejected", i, i * 10) for i in range(10)])
-    await storm_handler.flush()
+    await finish([storm_handler], at(180))
     clock.advance(120)
-    await storm_handler.tick(at(130))
+    await storm_handler.tick(at(180))
     await storm_handler.flush()
     dead = await storm_handler.outbox.dead()
     assert len(dead) == 1
@@ -338,10 +339,10 @@ async def test_a_redriven_alert_gets_every_retry_round_again(
     await storm_handler.outbox.requeue(list(dead), round(clock() * 1000))
     receiver.status = 200
     receiver.fail_next = 1  # the receiver is back, but one POST fails
-    await storm_handler.tick(at(130))
+    await storm_handler.tick(at(180))
     await storm_handler.flush()
     assert await storm_handler.outbox.dead() == {}
     clock.advance(40)
-    await finish([storm_handler], at(130))
+    await finish([storm_handler], at(180))
     assert [key.rsplit(":", 1)[1] for key in receiver.accepted] == ["open"]
     await close_all([storm_handler])

@@ -10,7 +10,8 @@ what one round can deliver within a lease: at most ``concurrency`` entries, and 
 nothing it claimed earlier is still queued or in flight (``reserve``); each send is bounded
 by the webhook's ``round_seconds``, shorter than the lease, so no other replica can claim
 an entry again while it is being sent. A full round claims the next one itself, so a
-backlog drains without waiting for the next batch or tick. A shutdown mid-round
+backlog drains without waiting for the next batch or tick (so does a round that a batch or
+tick found under way). A shutdown mid-round
 settles what the round had already delivered; a process that dies mid-round leaves its
 claims to expire and be claimed again, so every entry is delivered
 at least once and, through the stream sink's atomic append and the webhook's idempotency
@@ -80,6 +81,8 @@ class Dispatcher:
         self._round = concurrency
         self._lease_ms = lease_ms
         self._reserved = False
+        self._missed = False
+        """A batch or tick found it busy: the round under way claims again when done."""
         self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -90,7 +93,10 @@ class Dispatcher:
         """How many entries the caller may claim for this dispatcher now: one round's worth
         when it is idle and no other claim is under way, else 0. ``submit`` ends the
         reservation (with what was claimed, or nothing)."""
-        if self._closed or self._reserved or self._queued:
+        if self._closed or self._reserved:
+            return 0
+        if self._queued:
+            self._missed = True  # claimed for it once the current round ends
             return 0
         self._reserved = True
         return self._round
@@ -151,8 +157,10 @@ class Dispatcher:
                 round_.append(self._queue.get_nowait())
             try:
                 tried = await self._deliver(round_)
-                if len(round_) >= self._round and tried and not self._closed:
-                    await self._claim_next()
+                if (len(round_) >= self._round and tried) or self._missed:
+                    self._missed = False
+                    if not self._closed:
+                        await self._claim_next()
             finally:
                 for entry in round_:
                     self._queued.discard(entry.entry)

@@ -153,7 +153,7 @@ local function emit(st, event, at, sent)
   if st.d == '1' then
     -- Members are scored by their newest hit: count those up to the episode's end, and
     -- never fewer than announced (a member may have been hit again since).
-    local upto = fmt(HORIZON)  -- members stored beyond the walk are not counted yet
+    local upto = fmt(math.min(HORIZON, st.last))  -- none beyond the walk or its end
     if event == 'resolved' then upto = fmt(st.closed) end
     count = math.max(redis.call('ZCOUNT', key('h', st), fmt(st.first), upto), st.n or 0)
     st.n = count
