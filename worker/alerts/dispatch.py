@@ -199,7 +199,11 @@ class Dispatcher:
         for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
-                self._one(entry, sends.get(opening) if opening else None, pending.get(opening))
+                self._one(
+                    entry,
+                    sends.get(opening) if opening else None,
+                    pending.get(opening) if opening else None,
+                )
             )
         try:
             gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))

@@ -144,10 +144,7 @@ class AlertHandler(ABC):
         Call it only when the consumer is caught up on all shards (e.g. every few
         seconds while idle); during a backfill event time comes from the batches."""
         now_ms = round(self._clock() * 1000)
-        if now is None:
-            tick_ms = now_ms - self._delay_ms
-        else:
-            tick_ms = to_ms(now)
+        tick_ms = now_ms - self._delay_ms if now is None else to_ms(now)
         await self._apply(Subjects(), now_ms, tick_ms=tick_ms)
 
     async def flush(self) -> None:
