@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint typecheck schemas bench clean
+.PHONY: install test test-repeat lint typecheck schemas bench clean
 
 install: $(BIN)/supersim-worker tests/node_modules/.installed
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -24,6 +24,21 @@ tests/node_modules/.installed: tests/package.json tests/package-lock.json
 
 test:
 	$(BIN)/python -m pytest -q
+
+# Flakiness check: the alert and multi-replica test files REPEAT times in a row, then the
+# whole suite SUITE_REPEAT times; stops at the first failing run and says which.
+REPEAT ?= 200
+SUITE_REPEAT ?= 5
+REPEAT_FILES ?= $(wildcard tests/test_alerts_*.py tests/test_*replica*.py)
+test-repeat:
+	@log=$$(mktemp); for i in $$(seq 1 $(REPEAT)); do \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(REPEAT_FILES) >"$$log" 2>&1 \
+			|| { echo "alert/replica files failed on run $$i of $(REPEAT):"; tail -40 "$$log"; exit 1; }; \
+	done; echo "alert/replica files: $(REPEAT) of $(REPEAT) runs passed"
+	@log=$$(mktemp); for i in $$(seq 1 $(SUITE_REPEAT)); do \
+		$(BIN)/python -m pytest -q -p no:cacheprovider >"$$log" 2>&1 \
+			|| { echo "suite failed on run $$i of $(SUITE_REPEAT):"; tail -40 "$$log"; exit 1; }; \
+	done; echo "whole suite: $(SUITE_REPEAT) of $(SUITE_REPEAT) runs passed"
 
 lint:
 	$(BIN)/ruff check worker tests
