@@ -103,9 +103,13 @@ class Dispatcher:
 
     def submit(self, entries: Sequence[ClaimedEntry]) -> None:
         """Queue claimed entries (ones already queued here are skipped); ends a
-        reservation."""
-        self._reserved = False
+        reservation. Raises if the delivery task failed."""
+        self.release(entries)
         self._surface_failure()
+
+    def release(self, entries: Sequence[ClaimedEntry]) -> None:
+        """``submit`` without raising: ends a reservation, queues what was claimed."""
+        self._reserved = False
         if self._closed:
             return
         for entry in entries:
@@ -158,15 +162,18 @@ class Dispatcher:
             try:
                 tried = await self._deliver(round_)
                 if (len(round_) >= self._round and tried) or self._missed:
-                    self._missed = False
-                    if not self._closed:
-                        await self._claim_next()
+                    # Claim again while a batch or tick found us busy during the claim
+                    # and it got nothing (its entries may have come after the claim).
+                    while not self._closed:
+                        self._missed = False
+                        if await self._claim_next() or not self._missed:
+                            break
             finally:
                 for entry in round_:
                     self._queued.discard(entry.entry)
                     self._queue.task_done()
 
-    async def _claim_next(self) -> None:
+    async def _claim_next(self) -> int:
         """After a full round, claim the next one (queued before this round is marked
         done, so ``flush`` waits for it too)."""
         try:
@@ -175,11 +182,12 @@ class Dispatcher:
             )
         except RedisError as exc:
             self._log.warning("alert_claim_failed", error=f"{type(exc).__name__}: {exc}")
-            return  # the next batch or tick claims them
+            return 0  # the next batch or tick claims them
         for entry in claimed:
             if entry.entry not in self._queued:
                 self._queued.add(entry.entry)
                 self._queue.put_nowait(entry)
+        return len(claimed)
 
     async def _deliver(self, entries: list[ClaimedEntry]) -> int:
         """Deliver one round; returns how many entries were tried (not left waiting)."""

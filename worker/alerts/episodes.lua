@@ -715,6 +715,7 @@ if WARM then
     elseif st.state == 'open' then
       save(st)  -- the walk moved its end on (schedule re-indexed it)
     else
+      if st.need then save(st) end  -- keep what its walk did
       redis.call('ZREM', OPEN_KEY, m)
     end
   end

@@ -188,7 +188,8 @@ class AlertHandler(ABC):
             )
             claimed = applied.claimed
         finally:
-            self.dispatcher.submit(claimed)
+            self.dispatcher.release(claimed)  # never hides the error being raised
+        self.dispatcher.submit([])  # surfaces a failed delivery task
         for transition in applied.transitions:
             if not transition.sent:
                 self._record_unsent(transition)
