@@ -58,9 +58,11 @@ async def test_slow_receiver_gets_each_alert_once_from_three_replicas(redis_url:
         return web.Response(status=200)
 
     async with hook_server(slow) as url:
-        # One attempt of at most 1 s per round: a claim's lease is 2 * 1.05 + 10 s, while
-        # one replica alone would need 200 * 0.8 / 8 = 20 s for the whole backlog.
-        tuned = webhook_settings(url, timeout=1.0, attempts=1)
+        # One attempt of at most 3 s per round: a claim's lease is 2 * 3.05 + 10 s, while
+        # one replica alone would need 200 * 0.8 / 8 = 20 s for the whole backlog. (The
+        # timeout leaves the receiver's 0.8 s a wide margin: a POST that times out after
+        # the receiver accepted it is repeated by design, under the same idempotency key.)
+        tuned = webhook_settings(url, timeout=3.0, attempts=1)
         clients = [Redis.from_url(redis_url) for _ in range(REPLICAS)]
         replicas = [handler("rejections", client, time.time, tuned) for client in clients]
         await replicas[0].handle(Batch("shardId-000000000000", storms()))
