@@ -37,6 +37,7 @@ from redis.asyncio import Redis  # noqa: E402
 
 from worker.alerts.episodes import SCRIPT as EPISODES  # noqa: E402
 from worker.alerts.handler import AlertHandler  # noqa: E402
+from worker.alerts.outbox import CLAIM  # noqa: E402
 from worker.alerts.outbox import SCRIPT as OUTBOX  # noqa: E402
 from worker.alerts.settings import AlertSettings  # noqa: E402
 from worker.decode import decode  # noqa: E402
@@ -102,7 +103,8 @@ async def measure(
     await client.config_resetstat()
     settings = AlertSettings(sinks="log,stream", stale_after=None)
     context = HandlerContext(Settings(), client, "{sw:bench:g}")
-    handler = HANDLERS[name](context, settings=settings, clock=lambda: end)
+    now = [end]  # wall time moves on by a second per batch, as while a backlog is read
+    handler = HANDLERS[name](context, settings=settings, clock=lambda: now[0])
     batches = [
         Batch("shardId-000000000000", events[i : i + BATCH]) for i in range(0, len(events), BATCH)
     ]
@@ -115,15 +117,21 @@ async def measure(
         started = time.process_time()
         await handler.handle(batch)
         cpu += time.process_time() - started
+        now[0] += 1
+    await handler.tick()  # caught up: event time reaches the wall clock, everything closes
     await handler.flush()
     counted = len(events) - len(batches[0])
     redis_usec = await script_usec(client) - redis_before
     # The dispatcher runs concurrently, so commands are told apart by script, not by time.
     episode_calls = client.sent.count(f"EVALSHA {hashlib.sha1(EPISODES.encode()).hexdigest()}")
-    delivery_calls = client.sent.count(
-        f"EVALSHA {hashlib.sha1(OUTBOX.encode()).hexdigest()}"
+    delivery_calls = sum(
+        client.sent.count(f"EVALSHA {hashlib.sha1(script.encode()).hexdigest()}")
+        for script in (OUTBOX, CLAIM)
     ) + client.sent.count("PIPELINE")
-    others = len(client.sent) - episode_calls - delivery_calls - 2  # minus the two INFO calls
+    tick_calls = 1  # the closing tick, an episode script call outside the batches
+    loads = sum(sent.startswith("SCRIPT") for sent in client.sent)  # once per script
+    others = len(client.sent) - episode_calls - delivery_calls - loads - 2  # and two INFOs
+    episode_calls -= tick_calls
     alerts = await client.xlen("{sw:bench:g}:alerts")
     await handler.close()
     await client.aclose()

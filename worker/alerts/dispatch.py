@@ -105,7 +105,7 @@ class Dispatcher:
         """Queue claimed entries (ones already queued here are skipped); ends a
         reservation. Raises if the delivery task failed."""
         self.release(entries)
-        self._surface_failure()
+        self.check()
 
     def release(self, entries: Sequence[ClaimedEntry]) -> None:
         """``submit`` without raising: ends a reservation, queues what was claimed."""
@@ -121,7 +121,7 @@ class Dispatcher:
 
     async def flush(self) -> None:
         """Wait until everything submitted so far has been delivered or settled."""
-        self._surface_failure()
+        self.check()
         if self._task is None:
             return
         joined = asyncio.ensure_future(self._queue.join())
@@ -129,7 +129,7 @@ class Dispatcher:
             await asyncio.wait({joined, self._task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             joined.cancel()
-        self._surface_failure()
+        self.check()
 
     async def close(self, grace: float) -> None:
         """Finish the queued rounds within ``grace`` seconds, then stop the task.
@@ -147,7 +147,8 @@ class Dispatcher:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    def _surface_failure(self) -> None:
+    def check(self) -> None:
+        """Raise if the delivery task failed (once; the next submit starts a new one)."""
         task = self._task
         if task is not None and task.done():
             self._task = None

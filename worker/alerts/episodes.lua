@@ -22,7 +22,9 @@ Per subject (kind K, subject S):
                   (open|closed), sent (0|1), pend (earliest clear after first, 0 none:
                   the episode ends there once event time is past it by grace),
                   closed (ts), why (recovered|quiet), info, af (its P:active field),
-                  lo (its hits are all later: the clear or previous episode before it).
+                  lo (its hits are all later: the clear or previous episode before it),
+                  need (threshold), walked (event time up to which its hits and clears
+                  have been walked; later ones are stored only, see walk()).
                   Lives ttl after its last change once closed; never expires while open
                   (an episode that only a clear ends may stay open for weeks).
   P:h:K:S  zset   hits: member -> ts. Members are event SIDs, so duplicates and both
@@ -38,6 +40,7 @@ Per handler:
   P:open   zset   'K\tS' -> event time at which the open episode ends: its pending
                   clear, else its last hit plus window (quiet)
   P:active hash   'K\tgroup\tS' -> ts the episode opened (gauges)
+  P:pend   zset   'K\tS' -> event time of its earliest stored event not walked yet
   P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
   P:due    zset   entry -> wall ms when it may be (re)claimed
   P:tries  hash   entry -> failed delivery rounds

@@ -8,6 +8,10 @@ subjects to ``event_time.lua`` + ``episodes.lua`` in **one** EVALSHA, which atom
 
 - de-duplicates hits by member (event SIDs), so duplicates, replays and both vendor
   envelopes of one event count once (hits are kept ``max_lateness`` past event time);
+- stores a subject's hits and clears and *walks* them in event-time order once event
+  time has passed them by ``quiet_grace``, so the episodes below are those of the sorted
+  stream whatever order the shards delivered in (events arriving behind the walk are late
+  and applied as they come);
 - opens an episode when ``threshold`` hits fall within ``window`` of event time with no
   clear between them, and extends it with later hits (also ones that arrive late);
 - ends it at the first clear after its start, or when quiet for ``window`` after its
