@@ -710,3 +710,19 @@ def test_cli_rejects_invalid_values(tmp_path: Path) -> None:
     args = parser.parse_args([*base, "--fleets", "1", "--accounts", "2"])
     with pytest.raises(ConfigError, match="accounts"):
         run(args)
+
+
+def test_start_may_be_relative_to_now(tmp_path: Path) -> None:
+    """--start now-30m starts the period 30 minutes before the wall clock, on a whole second."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    base = ["simulate", "--sims", "5", "--hours", "1", "--seed", "1", "--out", str(tmp_path / "x")]
+    before = datetime.now(UTC).replace(microsecond=0)
+    for flag, seconds in (("now", 0), ("now-30m", -1800), ("now+2h", 7200), ("now-45s", -45)):
+        start = parser.parse_args([*base, "--start", flag]).start
+        after = datetime.now(UTC)
+        assert start.microsecond == 0
+        assert before.timestamp() + seconds <= start.timestamp() <= after.timestamp() + seconds
+    for bad in ("now-", "now-3w", "yesterday", "2024-05-01T00:00:00"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--start", bad])

@@ -37,9 +37,10 @@ Ground truth layout (keys sorted): ``options``, ``ended_only_exact``, ``records`
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from worker.errors import ConfigError
@@ -90,14 +91,26 @@ def _hours(text: str) -> float:
     return value
 
 
+_RELATIVE = re.compile(r"now(?:([+-])(\d+)([smhd]))?")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def _start(text: str) -> datetime:
+    """RFC 3339 with an offset, or relative to the wall clock: ``now``, ``now-30m``,
+    ``now+2h`` (units s, m, h, d), truncated to the whole second."""
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        sign, amount, unit = relative.groups()
+        offset = timedelta(seconds=int(amount or 0) * _UNIT_SECONDS[unit or "s"])
+        moment = datetime.now(UTC) + (-offset if sign == "-" else offset)
+        return moment.replace(microsecond=0)
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"start needs a UTC offset (e.g. Z): {text!r}")
-    return value.astimezone(UTC)
+    return value.astimezone(UTC).replace(microsecond=0)
 
 
 def _schema(text: str) -> int | str:
@@ -116,7 +129,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add("--hours", type=_hours, required=True, help="simulated period in hours")
     add("--seed", type=int, required=True, help="random seed: same options, same bytes")
     add("--out", type=Path, required=True, help="JSON Lines output file")
-    add("--start", type=_start, default=DEFAULT_START, help="period start (RFC 3339, UTC)")
+    add(
+        "--start",
+        type=_start,
+        default=DEFAULT_START,
+        help="period start: RFC 3339 with an offset, or now, now-30m, now+1h (s/m/h/d)",
+    )
     add("--inactive-share", type=_share, default=0.05, help="share of new/inactive SIMs")
     add("--data-limit-share", type=_share, default=0.05, help="share hitting a data limit")
     add("--attach-loop-share", type=_share, default=0.03, help="share stuck in attach loops")

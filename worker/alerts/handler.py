@@ -30,8 +30,6 @@ from worker.alerts.webhook import WebhookSink
 from worker.handlers.base import Batch, HandlerContext
 from worker.records import ConnectionEvent
 
-FUTURE_SLACK_MS = 5 * 60 * 1000
-"""A batch's events further ahead of the wall clock than this do not advance event time."""
 LEASE_MARGIN_S = 10.0
 CLOSE_GRACE_S = 5.0
 """At shutdown, queued deliveries get this long; the rest are delivered after their lease
@@ -133,7 +131,10 @@ class AlertHandler(ABC):
         subjects = Subjects()
         self.collect(batch.events, subjects)
         now_ms = round(self._clock() * 1000)
-        newest = min(max(event_ms(event) for event in batch.events), now_ms + FUTURE_SLACK_MS)
+        # A shard's progress never passes the wall clock minus the upstream delay: events up
+        # to that late may still come, on this shard as on any other (and a clock ahead of
+        # ours does not move event time).
+        newest = min(max(event_ms(event) for event in batch.events), now_ms - self._delay_ms)
         await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
 
     async def tick(self, now: datetime | None = None) -> None:
