@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-repeat lint typecheck schemas bench clean
+.PHONY: install test test-repeat soak lint typecheck schemas bench clean
 
 install: $(BIN)/supersim-worker tests/node_modules/.installed
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -39,6 +39,9 @@ test-repeat:
 		$(BIN)/python -m pytest -q -p no:cacheprovider >"$$log" 2>&1 \
 			|| { echo "suite failed on run $$i of $(SUITE_REPEAT):"; tail -40 "$$log"; exit 1; }; \
 	done; echo "whole suite: $(SUITE_REPEAT) of $(SUITE_REPEAT) runs passed"
+
+soak:
+	$(BIN)/python tests/soak/live_soak.py $(SOAK_ARGS)
 
 lint:
 	$(BIN)/ruff check worker tests

@@ -323,3 +323,57 @@ async def hook_server(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class Episode:
+    """One episode of the reference model (times in any one unit)."""
+
+    first: int
+    last: int
+    count: int
+    opened: int
+    why: str = ""
+
+
+def reference(items: list[tuple[int, bool]], threshold: int, window: int) -> list[Episode]:
+    """The episode rules as a pure-Python reference model: one subject's episodes from
+    ``(time, is_hit)`` items (unique events), read in event-time order (a hit before a clear
+    at the same time). The rules are spelt out in ``test_alerts_reference``."""
+    ordered = sorted(items, key=lambda item: (item[0], not item[1]))
+    episodes: list[Episode] = []
+    current: Episode | None = None
+    floor = float("-inf")  # hits at or before this cannot join a new episode
+    hits: list[int] = []  # hits after floor, not in an episode
+    for ts, is_hit in ordered:
+        if current is not None and ts > current.last + window:
+            current.why = "quiet"
+            floor = max(floor, current.last)
+            current = None
+        if is_hit:
+            if current is not None:
+                current.last = ts
+                current.count += 1
+                continue
+            hits.append(ts)
+            recent = [t for t in hits if t > floor and ts - t <= window]
+            if len(recent) >= threshold:
+                chained = [t for t in hits if t > floor]
+                first = recent[0]
+                for t in reversed([t for t in chained if t < first]):
+                    if first - t > window:
+                        break
+                    first = t
+                members = [t for t in chained if t >= first]
+                current = Episode(first, ts, len(members), ts)
+                episodes.append(current)
+                hits = []
+        else:
+            if current is not None and ts >= current.first:
+                current.why = "recovered"
+                current = None
+            floor = max(floor, ts)
+            hits = [t for t in hits if t > ts]
+    if current is not None:
+        current.why = "quiet"
+    return episodes

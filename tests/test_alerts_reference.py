@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 from alerts_support import (
@@ -32,6 +31,7 @@ from alerts_support import (
     finish,
     handler,
     parse,
+    reference,
     settings,
     stream_alerts,
 )
@@ -48,56 +48,6 @@ THRESHOLD = 3
 WINDOW = 300
 GRACE = 60
 SIMS = ("HS" + "1" * 32, "HS" + "2" * 32)
-
-
-@dataclass
-class Episode:
-    first: int
-    last: int
-    count: int
-    opened: int
-    why: str = ""
-
-
-def reference(items: list[tuple[int, bool]], threshold: int, window: int) -> list[Episode]:
-    """One subject's episodes from ``(time, is_hit)`` items (unique events)."""
-    ordered = sorted(items, key=lambda item: (item[0], not item[1]))
-    episodes: list[Episode] = []
-    current: Episode | None = None
-    floor = float("-inf")  # hits at or before this cannot join a new episode
-    hits: list[int] = []  # hits after floor, not in an episode
-    for ts, is_hit in ordered:
-        if current is not None and ts > current.last + window:
-            current.why = "quiet"
-            floor = max(floor, current.last)
-            current = None
-        if is_hit:
-            if current is not None:
-                current.last = ts
-                current.count += 1
-                continue
-            hits.append(ts)
-            recent = [t for t in hits if t > floor and ts - t <= window]
-            if len(recent) >= threshold:
-                chained = [t for t in hits if t > floor]
-                first = recent[0]
-                for t in reversed([t for t in chained if t < first]):
-                    if first - t > window:
-                        break
-                    first = t
-                members = [t for t in chained if t >= first]
-                current = Episode(first, ts, len(members), ts)
-                episodes.append(current)
-                hits = []
-        else:
-            if current is not None and ts >= current.first:
-                current.why = "recovered"
-                current = None
-            floor = max(floor, ts)
-            hits = [t for t in hits if t > ts]
-    if current is not None:
-        current.why = "quiet"
-    return episodes
 
 
 @st.composite
