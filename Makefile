@@ -29,7 +29,7 @@ test:
 # whole suite SUITE_REPEAT times; stops at the first failing run and says which.
 REPEAT ?= 200
 SUITE_REPEAT ?= 5
-REPEAT_FILES ?= $(wildcard tests/test_alerts_*.py tests/test_*replica*.py)
+REPEAT_FILES ?= $(filter-out tests/test_alerts_live.py,$(wildcard tests/test_alerts_*.py tests/test_*replica*.py))
 test-repeat:
 	@log=$$(mktemp); for i in $$(seq 1 $(REPEAT)); do \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(REPEAT_FILES) >"$$log" 2>&1 \
