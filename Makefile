@@ -51,7 +51,7 @@ typecheck:
 	$(BIN)/mypy --strict worker
 
 schemas:
-	$(BIN)/python -m worker.schema_files schemas
+	$(BIN)/python -m worker.events.schemas schemas
 
 bench:
 	$(BIN)/python tests/bench/run.py

@@ -22,17 +22,22 @@ import servers
 from aiohttp import web
 from redis.asyncio import Redis
 
-from worker.alerts.handler import AlertHandler
-from worker.alerts.settings import AlertSettings
-from worker.alerts.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from worker.decode import decode
-from worker.handlers.attach_loops import AttachLoopsHandler
+from worker.devtools.simulator import SimulationOptions, generate
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler
+from worker.handlers.alerts.rules.data_limit import DataLimitHandler
+from worker.handlers.alerts.rules.rejections import RejectionsHandler
+from worker.handlers.alerts.settings import AlertSettings
+from worker.handlers.alerts.webhook import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    verify,
+)
 from worker.handlers.base import Batch, HandlerContext
-from worker.handlers.data_limit import DataLimitHandler
-from worker.handlers.rejections import RejectionsHandler
-from worker.records import ConnectionEvent
 from worker.settings import Settings
-from worker.simulator import SimulationOptions, generate
 
 PREFIX = "{sw:alerts-test:g}"
 STREAM = f"{PREFIX}:alerts"

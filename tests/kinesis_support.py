@@ -10,7 +10,7 @@ from typing import Any
 from aiobotocore.session import get_session
 from events import make_record
 
-from worker.replay import put_all
+from worker.cli.replay import put_all
 from worker.settings import Settings, load_settings
 
 

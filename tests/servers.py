@@ -1,5 +1,5 @@
 """Real servers for tests: redis-server and moto_server (shared with ``replay``, see
-``worker/local_servers.py``) and kinesalite, which only the tests use (npm, under tests/).
+``worker/devtools/local_servers.py``) and kinesalite, which only the tests use (npm, under tests/).
 
 Plain helpers without pytest, so they can also be used from scripts. Every server listens
 on 127.0.0.1 only, on a free port, and keeps its state in memory.
@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from worker.local_servers import (
+from worker.devtools.local_servers import (
     HOST,
     MotoServer,
     RedisServer,

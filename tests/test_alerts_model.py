@@ -24,15 +24,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from worker.alerts.model import alert_id
-from worker.alerts.settings import (
+from worker.handlers import registry
+from worker.handlers.alerts.model import alert_id
+from worker.handlers.alerts.settings import (
     AlertSettings,
     SinkName,
     ThresholdOverrides,
     Thresholds,
     alert_settings,
 )
-from worker.handlers import registry
 from worker.settings import Settings
 
 

@@ -21,13 +21,13 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.alerts.dispatch import Dispatcher, RetryPolicy
-from worker.alerts.episodes import Subjects
-from worker.alerts.model import Alert, to_ms
-from worker.alerts.outbox import Outcome, Settlement
-from worker.alerts.sinks import SendResult
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.dispatch import Dispatcher, RetryPolicy
+from worker.handlers.alerts.episodes import Subjects
+from worker.handlers.alerts.model import Alert, to_ms
+from worker.handlers.alerts.outbox import Outcome, Settlement
+from worker.handlers.alerts.sinks import SendResult
 from worker.handlers.base import Batch
-from worker.records import ConnectionEvent
 
 
 class CountingRedis(Redis):

@@ -40,9 +40,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from worker.alerts.settings import ThresholdOverrides
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.settings import ThresholdOverrides
 from worker.handlers.base import Batch
-from worker.records import ConnectionEvent
 
 THRESHOLD = 3
 WINDOW = 300

@@ -28,9 +28,9 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.alerts.handler import AlertHandler
-from worker.alerts.settings import AlertSettings
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.settings import AlertSettings
 
 NAMES = ("rejections", "data_limit", "attach_loops")
 

@@ -29,8 +29,8 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.alerts.settings import ThresholdOverrides
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.settings import ThresholdOverrides
 
 LATENESS = 300
 """Seconds an event may be delivered behind its event time: five times the grace."""

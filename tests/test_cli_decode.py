@@ -18,7 +18,7 @@ from events import (
     to_jsonl,
 )
 
-from worker.cli import main
+from worker.cli.main import main
 
 
 def run(path: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:

@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from worker import keys
-from worker.app import run_worker
-from worker.deadletter import DeadLetter, DeadLetterStore
-from worker.dlq import RedriveAborted, redrive
+from worker.cli.dlq import RedriveAborted, redrive
+from worker.consumer.app import run_worker
+from worker.consumer.deadletter import DeadLetter, DeadLetterStore
 from worker.handlers import registry
 from worker.handlers.base import Batch, HandlerContext
 from worker.metrics import Metrics

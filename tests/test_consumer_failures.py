@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 from servers import start_redis
 
 from worker import keys
-from worker.app import run_worker
-from worker.cli import main
-from worker.deadletter import DeadLetterStore
+from worker.cli.main import main
+from worker.consumer.app import run_worker
+from worker.consumer.deadletter import DeadLetterStore
 from worker.metrics import Metrics
 
 

@@ -26,8 +26,8 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.handlers.data_limit import DataLimitHandler
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.rules.data_limit import DataLimitHandler
 
 DAY_AND_A_HALF = {**NOISY, "sims": 60, "hours": 36, "outage": False, "failure_bursts": False}
 

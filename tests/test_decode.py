@@ -1,4 +1,4 @@
-"""``worker.decode.decode``: every event kind, vendor, ``data`` form and schema version decodes
+"""``worker.events.decode.decode``: every event kind, vendor, ``data`` form and schema version decodes
 to typed records; every kind of bad input fails with a ``DecodeError`` naming the field."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from events import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.decode import decode
 from worker.errors import DecodeError
-from worker.records import (
+from worker.events.decode import decode
+from worker.events.records import (
     MAX_RECORD_BYTES,
     ConnectionData,
     ConnectionEvent,
@@ -921,7 +921,7 @@ def test_time_parsing_matches_the_careful_path(text: str) -> None:
 
 def test_fast_constructor_builds_the_same_event() -> None:
     """decode's slot-setting constructor makes an event equal to the dataclass's own."""
-    from worker.decode import _new_connection_event
+    from worker.events.decode import _new_connection_event
 
     event = connection(make_record(), META)
     args = (event.kind, event.vendor, event.schema_version, event.envelope, event.meta, {"a": 1})

@@ -14,11 +14,11 @@ from alerts_support import fleet_subject, match, sim_subject
 from kinesis_support import create_stream, put, worker_settings
 
 from worker import keys
-from worker.alerts.settings import AlertSettings
-from worker.app import run_worker
+from worker.cli.simulate import SimulationOptions, generate
+from worker.cli.usage import figures
+from worker.consumer.app import run_worker
+from worker.handlers.alerts.settings import AlertSettings
 from worker.settings import Settings
-from worker.simulate import SimulationOptions, generate
-from worker.usage import figures
 
 HANDLERS = ("metering", "rejections", "data_limit", "attach_loops")
 OPTIONS = SimulationOptions(

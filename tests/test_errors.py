@@ -16,8 +16,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from worker.consumer.kinesis import is_retriable
 from worker.errors import DecodeError, RetriableError, is_infrastructure_failure
-from worker.kinesis import is_retriable
 
 
 def client_error(code: str, status: int) -> ClientError:

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from worker import keys
-from worker.app import run_worker
+from worker.consumer.app import run_worker
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kinesis_support import create_stream, kinesis_client, put, wait_active, worker_settings
 
-from worker import kinesis
-from worker.kinesis_parser import KinesisJSONParser, KinesisParserFactory
+from worker.consumer import kinesis
+from worker.consumer.kinesis_parser import KinesisJSONParser, KinesisParserFactory
 
 MAX_HASH = 2**128 - 1
 OUTPUT = (

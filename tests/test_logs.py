@@ -13,9 +13,9 @@ from events import LOCATION, SIM, make_record
 from structlog.testing import capture_logs
 
 from worker import logs
-from worker.decode import decode
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent
 from worker.logs import PII_KEYS, REDACTED, redact_pii, scrub_text
-from worker.records import ConnectionEvent
 
 IMSI, IMEI, ICCID = SIM["imsi"], SIM["imei"], SIM["sim_iccid"]
 IP = "100.68.56.159"

@@ -25,20 +25,20 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from worker.decode import decode
+from worker.cli.usage import figures, sessions
+from worker.devtools.simulator import SimulationOptions, generate
+from worker.devtools.simulator.catalog import NETWORKS
 from worker.errors import is_infrastructure_failure
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent
 from worker.handlers.base import Batch, HandlerContext
-from worker.handlers.metering import (
+from worker.handlers.metering.handler import (
     MeteringHandler,
     MeteringSettings,
     create,
     hourly_key,
 )
-from worker.records import ConnectionEvent
 from worker.settings import Settings
-from worker.simulator import SimulationOptions, generate
-from worker.simulator.catalog import NETWORKS
-from worker.usage import figures, sessions
 
 PREFIX = "{sw:test-stream:test-group}"
 DAY = 86_400
@@ -101,7 +101,7 @@ def expected(truth: dict[str, Any]) -> dict[str, Any]:
 
 
 def metered(client: redis.Redis, truth: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
-    """What Redis holds, read with ``worker.usage.figures``, shaped like ``expected``."""
+    """What Redis holds, read with ``worker.cli.usage.figures``, shaped like ``expected``."""
     first, last = period(truth)
 
     def rows(dimension: str, ident: str, hourly: bool = False) -> dict[str, tuple[int, int]]:

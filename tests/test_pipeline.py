@@ -18,16 +18,16 @@ from events import make_record
 from redis.asyncio import Redis
 
 from worker.backoff import Backoff
-from worker.deadletter import DeadLetter, DeadLetterStore, DeadLetterStoreFull
-from worker.handlers.base import Batch
-from worker.metrics import Metrics
-from worker.pipeline import (
+from worker.consumer.deadletter import DeadLetter, DeadLetterStore, DeadLetterStoreFull
+from worker.consumer.pipeline import (
     BROKEN_HANDLER_RECORDS,
     BatchProcessor,
     HandlerUnavailable,
     RawRecord,
 )
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
+from worker.handlers.base import Batch
+from worker.metrics import Metrics
 
 SHARD = "shardId-000000000000"
 

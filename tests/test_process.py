@@ -17,9 +17,9 @@ from recording import seen, seen_key, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
-from worker.app import run_worker
-from worker.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
-from worker.leases import LeaseManager
+from worker.consumer.app import run_worker
+from worker.consumer.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
+from worker.consumer.leases import LeaseManager
 
 TESTS = Path(__file__).parent
 

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
+from worker.consumer.progress import ProgressReporter
+from worker.consumer.shard_reader import ShardProgress
+from worker.consumer.ticker import Ticker
 from worker.handlers.base import Batch
 from worker.metrics import Metrics
-from worker.progress import ProgressReporter
-from worker.shard_reader import ShardProgress
-from worker.ticker import Ticker
 
 
 def shards() -> dict[str, ShardProgress]:

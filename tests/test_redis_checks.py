@@ -14,9 +14,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from servers import HOST, free_port
 from structlog.testing import capture_logs
 
-from worker.app import run_worker
+from worker.consumer.app import run_worker
+from worker.consumer.redis_checks import check_access, check_eviction_policy
 from worker.errors import ConfigError
-from worker.redis_checks import check_access, check_eviction_policy
 from worker.settings import load_settings
 
 SetPolicy = Callable[[str], Awaitable[None]]

@@ -29,9 +29,9 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.alerts.settings import ThresholdOverrides
-from worker.handlers.rejections import HINTS
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.rules.rejections import HINTS
+from worker.handlers.alerts.settings import ThresholdOverrides
 
 
 def rejections(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from events import make_record, make_sink_test_event, to_record
 
-from worker.simulate import SimulationOptions, write
+from worker.cli.simulate import SimulationOptions, write
 
 
 def test_replay_of_a_simulated_file_reports_every_record(tmp_path: Path, redis_url: str) -> None:

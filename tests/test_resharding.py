@@ -9,7 +9,7 @@ from kinesis_support import create_stream, events, kinesis_client, put, wait_act
 from recording import seen, wait_handled
 
 from worker import keys
-from worker.app import run_worker
+from worker.consumer.app import run_worker
 
 MAX_HASH = 2**128 - 1
 

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from events import KINDS, VENDORS
 
-from worker.decode import decode
 from worker.errors import DecodeError
-from worker.records import ConnectionEvent, EventKind, Vendor
-from worker.schema_files import generate
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent, EventKind, Vendor
+from worker.events.schemas import generate
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 VALID = SCHEMAS / "examples" / "valid"

@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
+from worker.cli.simulate import SimulationOptions, add_parser, generate, run, truth_path, write
+from worker.devtools.simulator.core import dump_truth
 from worker.errors import ConfigError
-from worker.simulate import SimulationOptions, add_parser, generate, run, truth_path, write
-from worker.simulator.core import dump_truth
 
 REFERENCE = Path("/work/shared/reference/samples")
 START = datetime(2024, 3, 1, 20, 0, tzinfo=UTC)
@@ -165,8 +165,8 @@ def test_same_seed_is_identical_across_interpreters(delivered: Stream) -> None:
     """A fresh interpreter with another hash seed produces the same bytes (no hash(), no clock)."""
     script = (
         "import datetime, hashlib, sys\n"
-        "from worker.simulate import SimulationOptions, generate\n"
-        "from worker.simulator.core import dump_truth\n"
+        "from worker.cli.simulate import SimulationOptions, generate\n"
+        "from worker.devtools.simulator.core import dump_truth\n"
         f"records, truth = generate({DELIVERY!r})\n"
         "sys.stdout.write(hashlib.sha256(b'\\n'.join(records) + dump_truth(truth)).hexdigest())\n"
     )

@@ -13,13 +13,14 @@ import orjson
 import pytest
 import redis.asyncio
 
-from worker import keys, usage
-from worker.decode import decode
+from worker import keys
+from worker.cli import usage
+from worker.devtools.simulator import SimulationOptions, generate
 from worker.errors import ConfigError
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent
 from worker.handlers.base import Batch
-from worker.handlers.metering import MeteringHandler, MeteringSettings
-from worker.records import ConnectionEvent
-from worker.simulator import SimulationOptions, generate
+from worker.handlers.metering.handler import MeteringHandler, MeteringSettings
 
 STREAM = "usage-stream"
 GROUP = "usage-group"

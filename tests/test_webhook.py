@@ -31,9 +31,11 @@ from alerts_support import (
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from worker.alerts.dispatch import RetryPolicy
-from worker.alerts.handler import AlertHandler
-from worker.alerts.webhook import (
+from worker.cli.main import main
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.dispatch import RetryPolicy
+from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.webhook import (
     ALERT_ID_HEADER,
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -41,8 +43,6 @@ from worker.alerts.webhook import (
     sign,
     verify,
 )
-from worker.cli import main
-from worker.records import ConnectionEvent
 
 
 def storm(seq0: int = 0) -> list[ConnectionEvent]:

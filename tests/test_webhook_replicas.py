@@ -19,8 +19,8 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.alerts.handler import AlertHandler
-from worker.alerts.webhook import IDEMPOTENCY_HEADER
+from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.webhook import IDEMPOTENCY_HEADER
 from worker.handlers.base import Batch
 
 SIMS = 200

@@ -1,5 +1,5 @@
 """``python -m worker`` runs the same command line as ``supersim-worker``."""
 
-from worker.cli import main
+from worker.cli.main import main
 
 raise SystemExit(main())

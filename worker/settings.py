@@ -17,9 +17,9 @@ from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_val
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from worker.alerts.settings import AlertSettings
 from worker.errors import ConfigError
-from worker.handlers.metering import MeteringSettings
+from worker.handlers.alerts.settings import AlertSettings
+from worker.handlers.metering.handler import MeteringSettings
 
 ENV_PREFIX: Final = "SUPERSIM_"
 
@@ -113,7 +113,8 @@ class Settings(BaseSettings):
         default_factory=MeteringSettings, description="Usage metering retention."
     )
     alerts: AlertSettings = Field(
-        default_factory=AlertSettings, description="Alert handlers and sinks (worker.alerts)."
+        default_factory=AlertSettings,
+        description="Alert handlers and sinks (worker.handlers.alerts).",
     )
 
     @field_validator("handlers", mode="before")

@@ -35,19 +35,19 @@ import servers  # noqa: E402 - tests/ is put on sys.path just above
 import structlog  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from worker.alerts.episodes import SCRIPT as EPISODES  # noqa: E402
-from worker.alerts.handler import AlertHandler  # noqa: E402
-from worker.alerts.outbox import CLAIM  # noqa: E402
-from worker.alerts.outbox import SCRIPT as OUTBOX  # noqa: E402
-from worker.alerts.settings import AlertSettings  # noqa: E402
-from worker.decode import decode  # noqa: E402
-from worker.handlers.attach_loops import AttachLoopsHandler  # noqa: E402
+from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
+from worker.events.decode import decode  # noqa: E402
+from worker.events.records import ConnectionEvent  # noqa: E402
+from worker.handlers.alerts.episodes import SCRIPT as EPISODES  # noqa: E402
+from worker.handlers.alerts.handler import AlertHandler  # noqa: E402
+from worker.handlers.alerts.outbox import CLAIM  # noqa: E402
+from worker.handlers.alerts.outbox import SCRIPT as OUTBOX  # noqa: E402
+from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler  # noqa: E402
+from worker.handlers.alerts.rules.data_limit import DataLimitHandler  # noqa: E402
+from worker.handlers.alerts.rules.rejections import RejectionsHandler  # noqa: E402
+from worker.handlers.alerts.settings import AlertSettings  # noqa: E402
 from worker.handlers.base import Batch, HandlerContext  # noqa: E402
-from worker.handlers.data_limit import DataLimitHandler  # noqa: E402
-from worker.handlers.rejections import RejectionsHandler  # noqa: E402
-from worker.records import ConnectionEvent  # noqa: E402
 from worker.settings import Settings  # noqa: E402
-from worker.simulator import SimulationOptions, generate  # noqa: E402
 
 KEY = "alerts"
 TITLE = "Alerts: CPU per event and Redis round trips per batch"

@@ -23,8 +23,8 @@ if str(REPO / "tests") not in sys.path:
 
 import events  # noqa: E402 - tests/ is put on sys.path just above
 
-from worker.decode import decode  # noqa: E402
-from worker.records import ConnectionEnvelope, ConnectionEvent  # noqa: E402
+from worker.events.decode import decode  # noqa: E402
+from worker.events.records import ConnectionEnvelope, ConnectionEvent  # noqa: E402
 
 KEY = "decode"
 TITLE = "Decode: cost per event"

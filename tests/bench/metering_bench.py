@@ -34,11 +34,11 @@ import redis.asyncio  # noqa: E402
 import servers  # noqa: E402 - tests/ is put on sys.path just above
 import structlog  # noqa: E402
 
-from worker.decode import decode  # noqa: E402
+from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
+from worker.events.decode import decode  # noqa: E402
+from worker.events.records import ConnectionEvent  # noqa: E402
 from worker.handlers.base import Batch  # noqa: E402
-from worker.handlers.metering import MeteringHandler, MeteringSettings  # noqa: E402
-from worker.records import ConnectionEvent  # noqa: E402
-from worker.simulator import SimulationOptions, generate  # noqa: E402
+from worker.handlers.metering.handler import MeteringHandler, MeteringSettings  # noqa: E402
 
 KEY = "metering"
 TITLE = "Metering: CPU per event, Redis round trips per batch, memory per SIM"
@@ -239,7 +239,7 @@ def report(
     verdict = "met" if later <= GOAL_ROUND_TRIPS else "not met"
     lines = [
         f"redis-server {version}; batches of {BATCH:,} events; "
-        f"handler `worker.handlers.metering` (one `EVALSHA` of `metering.lua` per batch).",
+        f"handler `worker.handlers.metering.handler` (one `EVALSHA` of `metering.lua` per batch).",
         "",
         f"### Throughput ({speed_what}, {speed.events:,} connection events, "
         f"{speed.usage_events:,} updated/ended)",

@@ -42,7 +42,7 @@ from redis.asyncio import Redis  # noqa: E402
 from servers import start_kinesalite, start_redis  # noqa: E402
 
 from worker import keys  # noqa: E402
-from worker.simulator import SimulationOptions, generate  # noqa: E402
+from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
 
 CLOSE_MARGIN_S = 5 * 60 + 60 + 120 + 60
 """After the period: storm window, quiet grace, upstream delay, and a minute to spare."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from worker.records import ConnectionEvent
+from worker.events.records import ConnectionEvent
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

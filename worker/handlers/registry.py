@@ -24,10 +24,10 @@ ENTRY_POINT_GROUP: Final = "supersim_worker.handlers"
 
 BUILTINS: Final = {
     "log": "worker.handlers.log:create",
-    "metering": "worker.handlers.metering:create",
-    "rejections": "worker.handlers.rejections:create",
-    "data_limit": "worker.handlers.data_limit:create",
-    "attach_loops": "worker.handlers.attach_loops:create",
+    "metering": "worker.handlers.metering.handler:create",
+    "rejections": "worker.handlers.alerts.rules.rejections:create",
+    "data_limit": "worker.handlers.alerts.rules.data_limit:create",
+    "attach_loops": "worker.handlers.alerts.rules.attach_loops:create",
 }
 
 

@@ -1,0 +1,1 @@
+"""The consumer: shards, leases, checkpoints, batches, dead letters."""

@@ -1,0 +1,284 @@
+"""One shard batch, from raw records to handled: decode → handlers → dead-letter.
+
+Decode failures never reach the handlers; they are written to the dead-letter store with
+the handlers' failures once the batch is done, before it is checkpointed, so a batch
+retried after a handler outage does not dead-letter them twice. Each handler gets the batch's
+connection events; a handler that raises is retried with backoff (``handler_attempts``
+tries). If it still fails, the batch is bisected to isolate the failing record(s), which
+are dead-lettered with the handler's name and exception, and the rest is handled: a
+poison record never stalls the shard and nothing is skipped without a dead-letter entry.
+
+Infrastructure failures (Redis or network down, timeouts, ``RetriableError``) are not the
+records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
+reader stops without checkpointing and is restarted from its last checkpoint. So is a
+handler that looks broken rather than fed bad data: one failing on every event of a
+sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the same
+exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
+whole class of events). Its shards then wait and retry instead of dead-lettering live
+traffic record by record, but only for ``outage_patience`` seconds from when the handler
+was first taken to be broken: after that the records it fails on are dead-lettered until
+a batch goes through it without a failure, so a shard never stalls for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from worker.backoff import Backoff
+from worker.consumer.deadletter import DECODE, DeadLetter, DeadLetterStore
+from worker.errors import DecodeError, RetriableError, is_infrastructure_failure
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent, KinesisMeta, SinkTestEvent
+from worker.handlers.base import Batch, Handler
+from worker.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record as GetRecords returned it."""
+
+    data: bytes
+    sequence_number: str
+    partition_key: str
+    arrival: datetime | None = None
+
+
+BROKEN_HANDLER_BATCH = 8
+"""A handler failing on every event of a batch at least this big is broken, not the data."""
+BROKEN_HANDLER_RECORDS = 8
+BROKEN_HANDLER_WINDOW = 60.0
+"""A handler that fails, after retries, on this many single records with the same exception
+type within this many seconds (across batches and shards) is broken, not the data."""
+DEFAULT_OUTAGE_PATIENCE = 600.0
+"""Seconds batches wait for a handler taken to be broken before the records it fails on
+are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
+
+
+class HandlerUnavailable(RetriableError):
+    """A handler's infrastructure kept failing; the batch is not checkpointed."""
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    records: int = 0
+    handled: int = 0
+    dead_lettered: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+
+
+class BatchProcessor:
+    """Runs the handlers over one batch at a time. Shared by all shard readers."""
+
+    def __init__(
+        self,
+        handlers: Sequence[Handler],
+        dead_letters: DeadLetterStore,
+        metrics: Metrics,
+        attempts: int = 3,
+        backoff: Backoff | None = None,
+        outage_patience: float = DEFAULT_OUTAGE_PATIENCE,
+    ) -> None:
+        self.handlers = list(handlers)
+        self._dlq = dead_letters
+        self._metrics = metrics
+        self._attempts = attempts
+        self._backoff = backoff or Backoff(base=0.2, cap=5.0)
+        self._log = structlog.get_logger("worker.consumer.pipeline")
+        self._patience = outage_patience
+        self._outage_since: dict[str, float] = {}
+        """Per handler taken to be broken: when it first was, in this outage."""
+        self._patience_spent: dict[str, float] = {}
+        """Per handler: the outage whose patience running out was logged (its start)."""
+        self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
+        """Per handler, per record (shard, sequence number), oldest first: when it last
+        failed, with which exception type. Keyed by record, so that a batch retried for
+        another reason (a full dead-letter store, a Redis blip) does not count twice."""
+
+    def decode_all(
+        self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
+    ) -> tuple[list[ConnectionEvent], list[DeadLetter]]:
+        events: list[ConnectionEvent] = []
+        letters: list[DeadLetter] = []
+        for record in records:
+            meta = KinesisMeta(
+                shard_id, record.sequence_number, record.partition_key, record.arrival
+            )
+            try:
+                event = decode(record.data, meta)
+            except DecodeError as exc:
+                letters.append(_letter(record, shard_id, exc.reason, DECODE, exc))
+                continue
+            if isinstance(event, ConnectionEvent):
+                events.append(event)
+                outcome.kinds[event.kind.value] += 1
+            elif isinstance(event, SinkTestEvent):
+                outcome.skipped["sink_test"] += 1
+            else:
+                outcome.skipped["other_type"] += 1
+        return events, letters
+
+    async def process(self, shard_id: str, records: Sequence[RawRecord]) -> BatchOutcome:
+        """Handle one batch completely; returns when it may be checkpointed."""
+        outcome = BatchOutcome(records=len(records))
+        events, letters = self.decode_all(shard_id, records, outcome)
+        poisoned: dict[tuple[str, str], DeadLetter] = {}
+        """One entry per record and handler failing on it: a redrive re-runs each."""
+        if events:
+            raw = {record.sequence_number: record for record in records}
+            batch = Batch(shard_id, events)
+            for handler in self.handlers:
+                failed = await self._run(handler, batch, self._attempts)
+                if not failed:
+                    self._outage_since.pop(handler.name, None)  # it works: any outage is over
+                if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
+                    # Every record of a sizeable batch failing is the handler's fault (a bad
+                    # deploy, a dependency down), not the data's: keep the batch, retry later.
+                    self._outage(
+                        handler,
+                        f"handler {handler.name} failed on all {len(batch)} events of the "
+                        f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
+                        failed[0][1],
+                    )
+                for event, exc in failed:
+                    assert event.meta is not None  # events from records always carry it
+                    record = raw[event.meta.sequence_number]
+                    reason = f"handler {handler.name} failed on this record after retries"
+                    letter = _letter(record, shard_id, reason, handler.name, exc)
+                    poisoned.setdefault((record.sequence_number, handler.name), letter)
+        # Written once the batch is done, so a batch retried after a handler outage does not
+        # dead-letter its undecodable records again.
+        await self._dlq.add([*letters, *poisoned.values()])
+        outcome.dead_lettered = len(letters) + len(poisoned)
+        outcome.handled = len(events) - len({sequence for sequence, _ in poisoned})
+        self._metrics.incr("records", outcome.records)
+        self._metrics.incr("events_handled", outcome.handled)
+        for name, count in outcome.skipped.items():
+            self._metrics.incr(f"skipped_{name}", count)
+        for kind, count in outcome.kinds.items():
+            self._metrics.incr(f"kind:{kind}", count)
+        return outcome
+
+    async def _run(
+        self, handler: Handler, batch: Batch, attempts: int
+    ) -> list[tuple[ConnectionEvent, Exception]]:
+        """Handle ``batch`` with ``handler``; return the events it keeps failing on."""
+        error: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                await handler.handle(batch)
+            except (Exception, asyncio.CancelledError) as caught:
+                exc = _as_handler_error(caught)
+                error = exc
+                infra = is_infrastructure_failure(exc)
+                self._log.warning(
+                    "handler_failed",
+                    handler=handler.name,
+                    shard_id=batch.shard_id,
+                    events=len(batch),
+                    attempt=attempt,
+                    attempts_left=attempts - attempt,
+                    infrastructure=infra,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if attempt < attempts:
+                    await asyncio.sleep(self._backoff.delay(attempt))
+                    continue
+                if infra:
+                    raise HandlerUnavailable(
+                        f"handler {handler.name} kept failing: {type(exc).__name__}: {exc}"
+                    ) from exc
+            else:
+                return []
+        assert error is not None
+        if len(batch) == 1:
+            self._note_poisoned(handler, batch.events[0], error)
+            return [(batch.events[0], error)]
+        left, right = batch.split()
+        # Halves get one try; a lone record gets the full retries before it is dead-lettered.
+        return [
+            *await self._run(handler, left, 1 if len(left) > 1 else self._attempts),
+            *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
+        ]
+
+    def _note_poisoned(self, handler: Handler, event: ConnectionEvent, error: Exception) -> None:
+        """Count a record ``handler`` failed on; when the same exception type has failed
+        ``BROKEN_HANDLER_RECORDS`` distinct records in the window, the handler is taken to
+        be broken (``_outage``)."""
+        assert event.meta is not None  # events from records always carry it
+        now = time.monotonic()
+        recent = self._poisoned.setdefault(handler.name, {})
+        key = (event.meta.shard_id, event.meta.sequence_number)
+        recent.pop(key, None)  # re-inserted last: the dict stays oldest first
+        name = type(error).__name__
+        recent[key] = (now, name)
+        for old in list(recent):
+            if recent[old][0] >= now - BROKEN_HANDLER_WINDOW and len(recent) <= 1024:
+                break
+            del recent[old]
+        count = sum(1 for _, seen in recent.values() if seen == name)
+        if count >= BROKEN_HANDLER_RECORDS:
+            self._outage(
+                handler,
+                f"handler {handler.name} failed with {name} on {count} records within "
+                f"{BROKEN_HANDLER_WINDOW:.0f} s",
+                error,
+            )
+
+    def _outage(self, handler: Handler, what: str, error: Exception) -> None:
+        """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
+        has been taken to be broken for ``outage_patience`` already: then return, and the
+        records it fails on are dead-lettered. The clock starts at the first such raise and
+        stops when a batch goes through the handler without a failure."""
+        now = time.monotonic()
+        since = self._outage_since.setdefault(handler.name, now)
+        if now - since < self._patience:
+            raise HandlerUnavailable(
+                f"{what}: treated as an outage, the batch waits (for at most "
+                f"{self._patience - (now - since):.0f} s more): {error}"
+            ) from error
+        if self._patience_spent.get(handler.name) != since:
+            self._patience_spent[handler.name] = since
+            self._log.error(
+                "handler_outage_patience_exhausted",
+                handler=handler.name,
+                broken_for=round(now - since, 1),
+                error=f"{type(error).__name__}: {error}",
+                hint="the records it fails on are dead-lettered until a batch goes through; "
+                "redrive them with `supersim-worker dlq redrive` once it is fixed",
+            )
+
+
+def _as_handler_error(caught: BaseException) -> Exception:
+    """A handler's exception, or a CancelledError it raised without this task being
+    cancelled (e.g. from a future something else cancelled): that is a handler failure.
+    A real cancellation of this task is re-raised."""
+    if isinstance(caught, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise caught
+        return RuntimeError(f"handler raised CancelledError: {caught}")
+    assert isinstance(caught, Exception)
+    return caught
+
+
+def _letter(
+    record: RawRecord, shard_id: str, reason: str, handler: str, exc: BaseException
+) -> DeadLetter:
+    return DeadLetter(
+        raw=record.data,
+        shard_id=shard_id,
+        sequence_number=record.sequence_number,
+        partition_key=record.partition_key,
+        arrival=record.arrival,
+        reason=reason,
+        handler=handler,
+        exception=f"{type(exc).__name__}: {exc}",
+    )

@@ -1,0 +1,413 @@
+"""The supervisor: discovers shards, holds their leases, and owns one reader task per shard.
+
+Ordering guarantee: a child shard (after a split or merge) starts only when every parent
+is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
+out of order across a reshard. Discovery runs every ``discovery_interval`` and at once
+when a shard ends, so children start within a second of their last parent ending.
+
+Reader failures are logged and the reader is restarted with backoff from its last
+checkpoint; the process keeps running. ``stop()`` stops reading, lets each in-flight
+batch finish (bounded by ``shutdown_timeout``), checkpoints, and releases the leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker import keys
+from worker.backoff import Backoff
+from worker.consumer.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
+from worker.consumer.kinesis import KinesisClient, ShardInfo, is_retriable, list_shards
+from worker.consumer.leases import Lease, LeaseManager
+from worker.consumer.pipeline import BatchProcessor
+from worker.consumer.shard_reader import (
+    LATEST,
+    LATEST_MARGIN,
+    TRIM_HORIZON,
+    ShardProgress,
+    ShardReader,
+    StartPosition,
+)
+from worker.errors import is_infrastructure_failure
+from worker.settings import InitialPosition, Settings
+
+MIN_RESTART_DELAY = 0.2
+"""Seconds before a shard's reader starts again, whatever ended the last one."""
+RELEASE_TIMEOUT = 2.0
+"""Seconds a lease release may take on a failure path before the lease is left to expire."""
+
+
+@dataclass(slots=True)
+class _Running:
+    reader: ShardReader
+    task: asyncio.Task[bool]
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kinesis: KinesisClient,
+        leases: LeaseManager,
+        checkpoints: Checkpoints,
+        processor: BatchProcessor,
+        from_start: bool = False,
+        at_timestamp: datetime | None = None,
+        until_caught_up: bool = False,
+        reader_factory: Callable[..., ShardReader] = ShardReader,
+    ) -> None:
+        self._settings = settings
+        self._stream = settings.stream_name
+        self._kinesis = kinesis
+        self._leases = leases
+        self._checkpoints = checkpoints
+        self._processor = processor
+        self._until_caught_up = until_caught_up
+        self._reader_factory = reader_factory
+        self._ignore_checkpoints = from_start or at_timestamp is not None
+        self._initial = self._initial_position(from_start, at_timestamp)
+        self._running: dict[str, _Running] = {}
+        self._ended: set[str] = set()
+        self._restart_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._shards: dict[str, ShardInfo] = {}
+        self.progress: dict[str, ShardProgress] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_requested: float | None = None
+        self._backoff = Backoff(base=0.5, cap=30.0)
+        self._log = structlog.get_logger("worker.consumer.supervisor")
+        self.caught_up = False
+
+    def _initial_position(self, from_start: bool, at: datetime | None) -> StartPosition:
+        if from_start:
+            return TRIM_HORIZON
+        if at is not None:
+            return StartPosition("AT_TIMESTAMP", timestamp=at)
+        settings = self._settings
+        if settings.initial_position is InitialPosition.TRIM_HORIZON:
+            return TRIM_HORIZON
+        if settings.initial_position is InitialPosition.AT_TIMESTAMP:
+            return StartPosition("AT_TIMESTAMP", timestamp=settings.initial_timestamp)
+        return LATEST
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
+        shard listing in progress is cut short. ``shutdown_timeout`` counts from here."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
+        self._stopping.set()
+        self._wake.set()
+        for running in self._running.values():
+            running.reader.stop()
+
+    async def run(self) -> None:
+        """Run until stopped (or, with ``until_caught_up``, until every shard is at its tip)."""
+        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        try:
+            while not self._stopping.is_set():
+                # Cleared before the work, not after: a stop() or a reader finishing while
+                # the work awaits I/O must cut the wait below short, not be forgotten.
+                self._wake.clear()
+                try:
+                    if await self._discover():
+                        self.caught_up = True
+                        self._log.info("caught_up", shards=len(self.progress))
+                        break
+                except Exception as exc:
+                    if not _worth_retrying(exc):
+                        raise
+                    self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
+                interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
+        finally:
+            await self._shutdown()
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+    async def _discover(self) -> bool:
+        """One round: collect finished readers, start readers for the shards due one.
+        True when ``until_caught_up`` and every shard is at its tip."""
+        await self._reap()
+        await self._reconcile()
+        return self._until_caught_up and await self.all_caught_up()
+
+    async def _list_unless_stopped(self) -> list[ShardInfo] | None:
+        """The stream's shards, or None if a stop comes first: a slow ListShards is then
+        cancelled, so it does not eat into the shutdown budget. Only the listing is raced:
+        lease and checkpoint calls are never cut off half-way."""
+        listing = asyncio.create_task(list_shards(self._kinesis, self._stream), name="list")
+        stopped = asyncio.create_task(self._stopping.wait(), name="list-stop")
+        try:
+            await asyncio.wait({listing, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (listing, stopped):
+                if not waiting.done():
+                    waiting.cancel()
+            await asyncio.gather(listing, stopped, return_exceptions=True)
+        if listing.cancelled():
+            return None
+        return listing.result()
+
+    def _next_wake(self, interval: float) -> float:
+        now = time.monotonic()
+        pending = [at - now for at in self._restart_at.values() if at > now]
+        return max(0.05, min([interval, *pending]))
+
+    async def _reconcile(self) -> None:
+        shards = await self._list_unless_stopped()
+        if shards is None:
+            return
+        self._shards = {shard.shard_id: shard for shard in shards}
+        checkpoints = await self._checkpoints.all()
+        now = time.monotonic()
+        for shard in shards:
+            sid = shard.shard_id
+            if self._stopping.is_set():
+                return
+            if sid in self._running or self._restart_at.get(sid, 0) > now:
+                continue
+            if self._checkpoint(sid, checkpoints) == keys.SHARD_END:
+                self._ended.add(sid)
+                continue
+            if not all(self._parent_done(p, checkpoints) for p in shard.parents):
+                continue
+            lease = await self._leases.acquire(sid)
+            if lease is None:
+                continue
+            try:
+                await self._take(shard, lease)
+            except Exception:
+                if sid not in self._running:  # failed before its reader started
+                    await self._release(lease, bounded=True)
+                raise
+
+    async def _take(self, shard: ShardInfo, lease: Lease) -> None:
+        """Start reading a shard whose lease was just acquired (or give the lease back)."""
+        sid = shard.shard_id
+        # Another replica may have moved the checkpoint since the snapshot above.
+        latest = await self._checkpoints.get(sid)
+        fresh = self._checkpoint(sid, {sid: latest} if latest else {})
+        if fresh == keys.SHARD_END:
+            self._ended.add(sid)
+            await self._leases.release(lease)
+            return
+        self._restart_at.pop(sid, None)
+        try:
+            await self._start_reader(shard, lease, fresh, latest)
+        except LeaseLost as exc:  # taken over between acquiring and starting: not ours
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            self._log.warning("lease_lost", shard_id=sid, error=str(exc))
+        except CheckpointMoved as exc:  # moved since read just above: start again later
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
+            await self._release(lease)
+
+    def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
+        """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
+        this run has checkpointed (a handled batch, or its end) resumes from its own."""
+        if self._ignore_checkpoints:
+            progress = self.progress.get(shard_id)
+            if progress is None or not (progress.batches or progress.ended):
+                return None
+        return checkpoints.get(shard_id)
+
+    def _parent_done(self, parent: str, checkpoints: dict[str, str]) -> bool:
+        if parent not in self._shards:
+            return True  # trimmed: past retention, nothing left to read
+        return parent in self._ended or self._checkpoint(parent, checkpoints) == keys.SHARD_END
+
+    async def _start_position(
+        self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
+    ) -> tuple[StartPosition, str | None]:
+        """Where to start, and the checkpoint then stored in Redis."""
+        if checkpoint and checkpoint.startswith(keys.AT_TIMESTAMP_PREFIX):
+            at = datetime.fromisoformat(checkpoint.removeprefix(keys.AT_TIMESTAMP_PREFIX))
+            return StartPosition("AT_TIMESTAMP", timestamp=at), stored
+        if checkpoint:
+            return StartPosition.after(checkpoint), stored
+        if any(p in self._shards for p in shard.parents):
+            return TRIM_HORIZON, stored  # a child of a shard we read: from its first record
+        if self._initial.iterator_type == "LATEST":
+            # Remember when this shard started, so that a restart before its first record
+            # resumes from then rather than from a newer LATEST (which would skip records).
+            since = datetime.now(UTC) - LATEST_MARGIN
+            mark = keys.AT_TIMESTAMP_PREFIX + since.isoformat()
+            await self._checkpoints.write(lease, mark, previous=stored)
+            return self._initial, mark
+        return self._initial, stored
+
+    async def _start_reader(
+        self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
+    ) -> None:
+        """Start reading from ``checkpoint`` (the one to trust; None to start afresh);
+        ``stored`` is what Redis holds, which the reader's first write must find."""
+        sid = shard.shard_id
+        start, stored = await self._start_position(shard, lease, checkpoint, stored)
+        progress = self.progress.setdefault(sid, ShardProgress(sid))
+        progress.caught_up = False
+        settings = self._settings
+        reader = self._reader_factory(
+            kinesis=self._kinesis,
+            stream=self._stream,
+            lease=lease,
+            start=start,
+            stored=stored,
+            checkpoints=self._checkpoints,
+            processor=self._processor,
+            batch_limit=settings.batch_limit,
+            idle_interval=settings.idle_interval,
+            prefetch=settings.prefetch_batches,
+            progress=progress,
+        )
+        task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
+        task.add_done_callback(lambda _: self._wake.set())
+        self._running[sid] = _Running(reader, task)
+        self._log.info(
+            "shard_started",
+            shard_id=sid,
+            start=start.iterator_type,
+            sequence=start.sequence,
+            timestamp=start.timestamp.isoformat() if start.timestamp else None,
+            owner=lease.owner,
+            lease_token=lease.token,
+        )
+
+    async def _reap(self) -> None:
+        """Collect finished readers: ended shards, lost leases, failures (restart later)."""
+        for sid, running in list(self._running.items()):
+            if not running.task.done():
+                continue
+            del self._running[sid]
+            # Never start a shard again at once: keeps GetShardIterator under its limit.
+            self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            failure: BaseException | None = None
+            ended = False
+            if running.task.cancelled():
+                if not self._stopping.is_set():
+                    failure = RuntimeError("the shard reader was cancelled")
+            else:
+                failure = running.task.exception()
+                ended = failure is None and running.task.result()
+            if isinstance(failure, LeaseLost):
+                self._log.warning("lease_lost", shard_id=sid, error=str(failure))
+                continue
+            if failure is not None:
+                failures = self._failures.get(sid, 0) + 1
+                self._failures[sid] = failures
+                delay = max(MIN_RESTART_DELAY, self._backoff.delay(failures))
+                self._restart_at[sid] = time.monotonic() + delay
+                self._log.error(
+                    "shard_reader_failed",
+                    shard_id=sid,
+                    failures=failures,
+                    restart_in=round(delay, 2),
+                    retriable=is_retriable(failure) or is_infrastructure_failure(failure),
+                    error=f"{type(failure).__name__}: {failure}",
+                )
+            else:
+                self._failures.pop(sid, None)
+                if ended:
+                    self._ended.add(sid)
+            await self._release(running.reader.lease)
+
+    async def _release(self, lease: Lease, *, bounded: bool = False) -> None:
+        """Give a lease back; ``bounded`` waits at most ``RELEASE_TIMEOUT`` (a failure path,
+        possibly during shutdown). The lease expires by itself anyway: never stop for this."""
+        try:
+            if bounded:
+                await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
+            else:
+                await self._leases.release(lease)
+        except Exception as exc:
+            self._log.warning(
+                "lease_release_failed",
+                shard_id=lease.shard_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def all_caught_up(self) -> bool:
+        """True when every shard still in the stream is ended, or at its tip: read by us,
+        or by another replica of the group (which marks its shards' tips in Redis)."""
+        now = time.monotonic()
+        if any(at > now for at in self._restart_at.values()):
+            return False
+        pending = [sid for sid in self._shards if sid not in self._ended]
+        ours = {
+            sid
+            for sid in pending
+            if sid in self._running and self._running[sid].reader.progress.caught_up
+        }
+        others = [sid for sid in pending if sid not in self._running]
+        at_tip = await self._checkpoints.at_tip(others)
+        return bool(self._shards) and len(ours) + len(at_tip) == len(pending)
+
+    async def _renew_leases(self) -> None:
+        interval = self._settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            for sid, running in list(self._running.items()):
+                try:
+                    kept = await self._leases.renew(running.reader.lease)
+                except Exception as exc:
+                    self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
+                    continue
+                if not kept:
+                    self._log.warning("lease_lost", shard_id=sid)
+                    running.reader.stop()
+
+    async def _shutdown(self) -> None:
+        """Let readers finish their batch, then release their leases, all within
+        ``shutdown_timeout`` of the stop request (releases get at least a second)."""
+        began = self._stop_requested if self._stop_requested is not None else time.monotonic()
+        deadline = began + self._settings.shutdown_timeout
+        running = list(self._running.values())
+        for item in running:
+            item.reader.stop()
+        if running:
+            _done, pending = await asyncio.wait(
+                [item.task for item in running], timeout=max(0.0, deadline - time.monotonic())
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._log.warning("shutdown_timeout", abandoned=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        for item in running:
+            task = item.task
+            if not task.cancelled() and task.exception() is not None:
+                self._log.error(
+                    "shard_reader_failed",
+                    shard_id=item.reader.shard_id,
+                    error=repr(task.exception()),
+                )
+        self._running.clear()
+        if running:
+            # Concurrently and bounded: against an unreachable Redis each release would wait
+            # out the client's timeouts, and the leases expire by themselves anyway.
+            releases = [self._release(item.reader.lease) for item in running]
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*releases), timeout=max(1.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                self._log.warning("lease_release_timeout", leases=len(running))
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed discovery round (ListShards, lease and checkpoint reads) is retried.
+    Kinesis configuration errors (no credentials or region, an unknown stream, access
+    denied) end the run with their message; outages of Kinesis, Redis or the network wait."""
+    if isinstance(exc, BotoCoreError | ClientError):
+        return is_retriable(exc)
+    return is_infrastructure_failure(exc)

@@ -1,0 +1,1 @@
+"""Development tools, never imported at run time: local servers, the simulator."""

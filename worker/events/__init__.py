@@ -1,0 +1,1 @@
+"""Connection events: typed records, decoding, schema generation."""

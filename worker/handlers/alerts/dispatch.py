@@ -1,0 +1,330 @@
+"""Delivering claimed outbox entries to their sinks, off the batch path.
+
+``handle`` only records transitions and claims due entries (one round trip); the
+dispatcher's background task renders each claimed entry, sends it to its sink and
+settles the round in the outbox (one more round trip per round, not per batch). A slow
+or failing webhook therefore never holds up the shard.
+
+Guarantees: an entry is claimed by one replica at a time (lease). A replica claims only
+what one round can deliver within a lease: at most ``concurrency`` entries, and only while
+nothing it claimed earlier is still queued or in flight (``reserve``); each send is bounded
+by the webhook's ``round_seconds``, shorter than the lease, so no other replica can claim
+an entry again while it is being sent. A full round claims the next one itself, so a
+backlog drains without waiting for the next batch or tick (so does a round that a batch or
+tick found under way). A shutdown mid-round
+settles what the round had already delivered; a process that dies mid-round leaves its
+claims to expire and be claimed again, so every entry is delivered
+at least once and, through the stream sink's atomic append and the webhook's idempotency
+key, observed once. The task is owned here: ``close`` waits for it (bounded), cancels
+it, and its failures surface on the next ``submit`` or ``flush``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+
+import structlog
+from redis.exceptions import RedisError
+
+from worker.handlers.alerts.episodes import Transition
+from worker.handlers.alerts.model import Alert
+from worker.handlers.alerts.outbox import ClaimedEntry, Outbox, Outcome, Settlement
+from worker.handlers.alerts.sinks import AlertSink
+
+Render = Callable[[Transition], Alert]
+
+
+class RetryPolicy:
+    """When a failed entry is due again, and when it is given up on."""
+
+    def __init__(self, base: timedelta, cap: timedelta, max_age: timedelta) -> None:
+        self._base_ms = base.total_seconds() * 1000
+        self._cap_ms = cap.total_seconds() * 1000
+        self._max_age_ms = max_age.total_seconds() * 1000
+
+    def next_due(self, now_ms: int, tries: int, rng: random.Random | None = None) -> int:
+        """Exponential from ``base``, capped, with equal jitter (half fixed, half random),
+        so alerts that failed together in an outage do not all come due together."""
+        delay: float = min(self._cap_ms, self._base_ms * 2.0 ** min(tries, 32))
+        return now_ms + round(delay / 2 + (rng or random).random() * delay / 2)
+
+    def expired(self, now_ms: int, created_ms: int) -> bool:
+        return now_ms - created_ms > self._max_age_ms
+
+
+class Dispatcher:
+    """Delivers claimed entries in a background task, a round at a time."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        sinks: Mapping[str, AlertSink],
+        render: Render,
+        retry: RetryPolicy,
+        lease_ms: int,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 8,
+    ) -> None:
+        self._outbox = outbox
+        self._sinks = dict(sinks)
+        self._render = render
+        self._retry = retry
+        self._clock = clock
+        self._limit = asyncio.Semaphore(concurrency)
+        self._round = concurrency
+        self._lease_ms = lease_ms
+        self._reserved = False
+        self._missed = False
+        """A batch or tick found it busy: the round under way claims again when done."""
+        self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._log = structlog.get_logger("worker.handlers.alerts")
+
+    def reserve(self) -> int:
+        """How many entries the caller may claim for this dispatcher now: one round's worth
+        when it is idle and no other claim is under way, else 0. ``submit`` ends the
+        reservation (with what was claimed, or nothing)."""
+        if self._closed or self._reserved:
+            return 0
+        if self._queued:
+            self._missed = True  # claimed for it once the current round ends
+            return 0
+        self._reserved = True
+        return self._round
+
+    def submit(self, entries: Sequence[ClaimedEntry]) -> None:
+        """Queue claimed entries (ones already queued here are skipped); ends a
+        reservation. Raises if the delivery task failed."""
+        self.release(entries)
+        self.check()
+
+    def release(self, entries: Sequence[ClaimedEntry]) -> None:
+        """``submit`` without raising: ends a reservation, queues what was claimed."""
+        self._reserved = False
+        if self._closed:
+            return
+        for entry in entries:
+            if entry.entry not in self._queued:
+                self._queued.add(entry.entry)
+                self._queue.put_nowait(entry)
+        if self._queued and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far has been delivered or settled."""
+        self.check()
+        if self._task is None:
+            return
+        joined = asyncio.ensure_future(self._queue.join())
+        try:
+            await asyncio.wait({joined, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+        self.check()
+
+    async def close(self, grace: float) -> None:
+        """Finish the queued rounds within ``grace`` seconds, then stop the task.
+
+        Entries not settled by then stay claimed in Redis and are delivered after their
+        lease ends, by this or another replica.
+        """
+        self._closed = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._queue.join()), grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def check(self) -> None:
+        """Raise if the delivery task failed (once; the next submit starts a new one)."""
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise RuntimeError("the alert dispatcher failed") from exc
+
+    async def _run(self) -> None:
+        while True:
+            round_ = [await self._queue.get()]
+            while not self._queue.empty():
+                round_.append(self._queue.get_nowait())
+            try:
+                tried = await self._deliver(round_)
+                if (len(round_) >= self._round and tried) or self._missed:
+                    # Claim again while a batch or tick found us busy during the claim
+                    # and it got nothing (its entries may have come after the claim).
+                    while not self._closed:
+                        self._missed = False
+                        if await self._claim_next() or not self._missed:
+                            break
+            finally:
+                for entry in round_:
+                    self._queued.discard(entry.entry)
+                    self._queue.task_done()
+
+    async def _claim_next(self) -> int:
+        """After a full round, claim the next one (queued before this round is marked
+        done, so ``flush`` waits for it too)."""
+        try:
+            claimed = await self._outbox.claim(
+                round(self._clock() * 1000), self._round, self._lease_ms
+            )
+        except RedisError as exc:
+            self._log.warning("alert_claim_failed", error=f"{type(exc).__name__}: {exc}")
+            return 0  # the next batch or tick claims them
+        for entry in claimed:
+            if entry.entry not in self._queued:
+                self._queued.add(entry.entry)
+                self._queue.put_nowait(entry)
+        return len(claimed)
+
+    async def _deliver(self, entries: list[ClaimedEntry]) -> int:
+        """Deliver one round; returns how many entries were tried (not left waiting)."""
+        in_round = {entry.entry for entry in entries}
+        earlier = [
+            opening
+            for entry in entries
+            if (opening := entry.opening_entry) is not None and opening not in in_round
+        ]
+        try:
+            pending = await self._outbox.pending_among(earlier)
+        except RedisError as exc:
+            self._log.warning("alert_round_skipped", error=f"{type(exc).__name__}: {exc}")
+            return 0  # nothing sent: delivered when the claims run out
+        sends: dict[str, asyncio.Future[Settlement]] = {}
+        # Openings first, so that a resolution claimed with its opening waits for that send.
+        for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
+            opening = entry.opening_entry
+            sends[entry.entry] = asyncio.ensure_future(
+                self._one(
+                    entry,
+                    sends.get(opening) if opening else None,
+                    pending.get(opening) if opening else None,
+                )
+            )
+        try:
+            gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
+            results = [result for result in gathered if not result.settled]
+            tried = sum(result.outcome is not Outcome.WAIT for result in gathered)
+        except asyncio.CancelledError:
+            # A shutdown cut the round short: settle what was delivered (or failed) before
+            # it, so only the sends still in flight are repeated after their claim.
+            finished = [
+                result
+                for send in sends.values()
+                if send.done() and not send.cancelled() and send.exception() is None
+                if not (result := send.result()).settled
+            ]
+            if finished:
+                with contextlib.suppress(RedisError):
+                    await self._outbox.settle(finished, round(self._clock() * 1000))
+            raise
+        finally:
+            for send in sends.values():
+                send.cancel()
+        now_ms = round(self._clock() * 1000)
+        try:
+            settled = await self._outbox.settle(results, now_ms)
+        except RedisError as exc:
+            self._log.warning(
+                "alert_settle_failed",
+                entries=len(results),
+                error=f"{type(exc).__name__}: {exc}",
+                note="deliveries are repeated when their claims expire",
+            )
+            return tried
+        if settled.held:
+            self._log.error(
+                "alert_dead_store_full",
+                held=settled.held,
+                note="undeliverable alerts stay pending and are tried again later; "
+                "inspect them with `supersim-worker alerts dead`, then redrive or delete",
+            )
+        return tried
+
+    async def _one(
+        self,
+        entry: ClaimedEntry,
+        opening: asyncio.Future[Settlement] | None,
+        opening_due: int | None,
+    ) -> Settlement:
+        """Deliver one entry (``_outcome``); a remote sink's outcome is settled at once, so
+        a slow receiver does not keep what it accepted unsettled until the round ends."""
+        settlement = await self._outcome(entry, opening, opening_due)
+        sink = self._sinks.get(entry.sink)
+        if sink is None or not sink.remote:
+            return settlement
+        try:
+            await self._outbox.settle([settlement], round(self._clock() * 1000))
+        except RedisError as exc:
+            self._log.warning(
+                "alert_settle_failed",
+                entries=1,
+                error=f"{type(exc).__name__}: {exc}",
+                note="the delivery is repeated when its claim expires",
+            )
+        return dataclasses.replace(settlement, settled=True)
+
+    async def _outcome(
+        self,
+        entry: ClaimedEntry,
+        opening: asyncio.Future[Settlement] | None,
+        opening_due: int | None,
+    ) -> Settlement:
+        """How the entry's delivery went. A resolution is sent only once its opening is
+        delivered, so a receiver never sees an alert resolved before it opened:
+        ``opening`` is that send when it is in the same round, else ``opening_due`` is
+        when the outbox's opening is due next (None once it has left the outbox). A
+        waiting resolution is due again just after its opening."""
+        if entry.opening_entry is not None:
+            if opening is not None:
+                sent = await asyncio.shield(opening)
+                waits_for = None if sent.outcome is Outcome.DONE else sent.due_ms
+            else:
+                waits_for = opening_due
+            if waits_for is not None:
+                due = max(waits_for, round(self._clock() * 1000)) + 1
+                return Settlement(entry.entry, Outcome.WAIT, due_ms=due)
+        sink = self._sinks.get(entry.sink)
+        if sink is None:
+            return Settlement(entry.entry, Outcome.DEAD, reason=f"sink {entry.sink} is not enabled")
+        try:
+            transition = Transition.parse(entry.payload)
+            alert = self._render(transition)
+        except (ValueError, KeyError, TypeError) as exc:
+            return Settlement(entry.entry, Outcome.DEAD, reason=f"cannot render: {exc}")
+        async with self._limit:
+            result = await sink.send(alert)
+        if result.delivered:
+            return Settlement(entry.entry, Outcome.DONE, stream_fields=result.stream_fields)
+        now_ms = round(self._clock() * 1000)
+        fields = {
+            "alert_id": alert.id,
+            "status": alert.status.value,
+            "sink": sink.name,
+            "reason": result.reason,
+            "failed_rounds": entry.tries + 1,
+        }
+        if not result.retriable:
+            self._log.error("alert_delivery_dead", **fields)
+            return Settlement(entry.entry, Outcome.DEAD, reason=result.reason)
+        since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
+        if self._retry.expired(now_ms, since):
+            reason = f"undelivered for longer than the maximum age (last: {result.reason})"
+            self._log.error("alert_delivery_dead", **(fields | {"reason": reason}))
+            return Settlement(entry.entry, Outcome.DEAD, reason=reason)
+        due = self._retry.next_due(now_ms, entry.tries)
+        self._log.warning("alert_delivery_deferred", retry_in_s=(due - now_ms) / 1000, **fields)
+        return Settlement(entry.entry, Outcome.RETRY, due_ms=due, reason=result.reason)

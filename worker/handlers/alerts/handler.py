@@ -1,0 +1,210 @@
+"""The base of the alert handlers: batch -> subjects -> one script call -> dispatch.
+
+A subclass says which events are hits and clears of which subjects (``collect``) and how
+a transition reads as an alert (``render``). Everything else is shared: settings, the
+episode store, the outbox, the sinks and the dispatcher.
+
+Besides the ``Handler`` methods it offers ``tick(now)``, which the consumer may call
+periodically when its shards are caught up (``now`` = wall clock, which is then the event
+time too): it closes episodes that went quiet while no events arrived and retries pending
+deliveries. ``flush()`` waits for queued deliveries (tests, shutdown).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+import structlog
+
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.dispatch import Dispatcher, RetryPolicy
+from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
+from worker.handlers.alerts.model import Alert, AlertStatus, to_ms
+from worker.handlers.alerts.outbox import ClaimedEntry, Outbox
+from worker.handlers.alerts.settings import AlertSettings, SinkName, Thresholds, alert_settings
+from worker.handlers.alerts.sinks import AlertSink, LogSink, StreamSink
+from worker.handlers.alerts.webhook import WebhookSink
+from worker.handlers.base import Batch, HandlerContext
+
+LEASE_MARGIN_S = 10.0
+CLOSE_GRACE_S = 5.0
+"""At shutdown, queued deliveries get this long; the rest are delivered after their lease
+(by another replica or the next start), with the same idempotency keys."""
+
+
+def event_ms(event: ConnectionEvent) -> int:
+    """The event's time (``data.timestamp``) in Unix milliseconds."""
+    return round(event.data.timestamp.timestamp() * 1000)
+
+
+def window_ms(window: timedelta) -> int:
+    return round(window.total_seconds() * 1000)
+
+
+def build_sinks(settings: AlertSettings) -> dict[str, AlertSink]:
+    """The enabled sinks by name. (The webhook signs with the real wall clock.)"""
+    sinks: dict[str, AlertSink] = {}
+    for name in settings.sinks:
+        if name is SinkName.LOG:
+            sinks[name.value] = LogSink()
+        elif name is SinkName.STREAM:
+            sinks[name.value] = StreamSink()
+        else:
+            sinks[name.value] = WebhookSink(settings.webhook)
+    return sinks
+
+
+class AlertHandler(ABC):
+    """Shared machinery of the ``rejections``, ``data_limit`` and ``attach_loops`` handlers."""
+
+    name: str
+
+    def __init__(
+        self,
+        context: HandlerContext,
+        *,
+        settings: AlertSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or alert_settings(context.settings)
+        self._clock = clock
+        self._delay_ms = round(self.settings.upstream_delay.total_seconds() * 1000)
+        self._rules: dict[str | None, tuple[Rule, ...]] = {}
+        prefix = f"{context.key_prefix}:alerts:{self.name}"
+        webhook = self.settings.webhook
+        # A round's resolution may wait for its opening's send before its own: two sends.
+        lease_ms = round((2 * webhook.round_seconds + LEASE_MARGIN_S) * 1000)
+        self.sinks = build_sinks(self.settings)
+        self.store = EpisodeStore(
+            context.redis, prefix, self.settings, sinks=list(self.sinks), lease_ms=lease_ms
+        )
+        self.outbox = Outbox(
+            context.redis,
+            prefix,
+            f"{context.key_prefix}:{self.settings.stream_key}",
+            self.settings.stream_maxlen,
+            dead_maxlen=self.settings.dead_maxlen,
+            hold_ms=round(webhook.retry_cap.total_seconds() * 1000),
+        )
+        self.dispatcher = Dispatcher(
+            outbox=self.outbox,
+            sinks=self.sinks,
+            render=self.render,
+            retry=RetryPolicy(webhook.retry_base, webhook.retry_cap, webhook.max_age),
+            lease_ms=lease_ms,
+            clock=clock,
+        )
+        self._redis = context.redis
+        self._prefix = prefix
+        self._log = structlog.get_logger("worker.handlers.alerts")
+
+    # --- what a subclass provides -------------------------------------------------------
+
+    @abstractmethod
+    def rules(self, thresholds: Thresholds) -> tuple[Rule, ...]:
+        """The rules of this handler's alert kinds under one fleet's thresholds."""
+
+    @abstractmethod
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        """Add the batch's hits and clears to ``subjects``."""
+
+    @abstractmethod
+    def render(self, transition: Transition) -> Alert:
+        """The alert a transition is announced as (a pure function of the transition)."""
+
+    def rules_for(self, fleet_sid: str | None) -> tuple[Rule, ...]:
+        """This handler's rules for one fleet (cached; settings are frozen)."""
+        found = self._rules.get(fleet_sid)
+        if found is None:
+            found = self._rules[fleet_sid] = self.rules(self.settings.for_fleet(fleet_sid))
+        return found
+
+    # --- the Handler protocol and extras -------------------------------------------------
+
+    async def handle(self, batch: Batch) -> None:
+        if not batch.events:
+            return
+        subjects = Subjects()
+        self.collect(batch.events, subjects)
+        now_ms = round(self._clock() * 1000)
+        # A shard's progress never passes the wall clock minus the upstream delay: events up
+        # to that late may still come, on this shard as on any other (and a clock ahead of
+        # ours does not move event time).
+        newest = min(max(event_ms(event) for event in batch.events), now_ms - self._delay_ms)
+        await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
+
+    async def tick(self, now: datetime | None = None) -> None:
+        """Tell that every shard is caught up to event time ``now`` (default: the wall
+        clock minus ``upstream_delay``, how late events may still reach the stream): walks
+        and closes what event time has passed, and retries due deliveries.
+
+        Call it only when the consumer is caught up on all shards (e.g. every few
+        seconds while idle); during a backfill event time comes from the batches."""
+        now_ms = round(self._clock() * 1000)
+        tick_ms = now_ms - self._delay_ms if now is None else to_ms(now)
+        await self._apply(Subjects(), now_ms, tick_ms=tick_ms)
+
+    async def flush(self) -> None:
+        """Wait for the deliveries queued so far."""
+        await self.dispatcher.flush()
+
+    async def close(self) -> None:
+        await self.dispatcher.close(grace=CLOSE_GRACE_S)
+        for sink in self.sinks.values():
+            await sink.close()
+
+    async def open_episodes(self) -> dict[tuple[str, str], int]:
+        """Open episodes by (alert kind, group), e.g. blocked SIMs per fleet: for gauges."""
+        raw = await self._redis.hkeys(f"{self._prefix}:active")  # type: ignore[misc]
+        counts: Counter[tuple[str, str]] = Counter()
+        for field in raw:
+            text = field.decode() if isinstance(field, bytes) else field
+            kind, group, _ = text.split("\t", 2)
+            counts[(kind, group)] += 1
+        return dict(counts)
+
+    async def _apply(
+        self,
+        subjects: Subjects,
+        now_ms: int,
+        *,
+        shard: str = "",
+        newest_ms: int = 0,
+        tick_ms: int = 0,
+    ) -> None:
+        claimed: list[ClaimedEntry] = []
+        limit = self.dispatcher.reserve()
+        try:
+            applied = await self.store.apply(
+                subjects,
+                now_ms=now_ms,
+                shard=shard,
+                newest_ms=newest_ms,
+                tick_ms=tick_ms,
+                claim=limit,
+            )
+            claimed = applied.claimed
+        finally:
+            self.dispatcher.release(claimed)  # never hides the error being raised
+        self.dispatcher.check()  # a failed delivery task surfaces here
+        for transition in applied.transitions:
+            if not transition.sent:
+                self._record_unsent(transition)
+
+    def _record_unsent(self, transition: Transition) -> None:
+        alert = self.render(transition)
+        self._log.info(
+            "alert_recorded_not_sent",
+            reason="stale" if alert.status is AlertStatus.OPEN else "open alert was not sent",
+            alert_id=alert.id,
+            kind=alert.kind.value,
+            status=alert.status.value,
+            subject=alert.subject,
+            first_seen=alert.first_seen.isoformat(),
+            last_seen=alert.last_seen.isoformat(),
+            count=alert.count,
+        )

@@ -1,0 +1,222 @@
+"""The alert outbox in Redis: sent transitions waiting for (or retrying) delivery.
+
+``episodes.lua`` writes one entry per sink for every transition it sends, atomically with
+the state change, and claims due entries with a lease. After a delivery round the
+dispatcher settles them here with ``outbox.lua``: delivered entries are removed (the
+Redis stream sink's entry is appended to the stream in that same step), failed ones are
+due again later, hopeless ones move to ``<prefix>:dead`` with their reason. That store
+has a cap: when it is full, hopeless entries stay in the outbox and are tried again
+later instead (nothing is dropped to make room). ``requeue`` sends dead entries back to
+the outbox for the next round (``supersim-worker alerts redrive``); ``delete_dead`` is the
+one way an alert leaves without being delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import orjson
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+_LUA: Final = resources.files("worker.handlers.alerts")
+SCRIPT: Final = _LUA.joinpath("outbox.lua").read_text("utf-8")
+CLAIM: Final = (
+    _LUA.joinpath("claim.lua").read_text("utf-8")
+    + "\nlocal req = cjson.decode(ARGV[1])\nreturn claim_due(KEYS[1], req.now, req.limit, req.lease)\n"
+)
+"""Claim due entries outside a batch (the dispatcher's next round)."""
+REQUEUE: Final = """
+local P = KEYS[1]
+local moved = 0
+for i = 2, #ARGV do
+  local letter = redis.call('HGET', P .. ':dead', ARGV[i])
+  if letter then
+    redis.call('HSETNX', P .. ':outbox', ARGV[i], cjson.decode(letter).payload)
+    redis.call('ZADD', P .. ':due', 0, ARGV[i])
+    redis.call('HDEL', P .. ':tries', ARGV[i])
+    redis.call('HSET', P .. ':requeued', ARGV[i], ARGV[1])
+    redis.call('HDEL', P .. ':dead', ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+"""Dead entries (ARGV[2:]) back into the outbox, due at once (whatever a replica's clock
+says) with no failed rounds; ARGV[1] (wall ms) is when, from which its age counts anew."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEntry:
+    """An outbox entry claimed for one delivery round."""
+
+    entry: str
+    """``sink|kind|subject|episode key|status``: one per sink and transition."""
+    payload: str
+    tries: int
+    """Earlier failed rounds."""
+
+    @property
+    def sink(self) -> str:
+        return self.entry.partition("|")[0]
+
+    @property
+    def opening_entry(self) -> str | None:
+        """For a resolution, the entry of the same sink and episode that opened it."""
+        head, _, status = self.entry.rpartition("|")
+        return f"{head}|open" if status == "resolved" else None
+
+    @classmethod
+    def from_reply(cls, flat: Sequence[bytes | str]) -> list[ClaimedEntry]:
+        return [
+            cls(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
+
+class Outcome(StrEnum):
+    DONE = "done"
+    RETRY = "retry"
+    DEAD = "dead"
+    WAIT = "wait"
+    """Not tried: due again at ``due_ms``, no failed round counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How one claimed entry's delivery round ended."""
+
+    entry: str
+    outcome: Outcome
+    stream_fields: tuple[str, ...] = ()
+    """For the stream sink: the entry to append, written only if the entry is still there."""
+    due_ms: int = 0
+    reason: str = ""
+    settled: bool = False
+    """Already applied to the outbox (a remote sink's delivery, settled as it ended)."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "e": self.entry,
+            "o": self.outcome.value,
+            "x": list(self.stream_fields),
+            "due": self.due_ms,
+            "r": self.reason,
+        }
+
+
+class Settled(NamedTuple):
+    """What one settlement did."""
+
+    done: int
+    retried: int
+    dead: int
+    held: int
+    """Hopeless entries kept in the outbox because the dead store is full."""
+
+
+class Outbox:
+    """Settles delivery rounds and reports, requeues or deletes what is pending or dead."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        stream_key: str,
+        stream_maxlen: int,
+        *,
+        dead_maxlen: int = 10_000,
+        hold_ms: int = 900_000,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._stream_key = stream_key
+        self._maxlen = stream_maxlen
+        self._dead_maxlen = dead_maxlen
+        self._hold_ms = hold_ms
+        self._script = redis.register_script(SCRIPT)
+        self._requeue = redis.register_script(REQUEUE)
+        self._claim = redis.register_script(CLAIM)
+
+    @property
+    def stream_key(self) -> str:
+        return self._stream_key
+
+    async def settle(self, results: Sequence[Settlement], now_ms: int) -> Settled:
+        """Apply a round's results in one round trip."""
+        if not results:
+            return Settled(0, 0, 0, 0)
+        request = {
+            "now": now_ms,
+            "maxlen": self._maxlen,
+            "deadmax": self._dead_maxlen,
+            "hold": self._hold_ms,
+            "results": [r.as_json() for r in results],
+        }
+        reply = await self._script(
+            keys=[self._prefix, self._stream_key], args=[orjson.dumps(request)]
+        )
+        return Settled(*(int(count) for count in reply))
+
+    async def claim(self, now_ms: int, limit: int, lease_ms: int) -> list[ClaimedEntry]:
+        """Claim up to ``limit`` due entries for ``lease_ms``: one round trip."""
+        request = {"now": now_ms, "limit": limit, "lease": lease_ms}
+        reply = await self._claim(keys=[self._prefix], args=[orjson.dumps(request)])
+        return ClaimedEntry.from_reply(reply)
+
+    async def pending_among(self, entries: Sequence[str]) -> dict[str, int]:
+        """Those of ``entries`` still in the outbox (not yet delivered nor dead), with the
+        wall ms when each is due next: one round trip."""
+        if not entries:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.zscore(f"{self._prefix}:due", entry)
+                pipe.hexists(f"{self._prefix}:outbox", entry)
+            found = await pipe.execute()
+        return {
+            entry: int(due or 0)
+            for entry, due, there in zip(entries, found[::2], found[1::2], strict=True)
+            if there
+        }
+
+    async def pending(self) -> int:
+        """Entries not yet delivered (new, claimed or waiting for a retry)."""
+        count: int = await self._redis.hlen(f"{self._prefix}:outbox")  # type: ignore[misc]
+        return count
+
+    async def dead(self) -> dict[str, dict[str, Any]]:
+        """Entries that were given up on: entry -> {payload, reason, at}."""
+        raw = await self._redis.hgetall(f"{self._prefix}:dead")  # type: ignore[misc]
+        return {_text(entry): orjson.loads(value) for entry, value in raw.items()}
+
+    async def requeue(self, entries: Sequence[str], now_ms: int) -> int:
+        """Move these dead entries back to the outbox, due at once, their age counting from
+        ``now_ms`` (they get every retry round again); returns how many were dead here (the
+        others are ignored)."""
+        moved = 0
+        for start in range(0, len(entries), 500):
+            part = [str(now_ms), *entries[start : start + 500]]
+            moved += int(await self._requeue(keys=[self._prefix], args=part))
+        return moved
+
+    async def requeued_at(self, entry: str) -> int:
+        """When ``entry`` was last redriven (wall ms), or 0."""
+        at = await self._redis.hget(f"{self._prefix}:requeued", entry)  # type: ignore[misc]
+        return int(at) if at else 0
+
+    async def delete_dead(self, entries: Sequence[str]) -> int:
+        """Remove these dead entries for good; returns how many were there."""
+        if not entries:
+            return 0
+        removed: int = await self._redis.hdel(f"{self._prefix}:dead", *entries)  # type: ignore[misc]
+        return removed

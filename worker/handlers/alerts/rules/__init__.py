@@ -1,0 +1,1 @@
+"""The alert rules: rejection storms, data-limit blocks, attach loops."""

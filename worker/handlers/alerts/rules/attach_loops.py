@@ -1,0 +1,94 @@
+"""The built-in ``attach_loops`` handler: devices that attach but never start a data session.
+
+``attach_loop_accepts`` ``attachment.accepted`` events of one SIM within
+``attach_loop_window`` of event time, with no ``data-session.started`` among them, open one
+``attach_loop`` alert. Repeated accepted events in quick succession mean the device is
+unable to use data and keeps restarting the attachment (Connection Events documentation);
+the usual cause is a wrong APN. It resolves when a data session starts or when the SIM is
+quiet for the window.
+
+Redis state, delivery and exactly-once: see ``worker.handlers.alerts.episodes`` and
+``worker.handlers.alerts.dispatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from worker.events.records import ConnectionEvent, EventKind
+from worker.handlers.alerts.episodes import Rule, Subjects, Transition
+from worker.handlers.alerts.handler import AlertHandler, event_ms, window_ms
+from worker.handlers.alerts.model import Alert, AlertKind, AlertStatus, Severity
+from worker.handlers.alerts.render import (
+    build,
+    clock,
+    describe_window,
+    network_tag,
+    networks,
+    sim_meta,
+)
+from worker.handlers.alerts.settings import Thresholds
+from worker.handlers.base import HandlerContext
+
+HINT: Final = (
+    "The device attaches but cannot start a data session: check that its APN is `super` "
+    "(and that roaming is enabled on the device)."
+)
+
+
+class AttachLoopsHandler(AlertHandler):
+    name = "attach_loops"
+
+    def rules(self, thresholds: Thresholds) -> tuple[Rule, ...]:
+        return (
+            Rule(
+                AlertKind.ATTACH_LOOP,
+                thresholds.attach_loop_accepts,
+                window_ms(thresholds.attach_loop_window),
+            ),
+        )
+
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        for event in events:
+            kind = event.kind
+            if kind is EventKind.ATTACHMENT_ACCEPTED:
+                data = event.data
+                (rule,) = self.rules_for(data.fleet_sid)
+                subject = subjects.get(rule, f"sim:{data.sim_sid}")
+                if not subject.meta:
+                    subject.meta, subject.group = sim_meta(data), data.fleet_sid or ""
+                tags = network_tag(data)
+                subject.hit(data.event_sid, event_ms(event), tags)
+            elif kind is EventKind.DATA_SESSION_STARTED:
+                data = event.data
+                (rule,) = self.rules_for(data.fleet_sid)
+                subjects.get(rule, f"sim:{data.sim_sid}").clear(event_ms(event))
+
+    def render(self, transition: Transition) -> Alert:
+        sim = transition.subject.removeprefix("sim:")
+        window = describe_window(
+            self.settings.for_fleet(transition.meta.get("fleet_sid")).attach_loop_window
+        )
+        resolved = transition.status is AlertStatus.RESOLVED
+        return build(
+            transition,
+            kind=AlertKind.ATTACH_LOOP,
+            severity=Severity.WARNING,
+            title=f"Attach loop ended: SIM {sim}" if resolved else f"Attach loop: SIM {sim}",
+            summary=(
+                f"SIM {sim} attached {transition.count} times from {clock(transition.first)} "
+                f"to {clock(transition.last)} without starting a data session."
+            ),
+            hint=HINT,
+            resolution=(
+                "a data session started"
+                if transition.reason == "recovered"
+                else f"quiet for {window}"
+            ),
+            details={"networks": networks(transition)},
+        )
+
+
+def create(context: HandlerContext) -> AttachLoopsHandler:
+    return AttachLoopsHandler(context)

@@ -1,0 +1,1 @@
+"""Usage metering: the handler (write side) and the usage read side."""
