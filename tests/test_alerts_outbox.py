@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -160,7 +161,7 @@ async def test_a_failing_dispatcher_surfaces_its_error(redis: Redis) -> None:
         lease_ms=60_000,
         clock=clock,
     )
-    dispatcher.submit(applied.claimed)
+    dispatcher.submit(applied.claimed, CLAIM)
     with pytest.raises(RuntimeError, match="alert dispatcher failed") as raised:
         await dispatcher.flush()
     assert "bug while sending" in str(raised.value.__cause__)
@@ -177,3 +178,58 @@ async def test_empty_batches_cost_nothing(redis_url: str) -> None:
     assert client.sent == []
     await close_all([worker])
     await client.aclose()
+
+
+async def test_a_tick_that_finds_the_dispatcher_busy_has_its_entries_claimed(
+    redis: Redis,
+) -> None:
+    """A tick that writes a resolution while the dispatcher is busy gets no claim of its
+    own; the dispatcher claims for it after the tick wrote, even when the round under way
+    ends and claims again before the tick's script has run (a race seen under load)."""
+    clock = Clock(at(3600))
+    worker = handler("rejections", redis, clock)
+    stream_sink = worker.sinks["stream"]
+    sending = asyncio.Event()
+    unblock = asyncio.Event()
+
+    class HeldSink:
+        name = "stream"
+        remote = False
+
+        async def send(self, alert: Alert) -> SendResult:
+            sending.set()
+            await unblock.wait()
+            return await stream_sink.send(alert)
+
+        async def close(self) -> None:
+            return None
+
+    worker.sinks["stream"] = HeldSink()
+    worker.dispatcher._sinks["stream"] = worker.sinks["stream"]
+    claims: list[int] = []
+    claim = worker.outbox.claim
+
+    async def counting_claim(*args: Any) -> Any:
+        found = await claim(*args)
+        claims.append(len(found))
+        return found
+
+    worker.outbox.claim = counting_claim  # type: ignore[method-assign]
+    apply = worker.store.apply
+
+    async def apply_after_the_next_claim(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("tick_ms"):
+            before = len(claims)
+            unblock.set()  # the round ends and (old code) claims again, finding nothing
+            while len(claims) == before and worker.dispatcher._queued:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        return await apply(*args, **kwargs)
+
+    worker.store.apply = apply_after_the_next_claim  # type: ignore[method-assign]
+    await feed([worker], storm(), shard="s0")
+    await worker.tick(OPENED)  # opens the storm: its alert is claimed and held in the sink
+    await asyncio.wait_for(sending.wait(), 5)
+    await worker.tick(at(110 + 300 + 60 + 1))  # quiet: resolved while the opening is held
+    await asyncio.wait_for(worker.flush(), 5)
+    assert [a["status"] for a in await stream_alerts(redis)] == ["open", "resolved"]
+    await close_all([worker])

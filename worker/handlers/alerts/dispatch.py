@@ -10,8 +10,10 @@ what one round can deliver within a lease: at most ``concurrency`` entries, and 
 nothing it claimed earlier is still queued or in flight (``reserve``); each send is bounded
 by the webhook's ``round_seconds``, shorter than the lease, so no other replica can claim
 an entry again while it is being sent. A full round claims the next one itself, so a
-backlog drains without waiting for the next batch or tick (so does a round that a batch or
-tick found under way). A shutdown mid-round
+backlog drains without waiting for the next batch or tick. A batch or tick that finds the
+dispatcher busy claims nothing; once its transitions are written (``release``) it asks for
+a claim, which the task makes after its current round, so nothing written waits for the
+next batch or tick. A shutdown mid-round
 settles what the round had already delivered; a process that dies mid-round leaves its
 claims to expire and be claimed again, so every entry is delivered
 at least once and, through the stream sink's atomic append and the webhook's idempotency
@@ -81,9 +83,9 @@ class Dispatcher:
         self._round = concurrency
         self._lease_ms = lease_ms
         self._reserved = False
-        self._missed = False
-        """A batch or tick found it busy: the round under way claims again when done."""
-        self._queue: asyncio.Queue[ClaimedEntry] = asyncio.Queue()
+        self._claim_asked = False
+        """A claim is queued: a batch or tick wrote transitions while it could not claim."""
+        self._queue: asyncio.Queue[ClaimedEntry | None] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -91,32 +93,36 @@ class Dispatcher:
 
     def reserve(self) -> int:
         """How many entries the caller may claim for this dispatcher now: one round's worth
-        when it is idle and no other claim is under way, else 0. ``submit`` ends the
-        reservation (with what was claimed, or nothing)."""
-        if self._closed or self._reserved:
-            return 0
-        if self._queued:
-            self._missed = True  # claimed for it once the current round ends
+        when it is idle and no other claim is under way, else 0. Every call is followed by
+        ``release`` (or ``submit``) with the limit it got, once the caller's transitions
+        are written."""
+        if self._closed or self._reserved or self._queued or self._claim_asked:
             return 0
         self._reserved = True
         return self._round
 
-    def submit(self, entries: Sequence[ClaimedEntry]) -> None:
-        """Queue claimed entries (ones already queued here are skipped); ends a
-        reservation. Raises if the delivery task failed."""
-        self.release(entries)
+    def submit(self, entries: Sequence[ClaimedEntry], limit: int) -> None:
+        """``release``, then raise if the delivery task failed."""
+        self.release(entries, limit)
         self.check()
 
-    def release(self, entries: Sequence[ClaimedEntry]) -> None:
-        """``submit`` without raising: ends a reservation, queues what was claimed."""
-        self._reserved = False
+    def release(self, entries: Sequence[ClaimedEntry], limit: int) -> None:
+        """End a ``reserve`` that gave ``limit``: queue what was claimed (ones already
+        queued here are skipped). With a limit of 0 the caller could not claim, so a claim
+        is queued: the caller's entries exist now, and the round under way (or a claim
+        running concurrently) may have looked before they did. Never raises."""
+        if limit:
+            self._reserved = False
         if self._closed:
             return
         for entry in entries:
             if entry.entry not in self._queued:
                 self._queued.add(entry.entry)
                 self._queue.put_nowait(entry)
-        if self._queued and self._task is None:
+        if not limit and not self._claim_asked:
+            self._claim_asked = True
+            self._queue.put_nowait(None)
+        if self._task is None and not self._queue.empty():
             self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
 
     async def flush(self) -> None:
@@ -157,26 +163,26 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
-            round_ = [await self._queue.get()]
+            items = [await self._queue.get()]
             while not self._queue.empty():
-                round_.append(self._queue.get_nowait())
+                items.append(self._queue.get_nowait())
+            round_ = [item for item in items if item is not None]
             try:
-                tried = await self._deliver(round_)
-                if (len(round_) >= self._round and tried) or self._missed:
-                    # Claim again while a batch or tick found us busy during the claim
-                    # and it got nothing (its entries may have come after the claim).
-                    while not self._closed:
-                        self._missed = False
-                        if await self._claim_next() or not self._missed:
-                            break
+                tried = await self._deliver(round_) if round_ else 0
+                asked = len(round_) < len(items)
+                if asked:
+                    self._claim_asked = False  # from here on a new ask queues a new claim
+                if (len(round_) >= self._round and tried) or asked:
+                    await self._claim_next()
             finally:
                 for entry in round_:
                     self._queued.discard(entry.entry)
+                for _ in items:
                     self._queue.task_done()
 
     async def _claim_next(self) -> int:
-        """After a full round, claim the next one (queued before this round is marked
-        done, so ``flush`` waits for it too)."""
+        """After a full round, or when asked, claim the next one (queued before this round
+        is marked done, so ``flush`` waits for it too)."""
         try:
             claimed = await self._outbox.claim(
                 round(self._clock() * 1000), self._round, self._lease_ms

@@ -189,7 +189,7 @@ class AlertHandler(ABC):
             )
             claimed = applied.claimed
         finally:
-            self.dispatcher.release(claimed)  # never hides the error being raised
+            self.dispatcher.release(claimed, limit)  # never hides the error being raised
         self.dispatcher.check()  # a failed delivery task surfaces here
         for transition in applied.transitions:
             if not transition.sent:
