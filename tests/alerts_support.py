@@ -37,7 +37,6 @@ from worker.handlers.alerts.webhook import (
     verify,
 )
 from worker.handlers.base import Batch, HandlerContext
-from worker.settings import Settings
 
 PREFIX = "{sw:alerts-test:g}"
 STREAM = f"{PREFIX}:alerts"
@@ -128,8 +127,8 @@ def sim_end(options: Mapping[str, Any]) -> datetime:
     return SimulationOptions(**options).start + timedelta(hours=options["hours"])
 
 
-def context(redis: Redis) -> HandlerContext:
-    return HandlerContext(Settings(), redis, PREFIX)
+def context(redis: Redis) -> HandlerContext[AlertSettings]:
+    return HandlerContext(settings(), redis, PREFIX)
 
 
 def settings(**overrides: Any) -> AlertSettings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -30,7 +31,7 @@ def seen_key(key_prefix: str) -> str:
 class RecordingHandler:
     name = "recording"
 
-    def __init__(self, context: HandlerContext) -> None:
+    def __init__(self, context: HandlerContext[Any]) -> None:
         self._redis = context.redis
         self._key = seen_key(context.key_prefix)
         self._delay = float(os.environ.get("RECORDING_DELAY", "0"))

@@ -9,10 +9,10 @@ import pytest
 from alerts_support import (
     FLEET_A,
     FLEET_B,
+    PREFIX,
     Clock,
     at,
     close_all,
-    context,
     event,
     feed,
     finish,
@@ -20,27 +20,13 @@ from alerts_support import (
     stream_alerts,
 )
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from worker.handlers import registry
+from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.model import alert_id
-from worker.handlers.alerts.settings import (
-    AlertSettings,
-    SinkName,
-    ThresholdOverrides,
-    Thresholds,
-    alert_settings,
-)
-from worker.settings import Settings
-
-
-class EnvSettings(BaseSettings):
-    """How the worker's Settings carries the alert settings (``alerts`` field)."""
-
-    model_config = SettingsConfigDict(env_prefix="SUPERSIM_", env_nested_delimiter="__")
-    alerts: AlertSettings = AlertSettings()
+from worker.handlers.alerts.settings import AlertSettings, ThresholdOverrides, Thresholds
 
 
 def test_alert_id_names_the_episode_not_the_delivery() -> None:
@@ -66,8 +52,9 @@ def test_alert_settings_are_read_from_the_environment(monkeypatch: pytest.Monkey
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    alerts = EnvSettings().alerts
-    assert alerts.sinks == (SinkName.LOG, SinkName.STREAM, SinkName.WEBHOOK)
+    alerts = registry.read_section("alerts", AlertSettings)
+    assert isinstance(alerts, AlertSettings)
+    assert alerts.sinks == ("log", "stream", "webhook")
     assert alerts.webhook.url == "https://alerts.example.com/hook"
     assert alerts.webhook.secret is not None
     assert alerts.webhook.secret.get_secret_value() == "s3cret"
@@ -102,17 +89,23 @@ def test_fleet_overrides_apply_to_that_fleet_only() -> None:
     assert alerts.for_fleet(None) == alerts.thresholds
 
 
-def test_handlers_use_the_alerts_settings_or_the_defaults() -> None:
-    """Without an ``alerts`` field in the worker settings the defaults apply."""
-    assert alert_settings(Settings()) == AlertSettings()
-    mine = AlertSettings(stale_after=None)
-    assert alert_settings(EnvSettings(alerts=mine)) is mine
+def test_unknown_sinks_are_refused_with_the_choices() -> None:
+    """A misspelt sink fails at start-up, naming the sinks there are."""
+    with pytest.raises(ValidationError, match=r"unknown sink\(s\) webhok \(allowed: log, stream"):
+        AlertSettings(sinks="stream,webhok")
 
 
 async def test_registry_builds_the_alert_handlers_by_name(redis: Redis) -> None:
-    """``rejections``, ``data_limit`` and ``attach_loops`` are built-in handler names."""
-    built = registry.build(["rejections", "data_limit", "attach_loops"], context(redis))
+    """``rejections``, ``data_limit`` and ``attach_loops`` are built-in handler names, and
+    they share one validated ``alerts`` section (the defaults without variables)."""
+    built = registry.build(["rejections", "data_limit", "attach_loops"], redis, PREFIX)
     assert [h.name for h in built] == ["rejections", "data_limit", "attach_loops"]
+    assert all(isinstance(h, AlertHandler) for h in built)
+    first = built[0]
+    assert isinstance(first, AlertHandler)
+    assert first.settings == AlertSettings()
+    assert all(h.settings is first.settings for h in built if isinstance(h, AlertHandler))
+    assert registry.alert_handler_names() == ["attach_loops", "data_limit", "rejections"]
     for item in built:
         await item.close()
 

@@ -19,7 +19,7 @@ from worker.cli.dlq import RedriveAborted, redrive
 from worker.consumer.app import run_worker
 from worker.consumer.deadletter import DeadLetter, DeadLetterStore
 from worker.handlers import registry
-from worker.handlers.base import Batch, HandlerContext
+from worker.handlers.base import Batch
 from worker.metrics import Metrics
 
 
@@ -152,11 +152,10 @@ async def test_redrive_handles_dead_letters_that_now_succeed(
     settings = worker_settings(kinesis_endpoint, redis_url, stream, handler_attempts=1)
     await run_worker(settings, until_caught_up=True, install_signals=False)
     client = Redis.from_url(redis_url)
-    context = HandlerContext(settings, client, prefix(stream))
     try:
         store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
         assert await store.length() == 3
-        (log,) = registry.build(["log"], context)
+        (log,) = registry.build(["log"], client, prefix(stream))
         # Only `log` available: the recording handler's entries are not "redriven" by it.
         result = await redrive(store, {"log": log}.get, [log], limit=100)
         assert (result.redriven, result.still_failing) == (0, 3)
@@ -164,7 +163,7 @@ async def test_redrive_handles_dead_letters_that_now_succeed(
         assert any("not available" in f.error for f in result.failures)
         assert await store.length() == 3
         # The handler fails on them again: they stay, with the new error reported.
-        (still_broken,) = registry.build(["recording:create"], context)
+        (still_broken,) = registry.build(["recording:create"], client, prefix(stream))
         result = await redrive(store, {"recording": still_broken}.get, None, limit=100)
         assert result.still_failing == 3
         errors = [f.error for f in result.failures if f.handler == "recording"]
@@ -175,7 +174,7 @@ async def test_redrive_handles_dead_letters_that_now_succeed(
         assert await store.length() == 3
         # Fixed: both poison entries are handled and removed.
         monkeypatch.setenv("RECORDING_ACCEPT_POISON", "1")
-        (fixed,) = registry.build(["recording:create"], context)
+        (fixed,) = registry.build(["recording:create"], client, prefix(stream))
         result = await redrive(store, {"recording": fixed}.get, None, limit=100)
         assert (result.redriven, result.still_failing) == (2, 1)
         remaining = await store.list()
@@ -192,16 +191,14 @@ async def test_redrive_of_records_that_failed_to_decode_needs_the_handler_list(
     through the handlers SUPERSIM_HANDLERS names, and is left alone while that is unset."""
     stream = stream_name()
     await create_stream(kinesis_endpoint, stream, shards=1)
-    settings = worker_settings(kinesis_endpoint, redis_url, stream)
     client = Redis.from_url(redis_url)
-    context = HandlerContext(settings, client, prefix(stream))
     try:
         store = DeadLetterStore(client, keys.dead_letters(prefix(stream)), 1000, Metrics())
         record = events(1, start=500)[0]
         await store.add(
             [DeadLetter(record, "shardId-000000000000", "1", "pk", None, "old bug", "decode")]
         )
-        (recording,) = registry.build(["recording:create"], context)
+        (recording,) = registry.build(["recording:create"], client, prefix(stream))
         result = await redrive(store, {}.get, None, limit=10)
         assert result.still_failing == 1
         assert "SUPERSIM_HANDLERS" in result.failures[0].error

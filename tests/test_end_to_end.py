@@ -14,10 +14,10 @@ from alerts_support import fleet_subject, match, sim_subject
 from kinesis_support import create_stream, put, worker_settings
 
 from worker import keys
-from worker.cli.simulate import SimulationOptions, generate
-from worker.cli.usage import figures
 from worker.consumer.app import run_worker
+from worker.devtools.simulator import SimulationOptions, generate
 from worker.handlers.alerts.settings import AlertSettings
+from worker.handlers.metering.usage import figures
 from worker.settings import Settings
 
 HANDLERS = ("metering", "rejections", "data_limit", "attach_loops")
@@ -91,13 +91,19 @@ def check_exact(client: redis.Redis, prefix: str, truth: dict[str, Any]) -> dict
     return expected
 
 
+SECTIONS = {"alerts": AlertSettings(sinks="log,stream", stale_after=None, shard_warmup=1)}
+"""The alert handlers' settings section, given explicitly instead of the environment."""
+
+
 async def run_until_alerted(
     settings: Settings, client: redis.Redis, prefix: str, truth: dict[str, Any], workers: int
 ) -> None:
     """Run ``workers`` live workers of one consumer group until every alert is out."""
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+        asyncio.create_task(
+            run_worker(settings, install_signals=False, stop=stop, sections=SECTIONS)
+        )
         for _ in range(workers)
     ]
     try:
@@ -121,7 +127,6 @@ async def prepare(endpoint: str, redis_url: str) -> tuple[Settings, str, dict[st
         redis_url,
         stream,
         handlers=HANDLERS,
-        alerts=AlertSettings(sinks="log,stream", stale_after=None, shard_warmup=1),
         batch_limit=200,
     )
     return settings, keys.prefix(stream, "supersim-worker"), truth
@@ -153,7 +158,11 @@ async def test_simulated_fleet_is_metered_exactly_and_alerts_once_even_after_a_f
         first_alerts = alerts(client, prefix)
 
         replay = await run_worker(
-            settings, from_start=True, until_caught_up=True, install_signals=False
+            settings,
+            from_start=True,
+            until_caught_up=True,
+            install_signals=False,
+            sections=SECTIONS,
         )
         assert replay.caught_up
         assert usage_per_sim_day(client, prefix, truth) == expected

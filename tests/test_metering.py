@@ -12,7 +12,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -25,20 +24,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from worker.cli.usage import figures, sessions
 from worker.devtools.simulator import SimulationOptions, generate
 from worker.devtools.simulator.catalog import NETWORKS
 from worker.errors import is_infrastructure_failure
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
+from worker.handlers import registry
 from worker.handlers.base import Batch, HandlerContext
-from worker.handlers.metering.handler import (
-    MeteringHandler,
-    MeteringSettings,
-    create,
-    hourly_key,
-)
-from worker.settings import Settings
+from worker.handlers.metering.handler import MeteringHandler, create, hourly_key
+from worker.handlers.metering.settings import MeteringSettings
+from worker.handlers.metering.usage import figures, sessions
 
 PREFIX = "{sw:test-stream:test-group}"
 DAY = 86_400
@@ -101,7 +96,7 @@ def expected(truth: dict[str, Any]) -> dict[str, Any]:
 
 
 def metered(client: redis.Redis, truth: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
-    """What Redis holds, read with ``worker.cli.usage.figures``, shaped like ``expected``."""
+    """What Redis holds, read with ``figures`` (metering's read side), shaped like ``expected``."""
     first, last = period(truth)
 
     def rows(dimension: str, ident: str, hourly: bool = False) -> dict[str, tuple[int, int]]:
@@ -694,12 +689,16 @@ def test_day_retention_must_cover_session_retention() -> None:
 async def test_factory_reads_settings_metering_or_uses_defaults(
     client: redis.asyncio.Redis,
 ) -> None:
-    """``create`` takes ``settings.metering`` when present, else the default retention."""
-    plain = create(HandlerContext(Settings(), client, PREFIX))
+    """The plugin reads ``SUPERSIM_METERING__*`` (defaults without variables); ``create``
+    takes the section it is handed."""
+    (plain,) = registry.build(["metering"], client, PREFIX)
+    assert isinstance(plain, MeteringHandler)
     assert plain.settings == MeteringSettings()
     custom = MeteringSettings(hour_retention_days=3)
-    carrying = cast(Settings, SimpleNamespace(metering=custom))
-    assert create(HandlerContext(carrying, client, PREFIX)).settings is custom
+    assert create(HandlerContext(custom, client, PREFIX)).settings is custom
+    (given,) = registry.build(["metering"], client, PREFIX, sections={"metering": custom})
+    assert isinstance(given, MeteringHandler)
+    assert given.settings is custom
 
 
 async def test_logs_carry_no_personal_data(client: redis.asyncio.Redis) -> None:

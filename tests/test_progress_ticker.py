@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from worker.consumer.progress import ProgressReporter
 from worker.consumer.shard_reader import ShardProgress
 from worker.consumer.ticker import Ticker
-from worker.handlers.base import Batch
+from worker.handlers.base import Batch, Gauge
 from worker.metrics import Metrics
 
 
@@ -64,8 +64,8 @@ class Ticking:
     async def tick(self) -> None:
         self.ticks += 1
 
-    async def open_episodes(self) -> dict[tuple[str, str], int]:
-        return {("data_limit_reached", "HF1"): 2}
+    async def gauges(self) -> list[Gauge]:
+        return [Gauge("open_alerts", 2, {"kind": "data_limit_reached", "group": "HF1"})]
 
 
 async def test_ticker_ticks_only_while_every_shard_is_caught_up() -> None:

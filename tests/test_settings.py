@@ -10,6 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
+from worker.handlers import registry
+from worker.handlers.alerts.settings import AlertSettings
 from worker.settings import (
     InitialPosition,
     LogFormat,
@@ -312,7 +314,9 @@ def test_fleet_ignore_codes_take_a_comma_list_or_json(
     monkeypatch: pytest.MonkeyPatch, value: str, codes: set[int]
 ) -> None:
     monkeypatch.setenv("SUPERSIM_ALERTS__FLEET_IGNORE_CODES", value)
-    assert load_settings().alerts.fleet_ignore_codes == codes
+    alerts = registry.read_section("alerts", AlertSettings)
+    assert isinstance(alerts, AlertSettings)
+    assert alerts.fleet_ignore_codes == codes
 
 
 @pytest.mark.parametrize(
@@ -331,6 +335,8 @@ def test_malformed_structured_variables_are_named_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    text = config_error()
+    with pytest.raises(ConfigError) as info:
+        registry.read_section("alerts", AlertSettings)
+    text = str(info.value)
     assert text.startswith("invalid settings")
     assert message in text

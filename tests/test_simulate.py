@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.cli.simulate import SimulationOptions, add_parser, generate, run, truth_path, write
+from worker.cli.simulate import add_parser, run
+from worker.devtools.simulator import SimulationOptions, generate, truth_path, write
 from worker.devtools.simulator.core import dump_truth
 from worker.errors import ConfigError
 
@@ -165,7 +166,7 @@ def test_same_seed_is_identical_across_interpreters(delivered: Stream) -> None:
     """A fresh interpreter with another hash seed produces the same bytes (no hash(), no clock)."""
     script = (
         "import datetime, hashlib, sys\n"
-        "from worker.cli.simulate import SimulationOptions, generate\n"
+        "from worker.devtools.simulator import SimulationOptions, generate\n"
         "from worker.devtools.simulator.core import dump_truth\n"
         f"records, truth = generate({DELIVERY!r})\n"
         "sys.stdout.write(hashlib.sha256(b'\\n'.join(records) + dump_truth(truth)).hexdigest())\n"
@@ -726,3 +727,11 @@ def test_start_may_be_relative_to_now(tmp_path: Path) -> None:
     for bad in ("now-", "now-3w", "yesterday", "2024-05-01T00:00:00"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--start", bad])
+
+
+def test_the_default_start_is_the_simulators() -> None:
+    """The command line names the simulator's default start without importing it."""
+    from worker.cli.simulate import DEFAULT_START_TEXT
+    from worker.devtools.simulator.options import DEFAULT_START
+
+    assert datetime.fromisoformat(DEFAULT_START_TEXT) == DEFAULT_START

@@ -20,7 +20,8 @@ from worker.errors import ConfigError
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
 from worker.handlers.base import Batch
-from worker.handlers.metering.handler import MeteringHandler, MeteringSettings
+from worker.handlers.metering.handler import MeteringHandler
+from worker.handlers.metering.settings import MeteringSettings
 
 STREAM = "usage-stream"
 GROUP = "usage-group"

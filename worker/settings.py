@@ -1,8 +1,10 @@
 """The worker's settings: one object, built once at start-up from the environment and passed in.
 
-Every field is read from an environment variable named ``SUPERSIM_<FIELD>`` (upper case).
-The README documents each one. Invalid values fail at start-up with a ``ConfigError``
-naming the variable and what it accepts.
+Every field is read from an environment variable named ``SUPERSIM_<FIELD>`` (upper case);
+``docs/settings.md`` is generated from the field descriptions. Invalid values fail at
+start-up with a ``ConfigError`` naming the variable and what it accepts. Handlers' settings
+are not here: each handler's plugin declares its own model, read from
+``SUPERSIM_<SECTION>__*`` by ``worker.handlers.registry``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final
 
-from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from worker.errors import ConfigError
-from worker.handlers.alerts.settings import AlertSettings
-from worker.handlers.metering.handler import MeteringSettings
 
 ENV_PREFIX: Final = "SUPERSIM_"
 
@@ -44,7 +44,7 @@ class InitialPosition(StrEnum):
 
 
 class Settings(BaseSettings):
-    """All settings of the worker. Field docs are the README's reference."""
+    """The consumer's settings (handlers have their own sections)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -109,13 +109,6 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(30.0, ge=3, description="Seconds a shard lease lasts without renewal.")
     dlq_maxlen: int = Field(100_000, ge=100, description="Capacity of the dead-letter stream.")
-    metering: MeteringSettings = Field(
-        default_factory=MeteringSettings, description="Usage metering retention."
-    )
-    alerts: AlertSettings = Field(
-        default_factory=AlertSettings,
-        description="Alert handlers and sinks (worker.handlers.alerts).",
-    )
 
     @field_validator("handlers", mode="before")
     @classmethod
@@ -162,7 +155,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(explain(exc, Settings)) from None
     except SettingsError as exc:  # a value that should be JSON is not (e.g. a whole section)
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
         raise ConfigError(
@@ -177,18 +170,31 @@ def load_settings(**overrides: Any) -> Settings:
     return settings
 
 
-def _explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError, model: type[BaseModel]) -> str:
+    """A validation error of settings read from the environment, one part per wrong
+    variable: ``SUPERSIM_A__B: what is wrong (allowed: ...)``."""
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
         path = [str(part) for part in err["loc"] if not isinstance(part, int)]
-        name = path[0] if path else "settings"
-        field = Settings.model_fields.get(name)
         allowed = ""
-        annotation = field.annotation if field else None
+        annotation = _annotation(model, path)
         if isinstance(annotation, type) and issubclass(annotation, StrEnum):
             allowed = " (allowed: " + ", ".join(m.value for m in annotation) + ")"
         lines.append(f"{ENV_PREFIX}{'__'.join(path).upper()}: {err['msg']}{allowed}")
     return "invalid settings: " + "; ".join(lines)
+
+
+def _annotation(model: type[BaseModel], path: list[str]) -> Any:
+    """The type of the field at ``path`` (nested models followed), or None."""
+    annotation: Any = model
+    for name in path:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        field = annotation.model_fields.get(name)
+        if field is None:
+            return None
+        annotation = field.annotation
+    return annotation
 
 
 def utc_timestamp(value: str) -> datetime:

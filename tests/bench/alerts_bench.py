@@ -47,7 +47,6 @@ from worker.handlers.alerts.rules.data_limit import DataLimitHandler  # noqa: E4
 from worker.handlers.alerts.rules.rejections import RejectionsHandler  # noqa: E402
 from worker.handlers.alerts.settings import AlertSettings  # noqa: E402
 from worker.handlers.base import Batch, HandlerContext  # noqa: E402
-from worker.settings import Settings  # noqa: E402
 
 KEY = "alerts"
 TITLE = "Alerts: CPU per event and Redis round trips per batch"
@@ -102,7 +101,7 @@ async def measure(
     await client.flushdb()
     await client.config_resetstat()
     settings = AlertSettings(sinks="log,stream", stale_after=None)
-    context = HandlerContext(Settings(), client, "{sw:bench:g}")
+    context = HandlerContext(settings, client, "{sw:bench:g}")
     now = [end]  # wall time moves on by a second per batch, as while a backlog is read
     handler = HANDLERS[name](context, settings=settings, clock=lambda: now[0])
     batches = [

@@ -22,7 +22,7 @@ import orjson
 from kinesis_support import create_stream, put
 from servers import start_kinesalite, start_redis
 
-from worker.cli.simulate import SimulationOptions, generate
+from worker.devtools.simulator import SimulationOptions, generate
 
 KEY = "consumer"
 TITLE = "End to end: `run` with the log handler"

@@ -38,7 +38,8 @@ from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
 from worker.events.decode import decode  # noqa: E402
 from worker.events.records import ConnectionEvent  # noqa: E402
 from worker.handlers.base import Batch  # noqa: E402
-from worker.handlers.metering.handler import MeteringHandler, MeteringSettings  # noqa: E402
+from worker.handlers.metering.handler import MeteringHandler  # noqa: E402
+from worker.handlers.metering.settings import MeteringSettings  # noqa: E402
 
 KEY = "metering"
 TITLE = "Metering: CPU per event, Redis round trips per batch, memory per SIM"

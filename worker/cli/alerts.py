@@ -6,8 +6,9 @@ webhook's 4xx), when it stays undeliverable past ``SUPERSIM_ALERTS__WEBHOOK__MAX
 when its sink was switched off. It is then kept, with the reason, in its handler's dead
 store (see ``worker.handlers.alerts.outbox``). ``dead`` lists those entries, ``redrive`` puts them
 back in the outbox, due at once (a running worker delivers them on its next round, with
-the same idempotency keys), and ``delete`` discards them for good. They look at every
-alert handler's state, whatever ``SUPERSIM_HANDLERS`` names.
+the same idempotency keys), and ``delete`` discards them for good. They look at the state
+of every alert handler that can be chosen (the built-in rules and any package's plugin
+marked ``alerts=True``), whatever ``SUPERSIM_HANDLERS`` names.
 """
 
 from __future__ import annotations
@@ -16,20 +17,18 @@ import argparse
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Final
 
 import orjson
 
 from worker.consumer.app import command_settings, services
+from worker.handlers import registry
 from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.base import Handler
 from worker.settings import Settings
 
-ALERT_HANDLERS: Final = ("rejections", "data_limit", "attach_loops")
-
 
 def _with_alert_handlers(settings: Settings) -> Settings:
-    return settings.model_copy(update={"handlers": ALERT_HANDLERS})
+    return settings.model_copy(update={"handlers": tuple(registry.alert_handler_names())})
 
 
 def _alert_handlers(handlers: list[Handler]) -> list[AlertHandler]:

@@ -31,7 +31,7 @@ from worker.errors import ConfigError, DecodeError, WorkerError, is_infrastructu
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent, KinesisMeta
 from worker.handlers import registry
-from worker.handlers.base import Batch, Handler, HandlerContext
+from worker.handlers.base import Batch, Handler
 from worker.logs import scrub_text
 from worker.settings import Settings
 
@@ -195,15 +195,14 @@ async def _redrive(settings: Settings, limit: int) -> int:
     built: dict[str, Handler] = {}
     async with services(settings) as svc:
         configured = {handler.name: handler for handler in svc.handlers}
-        context = HandlerContext(settings, svc.redis, svc.key_prefix)
 
         def handler_for(name: str) -> Handler | None:
             if name in configured:
                 return configured[name]
             if name not in built:
-                if name not in registry.BUILTINS:
+                if name not in registry.available():
                     return None
-                built[name] = registry.build([name], context)[0]
+                built[name] = registry.build([name], svc.redis, svc.key_prefix)[0]
             return built[name]
 
         try:

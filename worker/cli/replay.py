@@ -5,6 +5,9 @@ real stream), creates a stream, puts the file's records (partition key = SIM sid
 PutRecords calls one at a time, never overlapping), runs the worker from TRIM_HORIZON
 until it has caught up, prints a summary and stops what it started. Redis is
 ``SUPERSIM_REDIS_URL`` or ``REDIS_URL`` when set, else a throwaway redis-server.
+
+The local servers come from ``worker.devtools``, imported only when replay starts one, so
+no other command loads development tools. moto_server is the ``local`` install extra.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from worker import logs
 from worker.cli.decode import iter_records
 from worker.consumer import kinesis
 from worker.consumer.app import run_worker, tune_gc
-from worker.devtools import local_servers
 from worker.errors import ConfigError
 from worker.settings import Settings, load_settings
 
@@ -118,22 +120,36 @@ async def replay(settings: Settings, records: Sequence[bytes], shards: int) -> R
     )
 
 
+def _start_moto(stack: ExitStack) -> str:
+    """Start a throwaway moto_server, stopped when ``stack`` closes; its URL."""
+    from worker.devtools import local_servers  # development tools: loaded only when needed
+
+    moto = local_servers.start_moto()
+    stack.callback(moto.stop)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "replay")  # moto accepts any credentials
+    return moto.url
+
+
+def _start_redis(stack: ExitStack) -> str:
+    """Start a throwaway redis-server, stopped when ``stack`` closes; its URL."""
+    from worker.devtools import local_servers  # development tools: loaded only when needed
+
+    server = local_servers.start_redis()
+    stack.callback(server.stop)
+    return server.url
+
+
 def run(args: argparse.Namespace) -> int:
     payload = args.file.read_bytes()
     records = [raw for _, raw in iter_records(payload)]
     with ExitStack() as stack:
-        endpoint = args.endpoint_url
-        if endpoint is None:
-            moto = local_servers.start_moto()
-            stack.callback(moto.stop)
-            endpoint = moto.url
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                os.environ.setdefault(name, "replay")  # moto accepts any credentials
-        redis_url = os.environ.get("SUPERSIM_REDIS_URL") or os.environ.get("REDIS_URL")
-        if not redis_url:
-            redis = local_servers.start_redis()
-            stack.callback(redis.stop)
-            redis_url = redis.url
+        endpoint: str = args.endpoint_url or _start_moto(stack)
+        redis_url = (
+            os.environ.get("SUPERSIM_REDIS_URL")
+            or os.environ.get("REDIS_URL")
+            or _start_redis(stack)
+        )
         settings = load_settings(
             stream_name=args.stream or f"replay-{uuid.uuid4().hex[:8]}",
             endpoint_url=endpoint,

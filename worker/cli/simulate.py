@@ -42,20 +42,16 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from worker.devtools.simulator.core import generate, truth_path, write, write_with_truth
-from worker.devtools.simulator.options import DEFAULT_START, SimulationOptions
 from worker.errors import ConfigError
 
-__all__ = [
-    "SimulationOptions",
-    "add_parser",
-    "generate",
-    "options_from_args",
-    "run",
-    "truth_path",
-    "write",
-]
+if TYPE_CHECKING:
+    from worker.devtools.simulator.options import SimulationOptions
+
+DEFAULT_START_TEXT = "2024-03-01T00:00:00Z"
+"""The simulator's default period start (``DEFAULT_START``), without importing it here:
+the simulator is a development tool, loaded only when ``simulate`` runs."""
 
 
 def _share(text: str) -> float:
@@ -132,8 +128,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add(
         "--start",
         type=_start,
-        default=DEFAULT_START,
-        help="period start: RFC 3339 with an offset, or now, now-30m, now+1h (s/m/h/d)",
+        default=DEFAULT_START_TEXT,
+        help="period start: RFC 3339 with an offset, or now, now-30m, now+1h (s/m/h/d); "
+        f"default {DEFAULT_START_TEXT}",
     )
     add("--inactive-share", type=_share, default=0.05, help="share of new/inactive SIMs")
     add("--data-limit-share", type=_share, default=0.05, help="share hitting a data limit")
@@ -155,6 +152,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def options_from_args(args: argparse.Namespace) -> SimulationOptions:
     """The options a parsed ``simulate`` command line asks for; ConfigError if invalid."""
+    from worker.devtools.simulator.options import SimulationOptions  # a dev tool: lazily
+
     try:
         return SimulationOptions(
             sims=args.sims,
@@ -183,6 +182,8 @@ def options_from_args(args: argparse.Namespace) -> SimulationOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Write the stream and its truth; print one summary line."""
+    from worker.devtools.simulator.core import write_with_truth  # a dev tool: lazily
+
     options = options_from_args(args)
     began = time.perf_counter()
     try:

@@ -15,12 +15,13 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from worker import keys, logs
@@ -34,7 +35,7 @@ from worker.consumer.supervisor import Supervisor
 from worker.consumer.ticker import Ticker
 from worker.errors import ConfigError
 from worker.handlers import registry
-from worker.handlers.base import Handler, HandlerContext
+from worker.handlers.base import Handler, Starts, StreamFacts
 from worker.metrics import Metrics
 from worker.settings import Settings, load_settings
 
@@ -92,8 +93,12 @@ def command_settings(what: str) -> Settings:
 
 
 @asynccontextmanager
-async def services(settings: Settings) -> AsyncIterator[Services]:
-    """Redis, the dead-letter store and the configured handlers; closed on exit."""
+async def services(
+    settings: Settings, *, sections: Mapping[str, BaseModel] | None = None
+) -> AsyncIterator[Services]:
+    """Redis, the dead-letter store and the configured handlers, each with its settings
+    section (from ``sections`` when given there, else from the environment); closed on
+    exit."""
     redis = redis_client(settings)
     key_prefix = keys.prefix(settings.stream_name, settings.consumer_group)
     metrics = Metrics()
@@ -101,7 +106,7 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
     try:
         await redis.ping()  # type: ignore[misc]  # redis-py types sync|async
         dlq = DeadLetterStore(redis, keys.dead_letters(key_prefix), settings.dlq_maxlen, metrics)
-        handlers = registry.build(settings.handlers, HandlerContext(settings, redis, key_prefix))
+        handlers = registry.build(settings.handlers, redis, key_prefix, sections=sections)
         yield Services(settings, redis, key_prefix, metrics, dlq, handlers)
     finally:
         # Concurrently: each alert handler may take a few seconds to finish its deliveries,
@@ -129,19 +134,20 @@ async def run_worker(
     install_signals: bool = True,
     show_progress: bool | None = None,
     stop: asyncio.Event | None = None,
+    sections: Mapping[str, BaseModel] | None = None,
 ) -> RunSummary:
-    """Consume the stream until stopped (or caught up); returns what happened."""
+    """Consume the stream until stopped (or caught up); returns what happened.
+    ``sections`` gives handlers' settings sections instead of the environment."""
     log = structlog.get_logger("worker.consumer.app")
     started = time.monotonic()
     async with AsyncExitStack() as stack:
-        svc = await stack.enter_async_context(services(settings))
+        svc = await stack.enter_async_context(services(settings, sections=sections))
         await redis_checks.check_access(svc.redis, svc.key_prefix)
         await redis_checks.check_eviction_policy(
             svc.redis, require_noeviction=settings.require_noeviction
         )
         client = await stack.enter_async_context(kinesis.client(settings))
-        if "metering" in settings.handlers:
-            await _check_metering_retention(client, settings)
+        await _start_handlers(svc.handlers, client, settings)
         supervisor = Supervisor(
             settings=settings,
             kinesis=client,
@@ -188,19 +194,19 @@ async def run_worker(
         return summary
 
 
-async def _check_metering_retention(client: kinesis.KinesisClient, settings: Settings) -> None:
-    """Warn when the stream keeps records longer than metering keeps its session records:
-    a replay or backfill reaching further back would count those windows again."""
-    hours = await kinesis.retention_hours(client, settings.stream_name)
-    days = settings.metering.session_retention_days
-    if hours is not None and hours > days * 24:
-        structlog.get_logger("worker.consumer.app").warning(
-            "metering_session_retention_shorter_than_stream",
-            stream_retention_hours=hours,
-            session_retention_days=days,
-            fix="raise SUPERSIM_METERING__SESSION_RETENTION_DAYS above the stream's "
-            "retention, or never replay further back than it",
-        )
+async def _start_handlers(
+    handlers: Sequence[Handler], client: kinesis.KinesisClient, settings: Settings
+) -> None:
+    """Call the ``start`` hook of the handlers that have one, with the stream's facts."""
+    starting = [handler for handler in handlers if isinstance(handler, Starts)]
+    if not starting:
+        return
+    facts = StreamFacts(
+        stream_name=settings.stream_name,
+        retention_hours=await kinesis.retention_hours(client, settings.stream_name),
+    )
+    for handler in starting:
+        await handler.start(facts)
 
 
 async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:

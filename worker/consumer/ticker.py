@@ -2,22 +2,24 @@
 
 Handlers with event-time windows (the alert handlers) close episodes that went quiet only
 when event time moves on. While events flow, the batches move it; once every shard is
-caught up nothing arrives, so the ticker calls the optional ``tick()`` of each handler
-every ``interval`` seconds, and only then. It also reads the optional gauges
-(``open_episodes()``) into the metrics. One task, owned by the ``Ticker`` context.
+caught up nothing arrives, so the ticker calls ``tick()`` of each handler that ``Ticks``
+every ``interval`` seconds, and only then. It also reads the gauges of each handler that
+``HasGauges`` into the metrics. One task, owned by the ``Ticker`` context.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 import structlog
 
-from worker.handlers.base import Handler
+from worker.handlers.base import Handler, HasGauges, Ticks
 from worker.metrics import Metrics
 from worker.owned_task import OwnedTask
+
+T = TypeVar("T")
 
 GAUGE_EVERY = 12
 """Read the gauges every this many ticks."""
@@ -33,8 +35,8 @@ class Ticker(OwnedTask):
         metrics: Metrics,
         interval: float,
     ) -> None:
-        self._tickers = [h for h in handlers if callable(getattr(h, "tick", None))]
-        self._gauges = [h for h in handlers if callable(getattr(h, "open_episodes", None))]
+        self._tickers = [h for h in handlers if isinstance(h, Ticks)]
+        self._gauges = [h for h in handlers if isinstance(h, HasGauges)]
         super().__init__(enabled=bool(self._tickers or self._gauges))
         self._caught_up = caught_up
         self._metrics = metrics
@@ -53,22 +55,22 @@ class Ticker(OwnedTask):
 
     async def _round(self, rounds: int) -> None:
         if await self._caught_up():
-            for handler in self._tickers:
-                await self._call(handler, "tick")
+            for ticking in self._tickers:
+                await self._call(ticking, ticking.tick)
         if rounds % GAUGE_EVERY == 1:
-            for handler in self._gauges:
-                found = await self._call(handler, "open_episodes")
-                for (kind, group), count in (found or {}).items():
-                    self._metrics.gauge(f"open_alerts:{kind}:{group}", count)
+            for measured in self._gauges:
+                for gauge in await self._call(measured, measured.gauges) or ():
+                    name = ":".join((gauge.name, *gauge.labels.values()))
+                    self._metrics.gauge(name, gauge.value)
 
-    async def _call(self, handler: Handler, method: str) -> Any:
+    async def _call(self, handler: object, method: Callable[[], Awaitable[T]]) -> T | None:
         try:
-            return await getattr(handler, method)()
+            return await method()
         except Exception as exc:  # a failing tick must not stop the consumer; logged, retried
             self._log.warning(
                 "handler_periodic_call_failed",
-                handler=handler.name,
-                method=method,
+                handler=getattr(handler, "name", type(handler).__name__),
+                method=method.__name__,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return None

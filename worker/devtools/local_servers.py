@@ -36,6 +36,7 @@ import redis
 from worker.errors import ConfigError
 
 HOST = "127.0.0.1"
+MOTO_EXTRA = "local"  # the install extra of pyproject.toml that provides moto_server
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -230,7 +231,11 @@ def start_moto(timeout: float = 60.0) -> MotoServer:
     beside = Path(sys.executable).parent / "moto_server"
     binary = str(beside) if beside.exists() else shutil.which("moto_server")
     if binary is None:
-        raise ServerError("moto_server not found: run `make install`")
+        raise ServerError(
+            f"moto_server is not installed (looked beside {sys.executable} and on PATH): "
+            f"it comes with the `{MOTO_EXTRA}` extra, "
+            f"pip install 'supersim-worker[{MOTO_EXTRA}]' (a checkout: make install)"
+        )
 
     def start(port: int) -> MotoServer:
         server = MotoServer([binary, "-H", HOST, "-p", str(port)], port=port)

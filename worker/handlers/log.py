@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any, Final
 
 import structlog
 
-from worker.handlers.base import Batch, HandlerContext
+from worker.handlers.base import Batch, HandlerContext, Plugin
 
 
 class LogHandler:
@@ -27,5 +28,9 @@ class LogHandler:
         self._log.info("totals", kinds=dict(self.totals))
 
 
-def create(_: HandlerContext) -> LogHandler:
+def create(_: HandlerContext[Any]) -> LogHandler:
     return LogHandler()
+
+
+plugin: Final = Plugin(create)
+"""The ``log`` handler (no settings)."""

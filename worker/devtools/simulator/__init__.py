@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.devtools.simulator.core import generate, write
+from worker.devtools.simulator.core import generate, truth_path, write
 from worker.devtools.simulator.options import SimulationOptions
 
-__all__ = ["SimulationOptions", "generate", "write"]
+__all__ = ["SimulationOptions", "generate", "truth_path", "write"]

@@ -25,10 +25,9 @@ from worker.handlers.alerts.dispatch import Dispatcher, RetryPolicy
 from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
 from worker.handlers.alerts.model import Alert, AlertStatus, to_ms
 from worker.handlers.alerts.outbox import ClaimedEntry, Outbox
-from worker.handlers.alerts.settings import AlertSettings, SinkName, Thresholds, alert_settings
-from worker.handlers.alerts.sinks import AlertSink, LogSink, StreamSink
-from worker.handlers.alerts.webhook import WebhookSink
-from worker.handlers.base import Batch, HandlerContext
+from worker.handlers.alerts.settings import AlertSettings, Thresholds
+from worker.handlers.alerts.sinks import AlertSink, load_sink
+from worker.handlers.base import Batch, Gauge, HandlerContext
 
 LEASE_MARGIN_S = 10.0
 CLOSE_GRACE_S = 5.0
@@ -47,15 +46,7 @@ def window_ms(window: timedelta) -> int:
 
 def build_sinks(settings: AlertSettings) -> dict[str, AlertSink]:
     """The enabled sinks by name. (The webhook signs with the real wall clock.)"""
-    sinks: dict[str, AlertSink] = {}
-    for name in settings.sinks:
-        if name is SinkName.LOG:
-            sinks[name.value] = LogSink()
-        elif name is SinkName.STREAM:
-            sinks[name.value] = StreamSink()
-        else:
-            sinks[name.value] = WebhookSink(settings.webhook)
-    return sinks
+    return {name: load_sink(name)(settings) for name in settings.sinks}
 
 
 class AlertHandler(ABC):
@@ -65,12 +56,12 @@ class AlertHandler(ABC):
 
     def __init__(
         self,
-        context: HandlerContext,
+        context: HandlerContext[AlertSettings],
         *,
         settings: AlertSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.settings = settings or alert_settings(context.settings)
+        self.settings = settings if settings is not None else context.settings
         self._clock = clock
         self._delay_ms = round(self.settings.upstream_delay.total_seconds() * 1000)
         self._rules: dict[str | None, tuple[Rule, ...]] = {}
@@ -158,7 +149,7 @@ class AlertHandler(ABC):
             await sink.close()
 
     async def open_episodes(self) -> dict[tuple[str, str], int]:
-        """Open episodes by (alert kind, group), e.g. blocked SIMs per fleet: for gauges."""
+        """Open episodes by (alert kind, group), e.g. blocked SIMs per fleet."""
         raw = await self._redis.hkeys(f"{self._prefix}:active")  # type: ignore[misc]
         counts: Counter[tuple[str, str]] = Counter()
         for field in raw:
@@ -166,6 +157,13 @@ class AlertHandler(ABC):
             kind, group, _ = text.split("\t", 2)
             counts[(kind, group)] += 1
         return dict(counts)
+
+    async def gauges(self) -> list[Gauge]:
+        """``open_alerts`` per alert kind and group (a fleet, or ``all``): bounded labels."""
+        return [
+            Gauge("open_alerts", count, {"kind": kind, "group": group})
+            for (kind, group), count in sorted((await self.open_episodes()).items())
+        ]
 
     async def _apply(
         self,

@@ -1,8 +1,8 @@
 """Alert settings: sinks, webhook delivery, event-time limits and detection thresholds.
 
-Built once as part of the worker's ``Settings`` (``alerts`` field, environment variables
-``SUPERSIM_ALERTS__<FIELD>``, nested ones with a further ``__``, e.g.
-``SUPERSIM_ALERTS__WEBHOOK__URL``). Durations accept seconds (``300``) or ISO 8601
+The alert rules' shared settings section: read once at start-up by the handler registry
+from ``SUPERSIM_ALERTS__<FIELD>`` (nested ones with a further ``__``, e.g.
+``SUPERSIM_ALERTS__WEBHOOK__URL``) and handed to each rule's handler. Durations accept seconds (``300``) or ISO 8601
 (``PT5M``). ``sinks`` accepts a comma-separated list. Per-fleet threshold overrides are a
 JSON object: ``SUPERSIM_ALERTS__FLEETS='{"HF...": {"storm_rejections": 5}}'``.
 """
@@ -10,7 +10,6 @@ JSON object: ``SUPERSIM_ALERTS__FLEETS='{"HF...": {"storm_rejections": 5}}'``.
 from __future__ import annotations
 
 from datetime import timedelta
-from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
@@ -24,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import NoDecode
+
+from worker.handlers.alerts.sinks import available_sinks
 
 
 def _seconds(value: Any) -> Any:
@@ -39,14 +40,6 @@ def _seconds(value: Any) -> Any:
 Seconds = Annotated[timedelta, BeforeValidator(_seconds)]
 """A duration: seconds as a number or numeric string, or ISO 8601 (``PT5M``)."""
 Window = Annotated[timedelta, BeforeValidator(_seconds), Field(gt=timedelta(0))]
-
-
-class SinkName(StrEnum):
-    """Where alerts go. ``log`` is always on; the others are chosen in ``sinks``."""
-
-    LOG = "log"
-    STREAM = "stream"
-    WEBHOOK = "webhook"
 
 
 class _Frozen(BaseModel):
@@ -129,8 +122,10 @@ class WebhookSettings(_Frozen):
 class AlertSettings(_Frozen):
     """Everything the alert handlers (``rejections``, ``data_limit``, ``attach_loops``) read."""
 
-    sinks: Annotated[tuple[SinkName, ...], NoDecode] = Field(
-        (SinkName.LOG,), description="Comma-separated sinks; log is always included."
+    sinks: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("log",),
+        description="Comma-separated sinks (log, stream, webhook, or one a package "
+        "registers); log is always included.",
     )
     stream_key: str = Field(
         "alerts", min_length=1, description="Redis stream of alerts, under the key prefix."
@@ -214,13 +209,17 @@ class AlertSettings(_Frozen):
 
     @field_validator("sinks", mode="after")
     @classmethod
-    def _log_always(cls, value: tuple[SinkName, ...]) -> tuple[SinkName, ...]:
-        chosen = set(value) | {SinkName.LOG}
-        return tuple(sink for sink in SinkName if sink in chosen)
+    def _known_sinks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = available_sinks()
+        chosen = {name.lower() for name in value} | {"log"}
+        unknown = sorted(chosen - set(known))
+        if unknown:
+            raise ValueError(f"unknown sink(s) {', '.join(unknown)} (allowed: {', '.join(known)})")
+        return tuple(name for name in known if name in chosen)
 
     @model_validator(mode="after")
     def _webhook_complete(self) -> AlertSettings:
-        if SinkName.WEBHOOK in self.sinks and (self.webhook.url is None or not self.webhook.secret):
+        if "webhook" in self.sinks and (self.webhook.url is None or not self.webhook.secret):
             raise ValueError("the webhook sink needs webhook.url and webhook.secret")
         return self
 
@@ -238,9 +237,3 @@ def _json(text: str, expected: str) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc}); expected {expected}") from None
-
-
-def alert_settings(settings: object) -> AlertSettings:
-    """The ``alerts`` part of the worker settings, or the defaults if there is none."""
-    found = getattr(settings, "alerts", None)
-    return found if isinstance(found, AlertSettings) else AlertSettings()

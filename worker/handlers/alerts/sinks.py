@@ -1,18 +1,39 @@
-"""Where alerts go: the sink Protocol, the structured-log sink and the Redis stream sink.
+"""Where alerts go: the sink Protocol, the sink registry, the structured-log sink and the
+Redis stream sink.
 
 A sink's ``send`` reports how delivery went and never raises for delivery failures:
 ``delivered``; or not, with ``retriable`` saying whether a later round may succeed. The
 webhook sink lives in ``worker.handlers.alerts.webhook``.
+
+Sinks are chosen by name in ``SUPERSIM_ALERTS__SINKS``: the built-ins, then those that
+packages register under the ``supersim_worker.alert_sinks`` entry-point group, each a
+factory taking the ``AlertSettings`` and returning an ``AlertSink``::
+
+    [project.entry-points."supersim_worker.alert_sinks"]
+    pager = "my_package.pager:create"
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 import structlog
 
 from worker.handlers.alerts.model import Alert, AlertStatus, Severity
+
+if TYPE_CHECKING:
+    from worker.handlers.alerts.settings import AlertSettings
+
+SINK_ENTRY_POINT_GROUP: Final = "supersim_worker.alert_sinks"
+BUILTIN_SINKS: Final = {
+    "log": "worker.handlers.alerts.sinks:log_sink",
+    "stream": "worker.handlers.alerts.sinks:stream_sink",
+    "webhook": "worker.handlers.alerts.webhook:webhook_sink",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +117,29 @@ class StreamSink:
 
     async def close(self) -> None:
         return None
+
+
+SinkFactory = Callable[["AlertSettings"], AlertSink]
+
+
+def available_sinks() -> dict[str, str]:
+    """Sink name → import target: the built-ins first, then the entry points."""
+    found = dict(BUILTIN_SINKS)
+    for point in entry_points(group=SINK_ENTRY_POINT_GROUP):
+        found.setdefault(point.name, point.value)
+    return found
+
+
+def load_sink(name: str) -> SinkFactory:
+    """A sink factory by name (names are checked when the settings are read)."""
+    module_name, _, attr = available_sinks()[name].partition(":")
+    factory: SinkFactory = getattr(importlib.import_module(module_name), attr)
+    return factory
+
+
+def log_sink(_: AlertSettings) -> LogSink:
+    return LogSink()
+
+
+def stream_sink(_: AlertSettings) -> StreamSink:
+    return StreamSink()

@@ -30,7 +30,7 @@ import structlog
 
 from worker.backoff import Backoff
 from worker.handlers.alerts.model import Alert
-from worker.handlers.alerts.settings import WebhookSettings
+from worker.handlers.alerts.settings import AlertSettings, WebhookSettings
 from worker.handlers.alerts.sinks import DELIVERED, SendResult
 
 TIMESTAMP_HEADER: Final = "X-Supersim-Timestamp"
@@ -148,3 +148,8 @@ class WebhookSink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def webhook_sink(settings: AlertSettings) -> WebhookSink:
+    """The ``webhook`` sink of the alert settings (``SUPERSIM_ALERTS__WEBHOOK__*``)."""
+    return WebhookSink(settings.webhook)

@@ -72,14 +72,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.events.records import ConnectionEvent, EventKind
-from worker.handlers.base import Batch, HandlerContext
+from worker.handlers.base import Batch, HandlerContext, Plugin, StreamFacts
+from worker.handlers.metering.settings import MeteringSettings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -150,42 +150,6 @@ _KIND_CODES: Final = {
     EventKind.DATA_SESSION_ENDED: "e",
 }
 _HOUR_CACHE_MAX: Final = 50_000
-
-
-class MeteringSettings(BaseModel):
-    """Retention of the metering keys (env ``SUPERSIM_METERING__<FIELD>``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    hour_retention_days: int = Field(
-        35,
-        ge=1,
-        le=3660,
-        description="Days a UTC day of hourly buckets lives after it last gained an hour.",
-    )
-    day_retention_days: int = Field(
-        400,
-        ge=1,
-        le=3660,
-        description="Days a UTC month of daily buckets lives after it last gained a day; "
-        "at least session_retention_days.",
-    )
-    session_retention_days: int = Field(
-        30,
-        ge=1,
-        le=3660,
-        description="Days a SIM's data-session records of one UTC day (and their duplicate "
-        "detection) live after one last changed; keep it above the stream's retention.",
-    )
-
-    @model_validator(mode="after")
-    def _days_outlive_sessions(self) -> Self:
-        if self.day_retention_days < self.session_retention_days:
-            raise ValueError(
-                "day_retention_days must be at least session_retention_days (a late window "
-                "moves bytes between daily buckets of sessions still remembered)"
-            )
-        return self
 
 
 def hourly_key(prefix: str, dimension: str, ident: str, day: str) -> str:
@@ -402,6 +366,20 @@ class MeteringHandler:
             unchanged=unchanged,
         )
 
+    async def start(self, stream: StreamFacts) -> None:
+        """Warn when the stream keeps records longer than metering keeps its session
+        records: a replay or backfill reaching further back would count those windows
+        again."""
+        hours, days = stream.retention_hours, self.settings.session_retention_days
+        if hours is not None and hours > days * 24:
+            self._log.warning(
+                "metering_session_retention_shorter_than_stream",
+                stream_retention_hours=hours,
+                session_retention_days=days,
+                fix="raise SUPERSIM_METERING__SESSION_RETENTION_DAYS above the stream's "
+                "retention, or never replay further back than it",
+            )
+
     async def close(self) -> None:
         """Nothing to release: the Redis connection belongs to the worker."""
         self._log.info(
@@ -409,11 +387,9 @@ class MeteringHandler:
         )
 
 
-def settings_of(context_settings: object) -> MeteringSettings:
-    """``settings.metering`` when the worker's settings carry it, else the defaults."""
-    found = getattr(context_settings, "metering", None)
-    return found if isinstance(found, MeteringSettings) else MeteringSettings()
+def create(context: HandlerContext[MeteringSettings]) -> MeteringHandler:
+    return MeteringHandler(context.redis, context.key_prefix, context.settings)
 
 
-def create(context: HandlerContext) -> MeteringHandler:
-    return MeteringHandler(context.redis, context.key_prefix, settings_of(context.settings))
+plugin: Final = Plugin(create, settings=MeteringSettings, section="metering")
+"""The ``metering`` handler, with its settings from ``SUPERSIM_METERING__*``."""

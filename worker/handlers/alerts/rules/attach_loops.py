@@ -28,8 +28,8 @@ from worker.handlers.alerts.render import (
     networks,
     sim_meta,
 )
-from worker.handlers.alerts.settings import Thresholds
-from worker.handlers.base import HandlerContext
+from worker.handlers.alerts.settings import AlertSettings, Thresholds
+from worker.handlers.base import HandlerContext, Plugin
 
 HINT: Final = (
     "The device attaches but cannot start a data session: check that its APN is `super` "
@@ -90,5 +90,9 @@ class AttachLoopsHandler(AlertHandler):
         )
 
 
-def create(context: HandlerContext) -> AttachLoopsHandler:
+def create(context: HandlerContext[AlertSettings]) -> AttachLoopsHandler:
     return AttachLoopsHandler(context)
+
+
+plugin: Final = Plugin(create, settings=AlertSettings, section="alerts", alerts=True)
+"""The ``attach_loops`` handler, with the alert settings from ``SUPERSIM_ALERTS__*``."""

@@ -22,8 +22,8 @@ from worker.handlers.alerts.episodes import Rule, Subjects, Transition
 from worker.handlers.alerts.handler import AlertHandler, event_ms
 from worker.handlers.alerts.model import Alert, AlertKind, AlertStatus, Severity
 from worker.handlers.alerts.render import build, clock, sim_meta
-from worker.handlers.alerts.settings import Thresholds
-from worker.handlers.base import HandlerContext
+from worker.handlers.alerts.settings import AlertSettings, Thresholds
+from worker.handlers.base import HandlerContext, Plugin
 
 BLOCKED: Final = "blocked"
 HINT: Final = (
@@ -97,5 +97,9 @@ class DataLimitHandler(AlertHandler):
         }
 
 
-def create(context: HandlerContext) -> DataLimitHandler:
+def create(context: HandlerContext[AlertSettings]) -> DataLimitHandler:
     return DataLimitHandler(context)
+
+
+plugin: Final = Plugin(create, settings=AlertSettings, section="alerts", alerts=True)
+"""The ``data_limit`` handler, with the alert settings from ``SUPERSIM_ALERTS__*``."""

@@ -40,8 +40,8 @@ from worker.handlers.alerts.render import (
     networks,
     sim_meta,
 )
-from worker.handlers.alerts.settings import Thresholds
-from worker.handlers.base import HandlerContext
+from worker.handlers.alerts.settings import AlertSettings, Thresholds
+from worker.handlers.base import HandlerContext, Plugin
 
 HINTS: Final = {
     83700: "Attachments fail with an internal error. This is usually transient; if it lasts, "
@@ -213,5 +213,9 @@ def _sim_hit(subject: Subject, data: ConnectionData, ts: int) -> None:
     subject.hit(data.event_sid, ts, tags)
 
 
-def create(context: HandlerContext) -> RejectionsHandler:
+def create(context: HandlerContext[AlertSettings]) -> RejectionsHandler:
     return RejectionsHandler(context)
+
+
+plugin: Final = Plugin(create, settings=AlertSettings, section="alerts", alerts=True)
+"""The ``rejections`` handler, with the alert settings from ``SUPERSIM_ALERTS__*``."""
