@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import Final
 
 import structlog
 
@@ -36,37 +36,12 @@ from worker.consumer.kinesis import (
 )
 from worker.consumer.leases import Lease
 from worker.consumer.pipeline import BatchProcessor, RawRecord
+from worker.consumer.positions import LATEST_MARGIN, StartPosition
 from worker.errors import RetriableError
 
 MIN_CALL_INTERVAL: Final = 0.2
 """Kinesis allows 5 GetRecords calls per second per shard."""
 MAX_FETCH_FAILURES: Final = 8
-LATEST_MARGIN: Final = timedelta(seconds=30)
-
-
-@dataclass(frozen=True, slots=True)
-class StartPosition:
-    """Arguments of GetShardIterator, minus the stream and shard."""
-
-    iterator_type: str
-    sequence: str | None = None
-    timestamp: datetime | None = None
-
-    @classmethod
-    def after(cls, sequence: str) -> StartPosition:
-        return cls("AFTER_SEQUENCE_NUMBER", sequence=sequence)
-
-    def arguments(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"ShardIteratorType": self.iterator_type}
-        if self.sequence is not None:
-            args["StartingSequenceNumber"] = self.sequence
-        if self.timestamp is not None:
-            args["Timestamp"] = self.timestamp
-        return args
-
-
-TRIM_HORIZON: Final = StartPosition("TRIM_HORIZON")
-LATEST: Final = StartPosition("LATEST")
 
 
 @dataclass(slots=True)

@@ -1,4 +1,10 @@
-"""The supervisor: discovers shards, holds their leases, and owns one reader task per shard.
+"""The supervisor: discovers shards and owns one reader task per shard.
+
+It lists the stream's shards, decides which are due a reader, and starts, reaps and
+restarts the readers. It takes each shard's lease through the ``LeaseKeeper``
+(``worker.consumer.lease_keeper``), which renews the leases of running readers and stops
+a reader whose lease is lost; where each reader starts comes from ``StartPositions``
+(``worker.consumer.positions``).
 
 Ordering guarantee: a child shard (after a split or merge) starts only when every parent
 is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
@@ -17,7 +23,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
@@ -26,23 +32,16 @@ from worker import keys
 from worker.backoff import Backoff
 from worker.consumer.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
 from worker.consumer.kinesis import KinesisClient, ShardInfo, is_retriable, list_shards
+from worker.consumer.lease_keeper import LeaseKeeper
 from worker.consumer.leases import Lease, LeaseManager
 from worker.consumer.pipeline import BatchProcessor
-from worker.consumer.shard_reader import (
-    LATEST,
-    LATEST_MARGIN,
-    TRIM_HORIZON,
-    ShardProgress,
-    ShardReader,
-    StartPosition,
-)
+from worker.consumer.positions import StartPositions
+from worker.consumer.shard_reader import ShardProgress, ShardReader
 from worker.errors import is_infrastructure_failure
-from worker.settings import InitialPosition, Settings
+from worker.settings import Settings
 
 MIN_RESTART_DELAY = 0.2
 """Seconds before a shard's reader starts again, whatever ended the last one."""
-RELEASE_TIMEOUT = 2.0
-"""Seconds a lease release may take on a failure path before the lease is left to expire."""
 
 
 @dataclass(slots=True)
@@ -52,6 +51,8 @@ class _Running:
 
 
 class Supervisor:
+    """Discovers the stream's shards and owns their readers, until stopped."""
+
     def __init__(
         self,
         *,
@@ -68,13 +69,18 @@ class Supervisor:
         self._settings = settings
         self._stream = settings.stream_name
         self._kinesis = kinesis
-        self._leases = leases
+        self._leases = LeaseKeeper(leases, renew_interval=settings.lease_ttl / 3)
         self._checkpoints = checkpoints
         self._processor = processor
         self._until_caught_up = until_caught_up
         self._reader_factory = reader_factory
-        self._ignore_checkpoints = from_start or at_timestamp is not None
-        self._initial = self._initial_position(from_start, at_timestamp)
+        self._positions = StartPositions.for_run(
+            settings,
+            checkpoints,
+            from_start=from_start,
+            at_timestamp=at_timestamp,
+            checkpointed_this_run=self._checkpointed_this_run,
+        )
         self._running: dict[str, _Running] = {}
         self._ended: set[str] = set()
         self._restart_at: dict[str, float] = {}
@@ -88,18 +94,6 @@ class Supervisor:
         self._log = structlog.get_logger("worker.consumer.supervisor")
         self.caught_up = False
 
-    def _initial_position(self, from_start: bool, at: datetime | None) -> StartPosition:
-        if from_start:
-            return TRIM_HORIZON
-        if at is not None:
-            return StartPosition("AT_TIMESTAMP", timestamp=at)
-        settings = self._settings
-        if settings.initial_position is InitialPosition.TRIM_HORIZON:
-            return TRIM_HORIZON
-        if settings.initial_position is InitialPosition.AT_TIMESTAMP:
-            return StartPosition("AT_TIMESTAMP", timestamp=settings.initial_timestamp)
-        return LATEST
-
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
         shard listing in progress is cut short. ``shutdown_timeout`` counts from here."""
@@ -112,28 +106,26 @@ class Supervisor:
 
     async def run(self) -> None:
         """Run until stopped (or, with ``until_caught_up``, until every shard is at its tip)."""
-        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
-        try:
-            while not self._stopping.is_set():
-                # Cleared before the work, not after: a stop() or a reader finishing while
-                # the work awaits I/O must cut the wait below short, not be forgotten.
-                self._wake.clear()
-                try:
-                    if await self._discover():
-                        self.caught_up = True
-                        self._log.info("caught_up", shards=len(self.progress))
-                        break
-                except Exception as exc:
-                    if not _worth_retrying(exc):
-                        raise
-                    self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
-                interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
-        finally:
-            await self._shutdown()
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        async with self._leases:  # renews the leases until the readers are shut down
+            try:
+                while not self._stopping.is_set():
+                    # Cleared before the work, not after: a stop() or a reader finishing while
+                    # the work awaits I/O must cut the wait below short, not be forgotten.
+                    self._wake.clear()
+                    try:
+                        if await self._discover():
+                            self.caught_up = True
+                            self._log.info("caught_up", shards=len(self.progress))
+                            break
+                    except Exception as exc:
+                        if not _worth_retrying(exc):
+                            raise
+                        self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
+                    interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
+            finally:
+                await self._shutdown()
 
     async def _discover(self) -> bool:
         """One round: collect finished readers, start readers for the shards due one.
@@ -177,7 +169,7 @@ class Supervisor:
                 return
             if sid in self._running or self._restart_at.get(sid, 0) > now:
                 continue
-            if self._checkpoint(sid, checkpoints) == keys.SHARD_END:
+            if self._positions.trusted(sid, checkpoints) == keys.SHARD_END:
                 self._ended.add(sid)
                 continue
             if not all(self._parent_done(p, checkpoints) for p in shard.parents):
@@ -189,7 +181,7 @@ class Supervisor:
                 await self._take(shard, lease)
             except Exception:
                 if sid not in self._running:  # failed before its reader started
-                    await self._release(lease, bounded=True)
+                    await self._leases.give_back(lease, bounded=True)
                 raise
 
     async def _take(self, shard: ShardInfo, lease: Lease) -> None:
@@ -197,7 +189,7 @@ class Supervisor:
         sid = shard.shard_id
         # Another replica may have moved the checkpoint since the snapshot above.
         latest = await self._checkpoints.get(sid)
-        fresh = self._checkpoint(sid, {sid: latest} if latest else {})
+        fresh = self._positions.trusted(sid, {sid: latest} if latest else {})
         if fresh == keys.SHARD_END:
             self._ended.add(sid)
             await self._leases.release(lease)
@@ -211,41 +203,19 @@ class Supervisor:
         except CheckpointMoved as exc:  # moved since read just above: start again later
             self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
             self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
-            await self._release(lease)
+            await self._leases.give_back(lease)
 
-    def _checkpoint(self, shard_id: str, checkpoints: dict[str, str]) -> str | None:
-        """The checkpoint to trust. A backfill ignores those of earlier runs: only a shard
-        this run has checkpointed (a handled batch, or its end) resumes from its own."""
-        if self._ignore_checkpoints:
-            progress = self.progress.get(shard_id)
-            if progress is None or not (progress.batches or progress.ended):
-                return None
-        return checkpoints.get(shard_id)
+    def _checkpointed_this_run(self, shard_id: str) -> bool:
+        """Whether this run has checkpointed the shard: a handled batch, or its end."""
+        progress = self.progress.get(shard_id)
+        return progress is not None and bool(progress.batches or progress.ended)
 
     def _parent_done(self, parent: str, checkpoints: dict[str, str]) -> bool:
         if parent not in self._shards:
             return True  # trimmed: past retention, nothing left to read
-        return parent in self._ended or self._checkpoint(parent, checkpoints) == keys.SHARD_END
-
-    async def _start_position(
-        self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
-    ) -> tuple[StartPosition, str | None]:
-        """Where to start, and the checkpoint then stored in Redis."""
-        if checkpoint and checkpoint.startswith(keys.AT_TIMESTAMP_PREFIX):
-            at = datetime.fromisoformat(checkpoint.removeprefix(keys.AT_TIMESTAMP_PREFIX))
-            return StartPosition("AT_TIMESTAMP", timestamp=at), stored
-        if checkpoint:
-            return StartPosition.after(checkpoint), stored
-        if any(p in self._shards for p in shard.parents):
-            return TRIM_HORIZON, stored  # a child of a shard we read: from its first record
-        if self._initial.iterator_type == "LATEST":
-            # Remember when this shard started, so that a restart before its first record
-            # resumes from then rather than from a newer LATEST (which would skip records).
-            since = datetime.now(UTC) - LATEST_MARGIN
-            mark = keys.AT_TIMESTAMP_PREFIX + since.isoformat()
-            await self._checkpoints.write(lease, mark, previous=stored)
-            return self._initial, mark
-        return self._initial, stored
+        return (
+            parent in self._ended or self._positions.trusted(parent, checkpoints) == keys.SHARD_END
+        )
 
     async def _start_reader(
         self, shard: ShardInfo, lease: Lease, checkpoint: str | None, stored: str | None
@@ -253,7 +223,9 @@ class Supervisor:
         """Start reading from ``checkpoint`` (the one to trust; None to start afresh);
         ``stored`` is what Redis holds, which the reader's first write must find."""
         sid = shard.shard_id
-        start, stored = await self._start_position(shard, lease, checkpoint, stored)
+        start, stored = await self._positions.start(
+            shard, lease, checkpoint, stored, listed=self._shards
+        )
         progress = self.progress.setdefault(sid, ShardProgress(sid))
         progress.caught_up = False
         settings = self._settings
@@ -273,6 +245,7 @@ class Supervisor:
         task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
         task.add_done_callback(lambda _: self._wake.set())
         self._running[sid] = _Running(reader, task)
+        self._leases.keep(reader.lease, on_lost=reader.stop)
         self._log.info(
             "shard_started",
             shard_id=sid,
@@ -319,22 +292,7 @@ class Supervisor:
                 self._failures.pop(sid, None)
                 if ended:
                     self._ended.add(sid)
-            await self._release(running.reader.lease)
-
-    async def _release(self, lease: Lease, *, bounded: bool = False) -> None:
-        """Give a lease back; ``bounded`` waits at most ``RELEASE_TIMEOUT`` (a failure path,
-        possibly during shutdown). The lease expires by itself anyway: never stop for this."""
-        try:
-            if bounded:
-                await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
-            else:
-                await self._leases.release(lease)
-        except Exception as exc:
-            self._log.warning(
-                "lease_release_failed",
-                shard_id=lease.shard_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            await self._leases.give_back(running.reader.lease)
 
     async def all_caught_up(self) -> bool:
         """True when every shard still in the stream is ended, or at its tip: read by us,
@@ -351,20 +309,6 @@ class Supervisor:
         others = [sid for sid in pending if sid not in self._running]
         at_tip = await self._checkpoints.at_tip(others)
         return bool(self._shards) and len(ours) + len(at_tip) == len(pending)
-
-    async def _renew_leases(self) -> None:
-        interval = self._settings.lease_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            for sid, running in list(self._running.items()):
-                try:
-                    kept = await self._leases.renew(running.reader.lease)
-                except Exception as exc:
-                    self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
-                    continue
-                if not kept:
-                    self._log.warning("lease_lost", shard_id=sid)
-                    running.reader.stop()
 
     async def _shutdown(self) -> None:
         """Let readers finish their batch, then release their leases, all within
@@ -392,16 +336,7 @@ class Supervisor:
                     error=repr(task.exception()),
                 )
         self._running.clear()
-        if running:
-            # Concurrently and bounded: against an unreachable Redis each release would wait
-            # out the client's timeouts, and the leases expire by themselves anyway.
-            releases = [self._release(item.reader.lease) for item in running]
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*releases), timeout=max(1.0, deadline - time.monotonic())
-                )
-            except TimeoutError:
-                self._log.warning("lease_release_timeout", leases=len(running))
+        await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -1,0 +1,117 @@
+"""Keeping this worker's shard leases: taking, renewing and giving them back.
+
+The supervisor takes a shard's lease here, hands it to ``keep`` once the shard's reader
+runs, and gives it back here when the reader is done. While kept, the lease is renewed
+every ``renew_interval`` (the supervisor uses a third of the lease TTL) by one background
+task, owned by the ``LeaseKeeper`` context (started on entry, cancelled and awaited on
+exit). A lease found lost (expired and taken by another replica) is logged and reported
+through its ``on_lost`` callback, which stops the shard's reader; the lease stays kept,
+and is reported again each round, until it is given back. A renewal that fails (Redis
+unreachable) is logged and tried again next round: the lease is lost only once another
+owner holds it.
+
+Releases never stop the worker: the lease expires by itself anyway. On failure paths
+and at shutdown they are bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from worker.consumer.leases import Lease, LeaseManager
+from worker.owned_task import OwnedTask
+
+RELEASE_TIMEOUT = 2.0
+"""Seconds a lease release may take on a failure path before the lease is left to expire."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    lease: Lease
+    on_lost: Callable[[], None]
+
+
+class LeaseKeeper(OwnedTask):
+    """Takes, renews and gives back the leases of one worker (see the module docstring)."""
+
+    name = "lease-renewer"
+
+    def __init__(self, leases: LeaseManager, *, renew_interval: float) -> None:
+        super().__init__()
+        self._leases = leases
+        self._interval = renew_interval
+        self._kept: dict[str, _Kept] = {}
+        self._log = structlog.get_logger("worker.consumer.lease_keeper")
+
+    async def acquire(self, shard_id: str) -> Lease | None:
+        """Take the shard's lease, or None if another owner holds it. Not renewed until
+        ``keep``: a lease the caller fails to use is given back (or expires)."""
+        return await self._leases.acquire(shard_id)
+
+    def keep(self, lease: Lease, *, on_lost: Callable[[], None]) -> None:
+        """Renew ``lease`` from now until it is given back; call ``on_lost`` whenever a
+        renewal finds it lost."""
+        self._kept[lease.shard_id] = _Kept(lease, on_lost)
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease back, raising if Redis fails (the caller's round then fails)."""
+        self._forget(lease)
+        await self._leases.release(lease)
+
+    async def give_back(self, lease: Lease, *, bounded: bool = False) -> None:
+        """Give a lease back, logging a failure; ``bounded`` waits at most
+        ``RELEASE_TIMEOUT`` (a failure path, possibly during shutdown). The lease expires
+        by itself anyway: never stop for this."""
+        self._forget(lease)
+        try:
+            if bounded:
+                await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
+            else:
+                await self._leases.release(lease)
+        except Exception as exc:
+            self._log.warning(
+                "lease_release_failed",
+                shard_id=lease.shard_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def give_back_all(self, leases: Sequence[Lease], *, deadline: float) -> None:
+        """Give ``leases`` back at shutdown: concurrently, and by ``deadline`` (a
+        ``time.monotonic()`` time) but given at least a second. Against an unreachable Redis
+        each release would wait out the client's timeouts, and the leases expire by
+        themselves anyway."""
+        if not leases:
+            return
+        for lease in leases:
+            self._forget(lease)  # at once: none is renewed while the releases wait their turn
+        releases = [self.give_back(lease) for lease in leases]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*releases), timeout=max(1.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            self._log.warning("lease_release_timeout", leases=len(leases))
+
+    def _forget(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (if it is the one kept for its shard)."""
+        kept = self._kept.get(lease.shard_id)
+        if kept is not None and kept.lease == lease:
+            del self._kept[lease.shard_id]
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            for sid, kept in list(self._kept.items()):
+                try:
+                    held = await self._leases.renew(kept.lease)
+                except Exception as exc:
+                    self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
+                    continue
+                if not held:
+                    self._log.warning("lease_lost", shard_id=sid)
+                    kept.on_lost()
