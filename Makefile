@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-repeat soak lint typecheck schemas bench clean
+.PHONY: install test test-repeat soak lint typecheck schemas docs bench clean
 
-install: $(BIN)/supersim-worker tests/node_modules/.installed
+EXAMPLES := examples/fleet_counter
+
+install: $(BIN)/supersim-worker $(VENV)/.examples-installed tests/node_modules/.installed
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "redis-server not found: installing it with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -16,6 +18,12 @@ $(BIN)/supersim-worker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# The worked example of docs/handlers.md, a third-party handler package installed as one
+# (its entry point registers it); tests/test_example_plugin.py runs its tests and replays it.
+$(VENV)/.examples-installed: $(BIN)/supersim-worker $(EXAMPLES:%=%/pyproject.toml)
+	$(BIN)/pip install -q $(EXAMPLES:%=-e %)
 	@touch $@
 
 tests/node_modules/.installed: tests/package.json tests/package-lock.json
@@ -44,17 +52,21 @@ soak:
 	$(BIN)/python tests/soak/live_soak.py $(SOAK_ARGS)
 
 lint:
-	$(BIN)/ruff check worker tests
-	$(BIN)/ruff format --check worker tests
+	$(BIN)/ruff check worker tests examples
+	$(BIN)/ruff format --check worker tests examples
 
 typecheck:
-	$(BIN)/mypy --strict worker
+	$(BIN)/mypy --strict worker $(EXAMPLES:%=%/src)
 
 schemas:
 	$(BIN)/python -m worker.events.schemas schemas
+
+# The settings reference, generated from the settings models' field descriptions.
+docs:
+	$(BIN)/python -m worker.cli.settings_doc docs/settings.md
 
 bench:
 	$(BIN)/python tests/bench/run.py
 
 clean:
-	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info examples/*/src/*.egg-info

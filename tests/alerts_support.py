@@ -93,12 +93,9 @@ def event(
 ) -> ConnectionEvent:
     """One decoded event of ``kind`` at ``T0 + seconds``. ``seq`` makes its SID: the same
     kind and ``seq`` from the other ``vendor`` is the same event in KORE's envelope."""
-    raw = sample_events.make_record(
+    return sample_events.make_connection_event(
         kind, vendor, seq=seq, timestamp=iso(at(seconds)), sim_sid=sim, fleet_sid=fleet, **fields
     )
-    decoded = decode(raw)
-    assert isinstance(decoded, ConnectionEvent)
-    return decoded
 
 
 @functools.cache

@@ -17,6 +17,8 @@ import servers
 import structlog
 from redis.asyncio import Redis
 
+from worker import logs
+
 # --- hermetic AWS environment ------------------------------------------------------------
 
 
@@ -34,6 +36,15 @@ def _fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(autouse=True)
+def _no_supersim_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SUPERSIM_ variable of the calling shell reaches a test: commands run in-process
+    refuse unknown ones, and known ones would change what a test runs."""
+    for name in list(os.environ):
+        if name.upper().startswith("SUPERSIM_"):
+            monkeypatch.delenv(name)
 
 
 # --- real servers, one per session (started lazily) ---------------------------------------
@@ -103,8 +114,10 @@ async def receiver() -> AsyncIterator[alerts_support.Receiver]:
 
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
-    """Commands under test configure structlog for the process; undo that after each test
-    (its output stream may be a capture that pytest closes)."""
+    """Commands under test configure structlog (and route the standard library's logging
+    through it) for the process; undo that after each test (its output stream may be a
+    capture that pytest closes)."""
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    logs.reset()

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from worker.errors import ConfigError
 from worker.handlers import registry
 from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.model import alert_id
@@ -138,3 +139,19 @@ async def test_alerts_and_their_logs_hold_no_personal_data(redis: Redis) -> None
     for value in PERSONAL.values():
         assert str(value) not in text
     await close_all(handlers)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_stale_after_sends_every_episode(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """An empty ``SUPERSIM_ALERTS__STALE_AFTER`` means no limit (None), as documented; a
+    value that is not a duration is still refused, naming the variable."""
+    monkeypatch.setenv("SUPERSIM_ALERTS__STALE_AFTER", value)
+    alerts = registry.read_section("alerts", AlertSettings)
+    assert isinstance(alerts, AlertSettings)
+    assert alerts.stale_after is None
+    assert AlertSettings(stale_after="").stale_after is None
+    monkeypatch.setenv("SUPERSIM_ALERTS__STALE_AFTER", "soon")
+    with pytest.raises(ConfigError, match="SUPERSIM_ALERTS__STALE_AFTER"):
+        registry.read_section("alerts", AlertSettings)

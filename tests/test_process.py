@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from worker import keys
 from worker.consumer.app import run_worker
 from worker.consumer.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
-from worker.consumer.leases import LeaseManager
+from worker.consumer.leases import LeaseManager, Renewal
 
 TESTS = Path(__file__).parent
 
@@ -143,8 +143,8 @@ async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:
         assert await checkpoints.get("shard-1") == "100"
         await checkpoints.write(new, "200", previous="100")
         assert await checkpoints.get("shard-1") == "200"
-        assert not await first.renew(old)
-        assert await second.renew(new)
+        assert await first.renew(old) is Renewal.LOST
+        assert await second.renew(new) is Renewal.KEPT
         assert await second.release(new)
         assert await first.holder("shard-1") is None
     finally:

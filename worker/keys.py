@@ -9,6 +9,9 @@ key                                    type     holds
 ``{sw:S:G}:checkpoints``               hash     shard id -> last handled sequence / SHARD_END
 ``{sw:S:G}:dlq``                       stream   dead-lettered records with their reasons
 ``{sw:S:G}:tip:<shard>``               string   present while the shard's reader is at its tip
+``{sw:S:G}:steal:<shard>``             hash     thief, until: another replica asked for it
+``{sw:S:G}:replicas``                  zset     live replica id -> heartbeat expiry (ms)
+``{sw:S:G}:lag``                       hash     shard id -> last MillisBehindLatest seen
 =====================================  =======  ============================================
 
 Handlers put their own keys under the same prefix (see their modules).
@@ -43,6 +46,18 @@ def dead_letters(key_prefix: str) -> str:
 
 def tip(key_prefix: str, shard_id: str) -> str:
     return f"{key_prefix}:tip:{shard_id}"
+
+
+def steal(key_prefix: str, shard_id: str) -> str:
+    return f"{key_prefix}:steal:{shard_id}"
+
+
+def replicas(key_prefix: str) -> str:
+    return f"{key_prefix}:replicas"
+
+
+def lag(key_prefix: str) -> str:
+    return f"{key_prefix}:lag"
 
 
 AT_TIMESTAMP_PREFIX: Final = "AT_TIMESTAMP:"

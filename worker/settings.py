@@ -5,15 +5,22 @@ Every field is read from an environment variable named ``SUPERSIM_<FIELD>`` (upp
 start-up with a ``ConfigError`` naming the variable and what it accepts. Handlers' settings
 are not here: each handler's plugin declares its own model, read from
 ``SUPERSIM_<SECTION>__*`` by ``worker.handlers.registry``.
+
+An unknown ``SUPERSIM_*`` variable is refused at start-up (``unknown_variables`` here
+finds them; ``worker.handlers.registry.check_environment`` knows every valid name), so
+a misspelt name fails loudly instead of leaving its default in place.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+import re
+import types
+from collections.abc import Collection, Iterator, Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Union, get_args, get_origin
 
 from pydantic import AwareDatetime, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,6 +50,10 @@ class InitialPosition(StrEnum):
     AT_TIMESTAMP = "AT_TIMESTAMP"
 
 
+FloatSeconds = Annotated[float, Field(json_schema_extra={"unit": "seconds"})]
+"""A duration given as a number of seconds (the settings reference calls its type seconds)."""
+
+
 class Settings(BaseSettings):
     """The consumer's settings (handlers have their own sections)."""
 
@@ -63,7 +74,8 @@ class Settings(BaseSettings):
     )
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
-        description="Redis URL (redis:// or rediss://, may carry a password).",
+        description="Redis URL: redis://, rediss:// (TLS) or unix://, may carry a password; "
+        "never logged.",
     )
     require_noeviction: bool = Field(
         False,
@@ -79,7 +91,9 @@ class Settings(BaseSettings):
     handlers: Annotated[tuple[str, ...], NoDecode] = Field(
         ("log",), description="Comma-separated handler names, run in this order."
     )
-    log_format: LogFormat = Field(LogFormat.AUTO, description="auto: console on a terminal.")
+    log_format: LogFormat = Field(
+        LogFormat.AUTO, description="auto: console on a terminal, JSON lines otherwise."
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="Lowest level logged.")
     redact_pii: bool = Field(True, description="Redact IMSI, IMEI, ICCID, IP and location in logs.")
 
@@ -87,34 +101,47 @@ class Settings(BaseSettings):
         InitialPosition.LATEST, description="Where a shard with no checkpoint starts."
     )
     initial_timestamp: AwareDatetime | None = Field(
-        None, description="Start time for initial_position AT_TIMESTAMP (RFC 3339)."
+        None,
+        description="Start time when initial_position is AT_TIMESTAMP, and required then: "
+        "RFC 3339 with a UTC offset.",
     )
     batch_limit: int = Field(1000, ge=1, le=10000, description="GetRecords Limit per call.")
-    idle_interval: float = Field(
+    idle_interval: FloatSeconds = Field(
         1.0, gt=0, description="Seconds between reads of a caught-up shard."
     )
-    discovery_interval: float = Field(30.0, gt=0, description="Seconds between shard discoveries.")
+    discovery_interval: FloatSeconds = Field(
+        30.0,
+        gt=0,
+        description="Seconds between shard listings (ListShards); also at once when a "
+        "shard ends. Leases are balanced every second, apart from this.",
+    )
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches read ahead per shard.")
     handler_attempts: int = Field(
         3, ge=1, le=20, description="Tries of a failing batch before bisecting."
     )
-    handler_outage_patience: float = Field(
+    handler_outage_patience: FloatSeconds = Field(
         600.0,
         ge=0,
         description="Seconds batches wait for a handler taken to be broken before the "
         "records it fails on are dead-lettered.",
     )
-    shutdown_timeout: float = Field(
+    shutdown_timeout: FloatSeconds = Field(
         20.0, gt=0, description="Seconds to finish the in-flight batch."
     )
-    lease_ttl: float = Field(30.0, ge=3, description="Seconds a shard lease lasts without renewal.")
+    lease_ttl: FloatSeconds = Field(
+        8.0,
+        ge=3,
+        description="Seconds a shard lease (and a replica's heartbeat) lasts without "
+        "renewal; renewed every quarter of it. A crashed replica's shards are read again "
+        "elsewhere about this long after it died.",
+    )
     dlq_maxlen: int = Field(100_000, ge=100, description="Capacity of the dead-letter stream.")
 
     @field_validator("handlers", mode="before")
     @classmethod
     def _split_handlers(cls, value: Any) -> Any:
         if isinstance(value, str):
-            names = tuple(part.strip() for part in value.split(",") if part.strip())
+            names = split_names(value)
             if not names:
                 raise ValueError("name at least one handler")
             return names
@@ -148,6 +175,11 @@ class Settings(BaseSettings):
     @property
     def redis_dsn(self) -> str:
         return self.redis_url.get_secret_value()
+
+
+def split_names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (``SUPERSIM_HANDLERS``), in order, blanks dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -206,3 +238,114 @@ def utc_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         raise ConfigError(f"time {value!r} has no UTC offset; add Z or +00:00")
     return parsed
+
+
+# --- unknown variables ---------------------------------------------------------------------
+
+
+def variable_names(model: type[BaseModel], prefix: str = ENV_PREFIX) -> Iterator[str]:
+    """Every variable that sets a field of ``model`` (upper case): ``<PREFIX><FIELD>``, and
+    for a field holding a model (also an optional one) its own fields below it,
+    ``<PREFIX><FIELD>__<NESTED>``; the field itself then takes the whole model as JSON.
+    Other fields (lists, dicts such as the alerts' ``fleets``) take JSON at their name."""
+    for name, field in model.model_fields.items():
+        variable = f"{prefix}{name.upper()}"
+        yield variable
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            yield from variable_names(nested, f"{variable}__")
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``Model`` or ``Model | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [found for arg in get_args(annotation) if (found := _model_of(arg)) is not None]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+_SERVICE_LINKS: Final = (
+    (r"_SERVICE_HOST", r"[0-9A-Fa-f.:]+"),
+    (r"_SERVICE_PORT(?:_[A-Z0-9_]+)?", r"[0-9]+"),
+    (r"_PORT", r"(?:tcp|udp|sctp)://\S+"),
+    (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)", r"(?:tcp|udp|sctp)://\S+"),
+    (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)_PROTO", r"tcp|udp|sctp"),
+    (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)_PORT", r"[0-9]+"),
+    (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR", r"[0-9A-Fa-f.:]+"),
+)
+_SERVICE_LINK_PATTERNS: Final = tuple(
+    (re.compile(rf"[A-Z0-9_]+{name}"), re.compile(value)) for name, value in _SERVICE_LINKS
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` looks like a variable Kubernetes injects for a Service in the
+    pod's namespace (``<SERVICE>_SERVICE_HOST=10.0.0.7``, ``<SERVICE>_PORT=tcp://...``):
+    a Service named ``supersim-...`` yields ``SUPERSIM_...`` variables that are not ours.
+    Both the name's shape and the value's must match."""
+    upper = name.upper()
+    return any(
+        pattern.fullmatch(upper) and shape.fullmatch(value)
+        for pattern, shape in _SERVICE_LINK_PATTERNS
+    )
+
+
+def unknown_variables(
+    environ: Mapping[str, str], known: Collection[str], *, prefix: str = ENV_PREFIX
+) -> list[str]:
+    """The variables of ``environ`` under ``prefix`` (in any case) that are not in
+    ``known`` (upper case), Kubernetes service links left aside, sorted."""
+    return sorted(
+        name
+        for name, value in environ.items()
+        if name.upper().startswith(prefix)
+        and name.upper() not in known
+        and not is_service_link(name, value)
+    )
+
+
+def closest_name(name: str, known: Collection[str], *, prefix: str = ENV_PREFIX) -> str | None:
+    """The valid name most like ``name`` (compared without the prefix), or None."""
+    stems = {candidate.removeprefix(prefix): candidate for candidate in known}
+    found = difflib.get_close_matches(name.upper().removeprefix(prefix), stems, n=1, cutoff=0.6)
+    return stems[found[0]] if found else None
+
+
+def refuse_unknown(unknown: Collection[str], known: Collection[str]) -> None:
+    """Raise a ConfigError naming each unknown variable and the closest valid name."""
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        parent = _leaf_parent(name, known)
+        suggestion = closest_name(name, known)
+        if parent:
+            hint = (
+                f"nothing is read below {parent}: give its whole value there (JSON for an object)"
+            )
+        elif suggestion:
+            hint = f"did you mean {suggestion}?"
+        else:
+            hint = "no similar variable"
+        parts.append(f"{name}: unknown variable ({hint})")
+    raise ConfigError(
+        "unknown settings: "
+        + "; ".join(parts)
+        + f" (every {ENV_PREFIX}* variable must be a setting: the consumer's are listed in "
+        "docs/operations.md, a handler's are read from its section)"
+    )
+
+
+def _leaf_parent(name: str, known: Collection[str]) -> str | None:
+    """The valid name without variables below it that ``name`` reaches below
+    (``SUPERSIM_ALERTS__FLEETS`` for ``SUPERSIM_ALERTS__FLEETS__HF...``): that field's
+    value is given whole, a dict or list as JSON."""
+    upper = name.upper()
+    parents = [candidate for candidate in known if upper.startswith(f"{candidate}__")]
+    if not parents:
+        return None
+    parent = max(parents, key=len)
+    has_children = any(candidate.startswith(f"{parent}__") for candidate in known)
+    return None if has_children else parent

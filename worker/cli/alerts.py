@@ -1,5 +1,10 @@
-"""``supersim-worker alerts dead``, ``redrive`` and ``delete``: alerts that could not be
-delivered.
+"""``supersim-worker alerts list``: the episodes open now and the recent alerts;
+``alerts dead``, ``redrive`` and ``delete``: alerts that could not be delivered.
+
+``list`` reads what the alert handlers keep: each handler's open episodes (its
+``:active`` hash and their state, see ``episodes.lua``), shown as their opening alert with
+the counts known so far, and the newest entries of the alerts stream the ``stream`` sink
+writes (``{prefix}:alerts``), newest first; a table, or one JSON object per line.
 
 An alert delivery is given up on when a sink answers that repeating cannot help (a
 webhook's 4xx), when it stays undeliverable past ``SUPERSIM_ALERTS__WEBHOOK__MAX_AGE``, or
@@ -16,15 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
+from redis.asyncio import Redis
 
 from worker.consumer.app import command_settings, services
 from worker.handlers import registry
 from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.model import AlertKind
 from worker.handlers.base import Handler
 from worker.settings import Settings
+
+RECENT_LIMIT = 20
+"""Recent alerts listed by default."""
+_PAGE = 500
 
 
 def _with_alert_handlers(settings: Settings) -> Settings:
@@ -83,8 +96,120 @@ async def _delete(settings: Settings, entries: list[str]) -> int:
     return 0 if deleted == len(wanted) else 1
 
 
+async def _list(settings: Settings, args: argparse.Namespace) -> int:
+    async with services(settings) as svc:
+        handlers = _alert_handlers(list(svc.handlers))
+        open_rows = [
+            {"section": "open", "handler": handler.name, **alert.model_dump(mode="json")}
+            for handler in handlers
+            for alert in await handler.open_alerts()
+        ]
+        open_rows = [row for row in open_rows if _wanted(row, args.kind, args.fleet)]
+        recent: list[dict[str, Any]] = []
+        if not args.open:
+            streams = sorted({handler.outbox.stream_key for handler in handlers})
+            recent = await _recent(svc.redis, streams, args.kind, args.fleet, args.limit)
+        stream_sink = any("stream" in handler.sinks for handler in handlers)
+    if args.json:
+        for row in [*open_rows, *recent]:
+            print(orjson.dumps(row).decode())
+        return 0
+    print(f"open episodes: {len(open_rows)}")
+    if open_rows:
+        _table(
+            ["OPENED", "KIND", "SUBJECT", "FLEET", "COUNT", "LAST EVENT", "ID"],
+            [
+                [
+                    _when(row["opened_at"]),
+                    row["kind"],
+                    row["subject"],
+                    row["fleet_sid"] or "-",
+                    str(row["count"]),
+                    _when(row["last_seen"]),
+                    row["id"],
+                ]
+                for row in open_rows
+            ],
+        )
+    if args.open:
+        return 0
+    print(f"\nrecent alerts: {len(recent)} (newest first, at most {args.limit})")
+    if not stream_sink:
+        print("(recent alerts are kept by the stream sink: SUPERSIM_ALERTS__SINKS=log,stream)")
+    if recent:
+        _table(
+            ["SENT", "STATUS", "KIND", "SUBJECT", "FLEET", "OPENED", "RESOLVED", "ID"],
+            [
+                [
+                    _when(row["sent_at"]),
+                    row.get("status", "?"),
+                    row.get("kind", "?"),
+                    row.get("subject", "?"),
+                    row.get("fleet_sid") or "-",
+                    _when(row.get("opened_at")),
+                    _when(row.get("resolved_at")),
+                    row.get("id", "?"),
+                ]
+                for row in recent
+            ],
+        )
+    return 0
+
+
+def _wanted(alert: dict[str, Any], kind: str | None, fleet: str | None) -> bool:
+    return (kind is None or alert.get("kind") == kind) and (
+        fleet is None or alert.get("fleet_sid") == fleet
+    )
+
+
+async def _recent(
+    redis: Redis, streams: Sequence[str], kind: str | None, fleet: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` alerts of the alerts streams that pass the filters, newest
+    first, each with its stream entry id and when it was appended (``sent_at``)."""
+    found: list[tuple[tuple[int, int], dict[str, Any]]] = []
+    for stream in streams:
+        matched, upper = 0, "+"
+        while matched < limit:
+            page = await redis.xrevrange(stream, max=upper, min="-", count=_PAGE)
+            for raw_id, fields in page:
+                entry = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                alert = orjson.loads(fields[b"alert"])
+                if not _wanted(alert, kind, fleet):
+                    continue
+                ms, _, seq = entry.partition("-")
+                sent_at = datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat()
+                row = {"section": "recent", "stream_id": entry, "sent_at": sent_at, **alert}
+                found.append(((int(ms), int(seq or 0)), row))
+                matched += 1
+                if matched == limit:
+                    break
+            if len(page) < _PAGE:
+                break
+            upper = f"({entry}"
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [row for _, row in found[:limit]]
+
+
+def _when(value: str | None) -> str:
+    """An ISO time as ``2024-03-01 12:00:00Z``, ``-`` for none."""
+    if not value:
+        return "-"
+    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     settings = _with_alert_handlers(command_settings("alert state"))
+    if args.alerts_command == "list":
+        return asyncio.run(_list(settings, args))
     if args.alerts_command == "dead":
         return asyncio.run(_dead(settings, args.json))
     if args.alerts_command == "delete":
@@ -94,9 +219,30 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "alerts", help="list, redrive or delete alerts that could not be delivered"
+        "alerts",
+        help="list open episodes and recent alerts; list, redrive or delete undeliverable ones",
     )
     commands = parser.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    recent = commands.add_parser(
+        "list",
+        help="the episodes open now and the recent alerts",
+        description="The episodes open now (as their opening alert, with the counts so far) "
+        "and the newest alerts of the alerts stream (kept by the stream sink), newest first.",
+    )
+    recent.add_argument("--open", action="store_true", help="only the open episodes")
+    kinds = [kind.value for kind in AlertKind]
+    recent.add_argument(
+        "--kind", choices=kinds, metavar="KIND", help=f"one kind: {', '.join(kinds)}"
+    )
+    recent.add_argument("--fleet", metavar="SID", help="one fleet (HF...)")
+    recent.add_argument(
+        "--limit",
+        type=_positive,
+        default=RECENT_LIMIT,
+        help=f"recent alerts to list (default {RECENT_LIMIT})",
+    )
+    recent.add_argument("--json", action="store_true", help="one JSON object per line")
+    recent.set_defaults(func=run)
     listing = commands.add_parser("dead", help="list undeliverable alerts with their reasons")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=run)
@@ -108,3 +254,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     discard = commands.add_parser("delete", help="discard undeliverable alerts for good")
     discard.add_argument("entries", nargs="+", metavar="ENTRY", help="entries from `alerts dead`")
     discard.set_defaults(func=run)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number

@@ -26,8 +26,9 @@ mixed) ``ended-only`` stream cannot be metered exactly; the truth says so with
 ``"ended_only_exact": false``.
 
 Ground truth layout (keys sorted): ``options``, ``ended_only_exact``, ``records``,
-``unique_events``, ``events_by_kind``, ``duplicates_written``, ``test_events``,
-``records_by_envelope``, ``data_as_string``, ``usage`` (``fleet_total``, ``per_sim``,
+``unique_events``, ``events_by_kind``, ``events_by_fleet`` (fleet sid -> kind -> unique
+events), ``duplicates_written``, ``test_events``, ``records_by_envelope``,
+``data_as_string``, ``usage`` (``fleet_total``, ``per_sim``,
 ``per_sim_day``, ``per_sim_hour``, ``per_fleet``, ``per_account``, ``per_network``,
 ``per_day``; each ``{up, down, total}``), ``sessions``, ``sims``, ``rejection_storms``,
 ``fleet_rejection_episodes``, ``failure_bursts``, ``data_limit_episodes``,

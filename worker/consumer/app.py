@@ -35,7 +35,7 @@ from worker.consumer.supervisor import Supervisor
 from worker.consumer.ticker import Ticker
 from worker.errors import ConfigError
 from worker.handlers import registry
-from worker.handlers.base import Handler, Starts, StreamFacts
+from worker.handlers.base import Handler, ShardListener, Starts, StreamFacts
 from worker.metrics import Metrics
 from worker.settings import Settings, load_settings
 
@@ -63,6 +63,8 @@ def tune_gc() -> None:
 
 
 def owner_id() -> str:
+    """This replica's id: its host name (the pod's, in Kubernetes), the process id and a
+    random suffix, so two processes on one host, or a restart, never share an id."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
@@ -163,6 +165,7 @@ async def run_worker(
             from_start=from_start,
             at_timestamp=at_timestamp,
             until_caught_up=until_caught_up,
+            listeners=[h for h in svc.handlers if isinstance(h, ShardListener)],
         )
         if install_signals:
             _install_signals(supervisor)

@@ -2,13 +2,16 @@
 
 The supervisor takes a shard's lease here, hands it to ``keep`` once the shard's reader
 runs, and gives it back here when the reader is done. While kept, the lease is renewed
-every ``renew_interval`` (the supervisor uses a third of the lease TTL) by one background
+every ``renew_interval`` (the supervisor uses a quarter of the lease TTL) by one background
 task, owned by the ``LeaseKeeper`` context (started on entry, cancelled and awaited on
-exit). A lease found lost (expired and taken by another replica) is logged and reported
-through its ``on_lost`` callback, which stops the shard's reader; the lease stays kept,
-and is reported again each round, until it is given back. A renewal that fails (Redis
-unreachable) is logged and tried again next round: the lease is lost only once another
-owner holds it.
+exit); each renewal also records the shard's lag for ``status``. A lease found lost
+(expired and taken by another replica, or a steal request left unanswered) is logged and
+reported through its ``on_lost`` callback, which stops the shard's reader; the lease stays
+kept, and is reported again each round, until it is given back. A lease another replica
+asked for is reported through ``on_hand_over`` (the reader finishes its batch,
+checkpoints and stops; the lease is then given back and the thief takes it). A renewal
+that fails (Redis unreachable) is logged and tried again next round: the lease is lost
+only once another owner holds it.
 
 Releases never stop the worker: the lease expires by itself anyway. On failure paths
 and at shutdown they are bounded in time.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.consumer.leases import Lease, LeaseManager
+from worker.consumer.leases import Lease, LeaseManager, Renewal
 from worker.owned_task import OwnedTask
 
 RELEASE_TIMEOUT = 2.0
@@ -34,6 +37,8 @@ RELEASE_TIMEOUT = 2.0
 class _Kept:
     lease: Lease
     on_lost: Callable[[], None]
+    on_hand_over: Callable[[], None]
+    lag: Callable[[], int | None]
 
 
 class LeaseKeeper(OwnedTask):
@@ -53,10 +58,22 @@ class LeaseKeeper(OwnedTask):
         ``keep``: a lease the caller fails to use is given back (or expires)."""
         return await self._leases.acquire(shard_id)
 
-    def keep(self, lease: Lease, *, on_lost: Callable[[], None]) -> None:
+    def keep(
+        self,
+        lease: Lease,
+        *,
+        on_lost: Callable[[], None],
+        on_hand_over: Callable[[], None],
+        lag: Callable[[], int | None] = lambda: None,
+    ) -> None:
         """Renew ``lease`` from now until it is given back; call ``on_lost`` whenever a
-        renewal finds it lost."""
-        self._kept[lease.shard_id] = _Kept(lease, on_lost)
+        renewal finds it lost, ``on_hand_over`` whenever another replica asks for it;
+        ``lag`` gives the shard's last MillisBehindLatest to record."""
+        self._kept[lease.shard_id] = _Kept(lease, on_lost, on_hand_over, lag)
+
+    @property
+    def held(self) -> int:
+        return len(self._kept)
 
     async def release(self, lease: Lease) -> None:
         """Give a lease back, raising if Redis fails (the caller's round then fails)."""
@@ -108,10 +125,13 @@ class LeaseKeeper(OwnedTask):
             await asyncio.sleep(self._interval)
             for sid, kept in list(self._kept.items()):
                 try:
-                    held = await self._leases.renew(kept.lease)
+                    renewal = await self._leases.renew(kept.lease, kept.lag())
                 except Exception as exc:
                     self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
                     continue
-                if not held:
+                if renewal is Renewal.LOST:
                     self._log.warning("lease_lost", shard_id=sid)
                     kept.on_lost()
+                elif renewal is Renewal.HAND_OVER:
+                    self._log.info("lease_handing_over", shard_id=sid)
+                    kept.on_hand_over()

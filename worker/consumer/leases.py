@@ -1,15 +1,27 @@
-"""Shard leases in Redis, with fencing tokens.
+"""Shard leases and replica liveness in Redis, with fencing tokens.
 
 A lease is a hash ``{owner, token}`` at ``keys.lease(...)`` that expires with its TTL (Redis
 server time: no wall clocks are compared across hosts). Every take increments the shard's
 fencing counter, so a token identifies one tenure: a checkpoint write carrying an older
-token is refused (see ``worker.consumer.checkpoints``). This worker takes every shard it can; a
-shard leased by another live replica is left alone until its lease expires or is released.
+token is refused (see ``worker.consumer.checkpoints``).
+
+Replicas of a consumer group announce themselves in one sorted set (``keys.replicas``:
+replica id → heartbeat expiry in Redis server milliseconds), renewed with their leases, so
+the live replicas are known from one read, without scanning the keyspace.
+
+Stealing: a replica below its share asks for a lease with a *steal request*
+(``keys.steal``: the thief and when it asked). The owner sees it on its next renewal,
+finishes its batch, checkpoints and releases; while the request stands only the thief may
+take the lease. An owner that does not answer within the request's bound has its
+renewals refused, so the lease expires and is taken as after a crash (its late writes are
+fenced off). All reads a balancing round needs are one script call: O(shards).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 from redis.asyncio import Redis
@@ -19,22 +31,73 @@ from worker import keys
 _ACQUIRE: Final = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return {0, owner} end
+local thief = redis.call('HGET', KEYS[3], 'thief')
+if thief and thief ~= ARGV[1] then return {0, thief} end
+redis.call('DEL', KEYS[3])
 local token = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, tostring(token)}
 """
+
 _RENEW: Final = """
+-- KEYS: lease, steal request, lag hash. ARGV: owner, token, ttl ms, shard, lag ('' if none).
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
+local asked = redis.call('HMGET', KEYS[2], 'thief', 'until')
+if asked[1] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now > tonumber(asked[2]) then return 0 end  -- the owner did not answer in time
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 2
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+
 _RELEASE: Final = """
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
+"""
+
+_STEAL: Final = """
+-- KEYS: lease, steal request. ARGV: victim, thief, bound ms.
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[2], 'thief', ARGV[2], 'until', now + tonumber(ARGV[3]))
+-- kept past the bound by a lease TTL: the lease expires in between, and the thief takes it
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2 + 10000)
+return 1
+"""
+
+_HEARTBEAT: Final = """
+-- KEYS: replicas. ARGV: replica ('' to only read), ttl ms. Returns {now ms, id, expiry, ...}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) end
+local out = {tostring(now)}
+for _, v in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')) do out[#out + 1] = v end
+return out
+"""
+
+_SNAPSHOT: Final = """
+-- KEYS: per shard its lease then its steal request. Returns per shard owner, token, pttl, thief.
+local out = {}
+for i = 1, #KEYS, 2 do
+  local cur = redis.call('HMGET', KEYS[i], 'owner', 'token')
+  out[#out + 1] = cur[1] or ''
+  out[#out + 1] = cur[2] or ''
+  out[#out + 1] = redis.call('PTTL', KEYS[i])
+  out[#out + 1] = redis.call('HGET', KEYS[i + 1], 'thief') or ''
+end
+return out
 """
 
 
@@ -45,46 +108,153 @@ class Lease:
     token: str
 
 
+class Renewal(Enum):
+    KEPT = 1
+    LOST = 0
+    HAND_OVER = 2
+    """Kept for now, but another replica asked for it: finish the batch and release."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """One shard's lease as read in a balancing round."""
+
+    shard_id: str
+    owner: str | None
+    token: str | None
+    expires_in_ms: int | None
+    thief: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replicas:
+    """The live replicas of the group: id → heartbeat expiry (Redis server ms)."""
+
+    now_ms: int
+    expiry_ms: dict[str, int]
+
+
 class LeaseManager:
-    """Takes, renews and releases shard leases for one owner (this process)."""
+    """Takes, renews, releases and steals shard leases for one owner (this process)."""
 
     def __init__(self, redis: Redis, key_prefix: str, owner: str, ttl_seconds: float) -> None:
         self._redis = redis
         self._prefix = key_prefix
         self.owner = owner
-        self._ttl_ms = int(ttl_seconds * 1000)
+        self.ttl_ms = int(ttl_seconds * 1000)
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
-
-    def _keys(self, shard_id: str) -> list[str]:
-        return [keys.lease(self._prefix, shard_id), keys.fence(self._prefix, shard_id)]
+        self._steal = redis.register_script(_STEAL)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._snapshot = redis.register_script(_SNAPSHOT)
 
     async def acquire(self, shard_id: str) -> Lease | None:
-        """Take the shard's lease with a new fencing token, or None if another owner holds it."""
-        ok, value = await self._acquire(keys=self._keys(shard_id), args=[self.owner, self._ttl_ms])
+        """Take the shard's lease with a new fencing token, or None if another owner holds
+        it (or another replica's steal request reserves it)."""
+        ok, value = await self._acquire(
+            keys=[
+                keys.lease(self._prefix, shard_id),
+                keys.fence(self._prefix, shard_id),
+                keys.steal(self._prefix, shard_id),
+            ],
+            args=[self.owner, self.ttl_ms],
+        )
         if not ok:
             return None
         return Lease(shard_id, self.owner, _text(value))
 
-    async def renew(self, lease: Lease) -> bool:
-        """Extend the lease; False if it was lost (expired and taken, or released)."""
-        return bool(
-            await self._renew(
-                keys=self._keys(lease.shard_id)[:1], args=[lease.owner, lease.token, self._ttl_ms]
-            )
+    async def renew(self, lease: Lease, millis_behind: int | None = None) -> Renewal:
+        """Extend the lease (and record the shard's lag for ``status``): KEPT, LOST
+        (expired and taken, released, or a steal request went unanswered too long), or
+        HAND_OVER (kept, but asked for by another replica)."""
+        found = await self._renew(
+            keys=[
+                keys.lease(self._prefix, lease.shard_id),
+                keys.steal(self._prefix, lease.shard_id),
+                keys.lag(self._prefix),
+            ],
+            args=[
+                lease.owner,
+                lease.token,
+                self.ttl_ms,
+                lease.shard_id,
+                "" if millis_behind is None else str(millis_behind),
+            ],
         )
+        return Renewal(int(found))
 
     async def release(self, lease: Lease) -> bool:
         return bool(
             await self._release(
-                keys=self._keys(lease.shard_id)[:1], args=[lease.owner, lease.token]
+                keys=[keys.lease(self._prefix, lease.shard_id)], args=[lease.owner, lease.token]
             )
         )
+
+    async def request_steal(self, shard_id: str, victim: str, bound_ms: int) -> bool:
+        """Ask ``victim`` to hand the shard over (True if asked now; False if it no longer
+        holds it or a request already stands)."""
+        return bool(
+            await self._steal(
+                keys=[keys.lease(self._prefix, shard_id), keys.steal(self._prefix, shard_id)],
+                args=[victim, self.owner, bound_ms],
+            )
+        )
+
+    async def heartbeat(self, *, alive: bool = True) -> Replicas:
+        """Announce this replica as live for a TTL (``alive``; else only read) and return
+        the live replicas."""
+        raw = await self._heartbeat(
+            keys=[keys.replicas(self._prefix)],
+            args=[self.owner if alive else "", self.ttl_ms],
+        )
+        return _replicas(raw)
+
+    async def leave(self) -> None:
+        """Remove this replica from the live set (a graceful stop)."""
+        await self._redis.zrem(keys.replicas(self._prefix), self.owner)
+
+    async def snapshot(self, shard_ids: Sequence[str]) -> dict[str, LeaseState]:
+        """Every listed shard's lease and steal request, in one call."""
+        if not shard_ids:
+            return {}
+        names: list[str] = []
+        for sid in shard_ids:
+            names += [keys.lease(self._prefix, sid), keys.steal(self._prefix, sid)]
+        raw = await self._snapshot(keys=names, args=[])
+        return snapshot_states(shard_ids, raw)
 
     async def holder(self, shard_id: str) -> str | None:
         owner = await self._redis.hget(keys.lease(self._prefix, shard_id), "owner")  # type: ignore[misc]  # redis-py types sync|async
         return None if owner is None else _text(owner)
+
+
+def snapshot_states(shard_ids: Sequence[str], raw: Sequence[object]) -> dict[str, LeaseState]:
+    states = {}
+    for index, sid in enumerate(shard_ids):
+        owner, token, pttl, thief = raw[index * 4 : index * 4 + 4]
+        ttl = int(_text(pttl))  # type: ignore[arg-type]
+        states[sid] = LeaseState(
+            sid,
+            _text(owner) or None,  # type: ignore[arg-type]
+            _text(token) or None,  # type: ignore[arg-type]
+            ttl if ttl >= 0 else None,
+            _text(thief) or None,  # type: ignore[arg-type]
+        )
+    return states
+
+
+def read_replicas(raw: Sequence[object]) -> Replicas:
+    return _replicas(raw)
+
+
+def _replicas(raw: Sequence[object]) -> Replicas:
+    values = [_text(item) for item in raw]  # type: ignore[arg-type]
+    now = int(values[0])
+    members = values[1:]
+    return Replicas(
+        now, {members[i]: int(float(members[i + 1])) for i in range(0, len(members), 2)}
+    )
 
 
 def _text(value: bytes | str | int) -> str:

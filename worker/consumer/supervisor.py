@@ -1,10 +1,15 @@
 """The supervisor: discovers shards and owns one reader task per shard.
 
-It lists the stream's shards, decides which are due a reader, and starts, reaps and
-restarts the readers. It takes each shard's lease through the ``LeaseKeeper``
-(``worker.consumer.lease_keeper``), which renews the leases of running readers and stops
-a reader whose lease is lost; where each reader starts comes from ``StartPositions``
-(``worker.consumer.positions``).
+It lists the stream's shards (every ``discovery_interval``, and at once when a shard
+ends), and every ``BALANCE_INTERVAL`` runs a balancing round: it heartbeats this replica,
+reads the group's leases and live replicas (two cheap Redis calls, O(shards)), and takes
+or asks for leases so that each replica reads about as many shards as the others (see
+``worker.consumer.balance``). It starts, reaps and restarts the readers. It takes each
+shard's lease through the ``LeaseKeeper`` (``worker.consumer.lease_keeper``), which renews
+the leases of running readers, stops a reader whose lease is lost and hands over one
+another replica asked for; where each reader starts comes from ``StartPositions``
+(``worker.consumer.positions``). Handlers that are ``ShardListener``s hear when a shard
+starts and stops being read here.
 
 Ordering guarantee: a child shard (after a split or merge) starts only when every parent
 is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
@@ -13,7 +18,8 @@ when a shard ends, so children start within a second of their last parent ending
 
 Reader failures are logged and the reader is restarted with backoff from its last
 checkpoint; the process keeps running. ``stop()`` stops reading, lets each in-flight
-batch finish (bounded by ``shutdown_timeout``), checkpoints, and releases the leases.
+batch finish (bounded by ``shutdown_timeout``), checkpoints, releases the leases and
+leaves the live set, so the other replicas take the shards within a balancing round.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from worker import keys
 from worker.backoff import Backoff
+from worker.consumer.balance import plan
 from worker.consumer.checkpoints import CheckpointMoved, Checkpoints, LeaseLost
 from worker.consumer.kinesis import KinesisClient, ShardInfo, is_retriable, list_shards
 from worker.consumer.lease_keeper import LeaseKeeper
@@ -38,7 +45,14 @@ from worker.consumer.pipeline import BatchProcessor
 from worker.consumer.positions import StartPositions
 from worker.consumer.shard_reader import ShardProgress, ShardReader
 from worker.errors import is_infrastructure_failure
+from worker.handlers.base import ShardListener
 from worker.settings import Settings
+
+BALANCE_INTERVAL = 1.0
+"""Seconds between balancing rounds (lease reads; ListShards has its own interval)."""
+STEAL_BOUND_FACTOR = 2.0
+"""A steal request stands for this many lease TTLs plus the shutdown timeout: an owner
+that has not handed the shard over by then has its renewals refused."""
 
 MIN_RESTART_DELAY = 0.2
 """Seconds before a shard's reader starts again, whatever ended the last one."""
@@ -65,11 +79,16 @@ class Supervisor:
         at_timestamp: datetime | None = None,
         until_caught_up: bool = False,
         reader_factory: Callable[..., ShardReader] = ShardReader,
+        listeners: Sequence[ShardListener] = (),
     ) -> None:
         self._settings = settings
         self._stream = settings.stream_name
         self._kinesis = kinesis
-        self._leases = LeaseKeeper(leases, renew_interval=settings.lease_ttl / 3)
+        self._lease_store = leases
+        self._leases = LeaseKeeper(leases, renew_interval=settings.lease_ttl / 4)
+        self._listeners = list(listeners)
+        self._listed_at: float | None = None
+        self._relist = True
         self._checkpoints = checkpoints
         self._processor = processor
         self._until_caught_up = until_caught_up
@@ -93,6 +112,7 @@ class Supervisor:
         self._backoff = Backoff(base=0.5, cap=30.0)
         self._log = structlog.get_logger("worker.consumer.supervisor")
         self.caught_up = False
+        self.replica_id = leases.owner
 
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
@@ -121,17 +141,29 @@ class Supervisor:
                         if not _worth_retrying(exc):
                             raise
                         self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
-                    interval = 0.2 if self._until_caught_up else self._settings.discovery_interval
+                    interval = 0.2 if self._until_caught_up else BALANCE_INTERVAL
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._next_wake(interval))
             finally:
                 await self._shutdown()
 
     async def _discover(self) -> bool:
-        """One round: collect finished readers, start readers for the shards due one.
-        True when ``until_caught_up`` and every shard is at its tip."""
+        """One round: collect finished readers, list the shards when due, balance the
+        leases and start readers for the shards taken. True when ``until_caught_up`` and
+        every shard is at its tip."""
         await self._reap()
-        await self._reconcile()
+        now = time.monotonic()
+        if (
+            self._relist
+            or self._listed_at is None
+            or now - self._listed_at >= self._settings.discovery_interval
+        ):
+            shards = await self._list_unless_stopped()
+            if shards is None:
+                return False
+            self._shards = {shard.shard_id: shard for shard in shards}
+            self._listed_at, self._relist = now, False
+        await self._balance()
         return self._until_caught_up and await self.all_caught_up()
 
     async def _list_unless_stopped(self) -> list[ShardInfo] | None:
@@ -156,29 +188,48 @@ class Supervisor:
         pending = [at - now for at in self._restart_at.values() if at > now]
         return max(0.05, min([interval, *pending]))
 
-    async def _reconcile(self) -> None:
-        shards = await self._list_unless_stopped()
-        if shards is None:
+    async def _balance(self) -> None:
+        """One balancing round: heartbeat, read the leases of the leasable shards and the
+        live replicas, take free leases up to this replica's share and ask the most-loaded
+        replica for one more if still below it."""
+        if self._stopping.is_set():
             return
-        self._shards = {shard.shard_id: shard for shard in shards}
         checkpoints = await self._checkpoints.all()
         now = time.monotonic()
-        for shard in shards:
-            sid = shard.shard_id
-            if self._stopping.is_set():
-                return
-            if sid in self._running or self._restart_at.get(sid, 0) > now:
-                continue
+        leasable: list[str] = []
+        for sid, shard in self._shards.items():
             if self._positions.trusted(sid, checkpoints) == keys.SHARD_END:
                 self._ended.add(sid)
                 continue
-            if not all(self._parent_done(p, checkpoints) for p in shard.parents):
+            if sid in self._ended:
+                continue
+            if all(self._parent_done(p, checkpoints) for p in shard.parents):
+                leasable.append(sid)
+        replicas = await self._lease_store.heartbeat()
+        states = await self._lease_store.snapshot(leasable)
+        chosen = plan(
+            me=self.replica_id,
+            leasable=leasable,
+            leases=states,
+            live=replicas.expiry_ms,
+            mine=self._running,
+        )
+        bound_ms = round(
+            (STEAL_BOUND_FACTOR * self._settings.lease_ttl + self._settings.shutdown_timeout) * 1000
+        )
+        for sid, victim in chosen.steal:
+            if await self._lease_store.request_steal(sid, victim, bound_ms):
+                self._log.info("lease_steal_requested", shard_id=sid, owner=victim)
+        for sid in chosen.take:
+            if self._stopping.is_set():
+                return
+            if sid in self._running or self._restart_at.get(sid, 0) > now:
                 continue
             lease = await self._leases.acquire(sid)
             if lease is None:
                 continue
             try:
-                await self._take(shard, lease)
+                await self._take(self._shards[sid], lease)
             except Exception:
                 if sid not in self._running:  # failed before its reader started
                     await self._leases.give_back(lease, bounded=True)
@@ -242,10 +293,16 @@ class Supervisor:
             prefetch=settings.prefetch_batches,
             progress=progress,
         )
+        await self._assigned(sid)
         task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
         task.add_done_callback(lambda _: self._wake.set())
         self._running[sid] = _Running(reader, task)
-        self._leases.keep(reader.lease, on_lost=reader.stop)
+        self._leases.keep(
+            reader.lease,
+            on_lost=reader.stop,
+            on_hand_over=reader.stop,
+            lag=lambda: progress.millis_behind,
+        )
         self._log.info(
             "shard_started",
             shard_id=sid,
@@ -274,6 +331,7 @@ class Supervisor:
                 ended = failure is None and running.task.result()
             if isinstance(failure, LeaseLost):
                 self._log.warning("lease_lost", shard_id=sid, error=str(failure))
+                await self._revoked(sid, ended=False)
                 continue
             if failure is not None:
                 failures = self._failures.get(sid, 0) + 1
@@ -292,7 +350,9 @@ class Supervisor:
                 self._failures.pop(sid, None)
                 if ended:
                     self._ended.add(sid)
+                    self._relist = True  # its children may start now
             await self._leases.give_back(running.reader.lease)
+            await self._revoked(sid, ended=ended)
 
     async def all_caught_up(self) -> bool:
         """True when every shard still in the stream is ended, or at its tip: read by us,
@@ -337,6 +397,35 @@ class Supervisor:
                 )
         self._running.clear()
         await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
+        try:
+            await asyncio.wait_for(self._lease_store.leave(), 1.0)
+        except Exception as exc:  # the heartbeat expires by itself anyway
+            self._log.warning("replica_leave_failed", error=f"{type(exc).__name__}: {exc}")
+        for item in running:
+            await self._revoked(item.reader.shard_id, ended=item.reader.progress.ended)
+
+    async def _assigned(self, shard_id: str) -> None:
+        for listener in self._listeners:
+            await self._tell(listener, shard_id, listener.on_shards_assigned([shard_id]))
+
+    async def _revoked(self, shard_id: str, *, ended: bool) -> None:
+        for listener in self._listeners:
+            await self._tell(
+                listener, shard_id, listener.on_shards_revoked([shard_id], ended=ended)
+            )
+
+    async def _tell(self, listener: ShardListener, shard_id: str, call: Awaitable[None]) -> None:
+        """Await one ``ShardListener`` hook call; a failure is logged, never raised
+        (reading goes on)."""
+        try:
+            await call
+        except Exception as exc:
+            self._log.warning(
+                "shard_listener_failed",
+                shard_id=shard_id,
+                handler=getattr(listener, "name", type(listener).__name__),
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -11,13 +11,18 @@ A plugin or factory can also be named directly by its import path,
 ``my_package.module:plugin``. Each handler's settings are read from
 ``SUPERSIM_<SECTION>__<FIELD>`` (or a whole section as JSON in ``SUPERSIM_<SECTION>``),
 validated once at start-up; errors name the variable.
+
+``check_environment`` refuses ``SUPERSIM_*`` variables that are neither the consumer's
+settings nor those of a handler section that can be chosen: a plugin's variables are
+known because it declares its settings model (and section).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Final
@@ -28,7 +33,15 @@ from pydantic_settings.exceptions import SettingsError
 
 from worker.errors import ConfigError
 from worker.handlers.base import Handler, HandlerContext, Plugin
-from worker.settings import ENV_PREFIX, explain
+from worker.settings import (
+    ENV_PREFIX,
+    Settings,
+    explain,
+    refuse_unknown,
+    split_names,
+    unknown_variables,
+    variable_names,
+)
 
 ENTRY_POINT_GROUP: Final = "supersim_worker.handlers"
 
@@ -186,3 +199,55 @@ def alert_handler_names() -> list[str]:
         if plugin.alerts:
             names.append(name)
     return names
+
+
+def section_variables(section: str, model: type[BaseModel]) -> set[str]:
+    """The variables of one handler section: ``SUPERSIM_<SECTION>`` (the whole section as
+    JSON) and ``SUPERSIM_<SECTION>__<FIELD>[__<NESTED>...]``."""
+    variable = f"{ENV_PREFIX}{section.upper()}"
+    return {variable, *variable_names(model, f"{variable}__")}
+
+
+def known_variables(handlers: Iterable[str] = ()) -> frozenset[str]:
+    """Every valid ``SUPERSIM_*`` name (upper case): the consumer's settings, and the
+    sections of every handler that can be chosen (built-ins, entry points) and of those
+    named in ``handlers`` by import path. A plugin that cannot be loaded is left out
+    unless it is named (then its ConfigError is raised: it could not run anyway)."""
+    known = set(variable_names(Settings))
+    for name in available():
+        try:
+            plugin = find(name)
+        except ConfigError:
+            continue
+        known |= _plugin_variables(name, plugin)
+    for name in handlers:
+        if ":" in name:
+            known |= _plugin_variables(name, find(name))
+    return frozenset(known)
+
+
+def _plugin_variables(name: str, plugin: Plugin[Any]) -> set[str]:
+    if plugin.settings is None:
+        return set()
+    return section_variables(section_name(name, plugin), plugin.settings)
+
+
+def check_environment(
+    environ: Mapping[str, str] | None = None, *, handlers: Sequence[str] = ()
+) -> None:
+    """Refuse unknown ``SUPERSIM_*`` variables: a ConfigError names each one and the
+    closest valid name. Call it once at start-up, before the settings are read.
+
+    ``handlers`` are names given besides ``SUPERSIM_HANDLERS`` (a ``--handlers`` flag);
+    handlers named by import path add their sections. Plugins are loaded only when some
+    variable is not one of the consumer's own."""
+    env = os.environ if environ is None else environ
+    core = frozenset(variable_names(Settings))
+    if not unknown_variables(env, core):
+        return
+    named = list(handlers)
+    for variable, value in env.items():
+        if variable.upper() == f"{ENV_PREFIX}HANDLERS":
+            named.extend(split_names(value))
+    known = known_variables(named)
+    refuse_unknown(unknown_variables(env, known), known)

@@ -39,6 +39,8 @@ class DeliveryStats:
     test_events: int = 0
     data_as_string: int = 0
     events_by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    events_by_fleet: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Unique events per fleet sid and kind (kinds with none left out)."""
     envelopes: dict[str, int] = field(default_factory=lambda: {"kore": 0, "twilio": 0})
 
     def as_json(self) -> dict[str, object]:
@@ -48,6 +50,10 @@ class DeliveryStats:
             "duplicates_written": self.duplicates_written,
             "test_events": self.test_events,
             "events_by_kind": dict(self.events_by_kind),
+            "events_by_fleet": {
+                fleet: dict(sorted(kinds.items()))
+                for fleet, kinds in sorted(self.events_by_fleet.items())
+            },
             "records_by_envelope": dict(self.envelopes),
             "data_as_string": self.data_as_string,
         }
@@ -128,6 +134,8 @@ def deliver(
             continue
         stats.unique_events += 1
         stats.events_by_kind[event.kind] += 1
+        by_kind = stats.events_by_fleet.setdefault(event.sim.fleet.sid, {})
+        by_kind[event.kind] = by_kind.get(event.kind, 0) + 1
         for n, (k, s, order) in enumerate([(kore, as_string, key)] + ([copy] if copy else [])):
             keyed.append((order, event.seq, n, envelope(event, k, s)))
             stats.envelopes["kore" if k else "twilio"] += 1

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+import orjson
 import structlog
 
 from worker.events.records import ConnectionEvent
@@ -158,6 +159,28 @@ class AlertHandler(ABC):
             counts[(kind, group)] += 1
         return dict(counts)
 
+    async def open_alerts(self) -> list[Alert]:
+        """The episodes open now, each as its opening alert reads with what is known so
+        far (count, last event), oldest first. Read-only: ``supersim-worker alerts list``."""
+        raw = await self._redis.hkeys(f"{self._prefix}:active")  # type: ignore[misc]
+        members = []
+        for field in raw:
+            kind, group, subject = _text(field).split("\t", 2)
+            members.append((kind, group, subject))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for kind, _, subject in members:
+                pipe.hgetall(f"{self._prefix}:s:{kind}:{subject}")
+                pipe.hgetall(f"{self._prefix}:t:{kind}:{subject}")
+            found = await pipe.execute()
+        alerts = []
+        for (kind, group, subject), state, tags in zip(
+            members, found[::2], found[1::2], strict=True
+        ):
+            transition = _open_transition(kind, subject, group, _texts(state), _texts(tags))
+            if transition is not None:
+                alerts.append(self.render(transition))
+        return sorted(alerts, key=lambda alert: (alert.opened_at, alert.id))
+
     async def gauges(self) -> list[Gauge]:
         """``open_alerts`` per alert kind and group (a fleet, or ``all``): bounded labels."""
         return [
@@ -206,3 +229,45 @@ class AlertHandler(ABC):
             last_seen=alert.last_seen.isoformat(),
             count=alert.count,
         )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return {_text(key): _text(value) for key, value in raw.items()}
+
+
+def _open_transition(
+    kind: str, subject: str, group: str, state: dict[str, str], tags: dict[str, str]
+) -> Transition | None:
+    """An open episode as the transition that opened it, from its state hash (``P:s:K:S``)
+    and tags (``P:t:K:S``) as ``episodes.lua`` keeps them; None once it is no longer open
+    (it closed between the two reads)."""
+    if state.get("state") != "open" or "key" not in state:
+        return None
+    first = int(state["first"])
+    if state.get("d") == "1":  # distinct members: tag -> newest time, counted once in it
+        counts = {tag: 1 for tag, newest in tags.items() if int(newest) >= first}
+    else:
+        counts = {tag: int(count) for tag, count in tags.items()}
+    meta, info = state.get("m") or "", state.get("info") or ""
+    return Transition(
+        kind=kind,
+        subject=subject,
+        group=state.get("g") or group,
+        meta=orjson.loads(meta) if meta else {},
+        key=int(state["key"]),
+        status=AlertStatus.OPEN,
+        at=int(state["at"]),
+        opened=int(state["at"]),
+        first=first,
+        last=int(state["last"]),
+        reason=None,
+        count=int(state.get("n") or 0),
+        tags=counts,
+        info=orjson.loads(info) if info else {},
+        sent=state.get("sent") == "1",
+        created_ms=0,
+    )

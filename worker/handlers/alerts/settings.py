@@ -141,7 +141,7 @@ class AlertSettings(_Frozen):
     stale_after: Seconds | None = Field(
         timedelta(hours=1),
         description="Episodes whose newest event is older than this (wall clock) are "
-        "recorded but not sent (a backfill's old episodes); empty to send everything.",
+        "recorded but not sent (a backfill's old episodes); set it empty to send everything.",
     )
     quiet_grace: Seconds = Field(
         timedelta(minutes=1),
@@ -180,8 +180,18 @@ class AlertSettings(_Frozen):
     )
     thresholds: Thresholds = Field(default_factory=Thresholds)
     fleets: Annotated[dict[str, ThresholdOverrides], NoDecode] = Field(
-        default_factory=dict, description="Fleet SID -> threshold overrides (a JSON object)."
+        default_factory=dict,
+        description="Per-fleet threshold overrides, a JSON object: fleet SID -> the thresholds "
+        'to change, e.g. {"HF...": {"storm_rejections": 5, "storm_window": 600}}.',
     )
+
+    @field_validator("stale_after", mode="before")
+    @classmethod
+    def _empty_sends_everything(cls, value: Any) -> Any:
+        """An empty variable (``SUPERSIM_ALERTS__STALE_AFTER=``) is None: nothing is stale."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("fleet_ignore_codes", mode="before")
     @classmethod
