@@ -136,6 +136,25 @@ class Settings(BaseSettings):
         "elsewhere about this long after it died.",
     )
     dlq_maxlen: int = Field(100_000, ge=100, description="Capacity of the dead-letter stream.")
+    handler_timeout: FloatSeconds = Field(
+        60.0,
+        gt=0,
+        description="Seconds one handler call may take; a call cut off is an outage: the "
+        "batch is retried with backoff, never dead-lettered, and shows in metrics and health.",
+    )
+    http_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of /metrics (Prometheus), /healthz and /readyz on all interfaces; "
+        "unset: no HTTP server.",
+    )
+    stall_timeout: FloatSeconds = Field(
+        300.0,
+        gt=0,
+        description="/healthz fails when an owned shard with records waiting has made no "
+        "progress (a batch handled) for this many seconds.",
+    )
 
     @field_validator("handlers", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from worker import logs
-from worker.cli import alerts, decode, dlq, replay, run, simulate, status, usage
+from worker.cli import alerts, decode, dlq, health, replay, run, simulate, status, usage
 from worker.errors import ConfigError, WorkerError
 from worker.handlers import registry
 from worker.settings import split_names
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {logs.package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (run, status, replay, dlq, alerts, usage, decode, simulate):
+    for command in (run, status, health, replay, dlq, alerts, usage, decode, simulate):
         command.add_parser(subparsers)
     return parser
 

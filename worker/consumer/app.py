@@ -28,9 +28,11 @@ from worker import keys, logs
 from worker.consumer import kinesis, redis_checks
 from worker.consumer.checkpoints import Checkpoints
 from worker.consumer.deadletter import DeadLetterStore
+from worker.consumer.http import Health, HttpServer
 from worker.consumer.leases import LeaseManager
 from worker.consumer.pipeline import BatchProcessor
 from worker.consumer.progress import ProgressReporter
+from worker.consumer.shard_reader import ShardProgress
 from worker.consumer.supervisor import Supervisor
 from worker.consumer.ticker import Ticker
 from worker.errors import ConfigError
@@ -144,6 +146,9 @@ async def run_worker(
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         svc = await stack.enter_async_context(services(settings, sections=sections))
+        progress: dict[str, ShardProgress] = {}
+        health = Health(svc.redis, lambda: list(progress.values()), settings.stall_timeout)
+        await stack.enter_async_context(HttpServer(svc.metrics, health, settings.http_port))
         await redis_checks.check_access(svc.redis, svc.key_prefix)
         await redis_checks.check_eviction_policy(
             svc.redis, require_noeviction=settings.require_noeviction
@@ -161,12 +166,15 @@ async def run_worker(
                 svc.metrics,
                 attempts=settings.handler_attempts,
                 outage_patience=settings.handler_outage_patience,
+                timeout=settings.handler_timeout,
             ),
             from_start=from_start,
             at_timestamp=at_timestamp,
             until_caught_up=until_caught_up,
             listeners=[h for h in svc.handlers if isinstance(h, ShardListener)],
         )
+        progress = supervisor.progress
+        health.started = True
         if install_signals:
             _install_signals(supervisor)
         backfill = from_start or at_timestamp is not None or until_caught_up

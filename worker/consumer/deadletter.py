@@ -94,6 +94,7 @@ class DeadLetterStore:
         if length and length + len(letters) > self.maxlen:
             self._metrics.incr("dead_letter_store_full")
             self._metrics.gauge("dead_letter_length", length)
+            self._metrics.dead_letter_length.set(length)
             self._log.error(
                 "dead_letter_store_full",
                 length=length,
@@ -114,6 +115,7 @@ class DeadLetterStore:
         length += len(results)
         self._metrics.incr("dead_letters", len(letters))
         self._metrics.gauge("dead_letter_length", length)
+        self._metrics.dead_letter_length.set(length)
         for letter in letters:
             self._log.warning(
                 "dead_lettered",

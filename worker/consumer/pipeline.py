@@ -8,8 +8,9 @@ tries). If it still fails, the batch is bisected to isolate the failing record(s
 are dead-lettered with the handler's name and exception, and the rest is handled: a
 poison record never stalls the shard and nothing is skipped without a dead-letter entry.
 
-Infrastructure failures (Redis or network down, timeouts, ``RetriableError``) are not the
-records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
+Every handler call is bounded by ``handler_timeout``: a call cut off is a
+``HandlerTimeout``, an infrastructure failure like the others. Infrastructure failures
+(Redis or network down, timeouts, ``RetriableError``) are not the records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
 reader stops without checkpointing and is restarted from its last checkpoint. So is a
 handler that looks broken rather than fed bad data: one failing on every event of a
 sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the same
@@ -65,6 +66,11 @@ class HandlerUnavailable(RetriableError):
     """A handler's infrastructure kept failing; the batch is not checkpointed."""
 
 
+class HandlerTimeout(RetriableError):
+    """A handler call took longer than ``handler_timeout``: an outage, never the record's
+    fault (retried with backoff, never dead-lettered)."""
+
+
 @dataclass(slots=True)
 class BatchOutcome:
     records: int = 0
@@ -85,10 +91,13 @@ class BatchProcessor:
         attempts: int = 3,
         backoff: Backoff | None = None,
         outage_patience: float = DEFAULT_OUTAGE_PATIENCE,
+        timeout: float = 60.0,
     ) -> None:
         self.handlers = list(handlers)
+        self._timeout = timeout
         self._dlq = dead_letters
         self._metrics = metrics
+        self.metrics = metrics
         self._attempts = attempts
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.consumer.pipeline")
@@ -115,6 +124,7 @@ class BatchProcessor:
                 event = decode(record.data, meta)
             except DecodeError as exc:
                 letters.append(_letter(record, shard_id, exc.reason, DECODE, exc))
+                self._metrics.decode_errors.labels(reason=_reason(exc)).inc()
                 continue
             if isinstance(event, ConnectionEvent):
                 events.append(event)
@@ -160,8 +170,14 @@ class BatchProcessor:
         outcome.handled = len(events) - len({sequence for sequence, _ in poisoned})
         self._metrics.incr("records", outcome.records)
         self._metrics.incr("events_handled", outcome.handled)
+        self._metrics.events_handled.labels(shard=shard_id).inc(outcome.handled)
+        if letters:
+            self._metrics.records_dead_lettered.labels(handler=DECODE).inc(len(letters))
+        for _, name in poisoned:
+            self._metrics.records_dead_lettered.labels(handler=name).inc()
         for name, count in outcome.skipped.items():
             self._metrics.incr(f"skipped_{name}", count)
+            self._metrics.records_skipped.labels(reason=name).inc(count)
         for kind, count in outcome.kinds.items():
             self._metrics.incr(f"kind:{kind}", count)
         return outcome
@@ -172,9 +188,23 @@ class BatchProcessor:
         """Handle ``batch`` with ``handler``; return the events it keeps failing on."""
         error: Exception | None = None
         for attempt in range(1, attempts + 1):
+            began = time.perf_counter()
             try:
-                await handler.handle(batch)
+                try:
+                    await asyncio.wait_for(handler.handle(batch), self._timeout)
+                except TimeoutError as timed_out:
+                    if time.perf_counter() - began < self._timeout:
+                        raise  # the handler's own timeout, not ours
+                    self._metrics.handler_timeouts.labels(handler=handler.name).inc()
+                    raise HandlerTimeout(
+                        f"handler {handler.name} took longer than {self._timeout:g} s "
+                        "(SUPERSIM_HANDLER_TIMEOUT)"
+                    ) from timed_out
             except (Exception, asyncio.CancelledError) as caught:
+                self._metrics.handler_duration.labels(handler=handler.name).observe(
+                    time.perf_counter() - began
+                )
+                self._metrics.handler_failures.labels(handler=handler.name).inc()
                 exc = _as_handler_error(caught)
                 error = exc
                 infra = is_infrastructure_failure(exc)
@@ -192,10 +222,14 @@ class BatchProcessor:
                     await asyncio.sleep(self._backoff.delay(attempt))
                     continue
                 if infra:
+                    self._metrics.handler_outages.labels(handler=handler.name).inc()
                     raise HandlerUnavailable(
                         f"handler {handler.name} kept failing: {type(exc).__name__}: {exc}"
                     ) from exc
             else:
+                self._metrics.handler_duration.labels(handler=handler.name).observe(
+                    time.perf_counter() - began
+                )
                 return []
         assert error is not None
         if len(batch) == 1:
@@ -240,6 +274,7 @@ class BatchProcessor:
         now = time.monotonic()
         since = self._outage_since.setdefault(handler.name, now)
         if now - since < self._patience:
+            self._metrics.handler_outages.labels(handler=handler.name).inc()
             raise HandlerUnavailable(
                 f"{what}: treated as an outage, the batch waits (for at most "
                 f"{self._patience - (now - since):.0f} s more): {error}"
@@ -281,4 +316,14 @@ def _letter(
         reason=reason,
         handler=handler,
         exception=f"{type(exc).__name__}: {exc}",
+    )
+
+
+def _reason(exc: DecodeError) -> str:
+    """A decode failure as a bounded label: the field at fault (``type``, ``data``,
+    ``data.sim_sid``...), or ``record`` when the record as a whole is (not JSON, too big).
+    Never the message, which may quote the record."""
+    field = exc.field or "record"
+    return (
+        field if len(field) <= 60 and field.replace(".", "").replace("_", "").isalnum() else "field"
     )

@@ -26,7 +26,7 @@ import structlog
 
 from worker import keys
 from worker.backoff import Backoff
-from worker.consumer.checkpoints import Checkpoints
+from worker.consumer.checkpoints import Checkpoints, LeaseLost
 from worker.consumer.kinesis import (
     EXPIRED_ITERATOR,
     KinesisClient,
@@ -42,6 +42,7 @@ from worker.errors import RetriableError
 MIN_CALL_INTERVAL: Final = 0.2
 """Kinesis allows 5 GetRecords calls per second per shard."""
 MAX_FETCH_FAILURES: Final = 8
+THROTTLED: Final = frozenset({"ProvisionedThroughputExceededException", "LimitExceededException"})
 
 
 @dataclass(slots=True)
@@ -57,6 +58,15 @@ class ShardProgress:
     ended: bool = False
     last_sequence: str | None = None
     started: float = field(default_factory=time.monotonic)
+    waiting_since: float | None = None
+    """When the oldest batch not yet handled was first taken up (monotonic): kept across
+    failed attempts and reader restarts, None once it is handled."""
+    progressed: float = field(default_factory=time.monotonic)
+    """When the shard last made progress: a batch handled, or found nothing waiting."""
+    kinesis_ok: float | None = None
+    """When Kinesis last answered this reader (monotonic)."""
+    reading: bool = False
+    """A reader of this process is running on the shard."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +119,7 @@ class ShardReader:
         self._prefetch = prefetch
         self._backoff = backoff or Backoff(base=0.2, cap=10.0)
         self._stopping = asyncio.Event()
+        self._metrics = processor.metrics
         self._log = structlog.get_logger("worker.consumer.shard_reader").bind(
             shard_id=self.shard_id
         )
@@ -122,10 +133,14 @@ class ShardReader:
         structlog.contextvars.bind_contextvars(shard_id=self.shard_id)
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self._prefetch)
         fetcher = asyncio.create_task(self._fetch(queue), name=f"fetch-{self.shard_id}")
+        self.progress.reading = True
+        self.progress.progressed = time.monotonic()
+        failed = True
         try:
             while True:
                 item = await self._next(queue)
                 if item is _STOPPED or self._stopping.is_set():
+                    failed = False
                     return False
                 if isinstance(item, _Failed):
                     raise item.error
@@ -135,8 +150,12 @@ class ShardReader:
                     await self._checkpoint(keys.SHARD_END)
                     self.progress.ended = True
                     self._log.info("shard_ended", records_read=self.progress.records_read)
+                    failed = False
                     return True
         finally:
+            self.progress.reading = False
+            if not failed:
+                self.progress.waiting_since = None
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
 
@@ -159,26 +178,43 @@ class ShardReader:
 
     async def _handle(self, fetched: _Fetched) -> None:
         progress = self.progress
+        metrics, shard = self._metrics, self.shard_id
         if fetched.records:
             structlog.contextvars.bind_contextvars(
                 batch_first_sequence=fetched.records[0].sequence_number,
                 batch_last_sequence=fetched.records[-1].sequence_number,
             )
+            if progress.waiting_since is None:
+                progress.waiting_since = time.monotonic()
             outcome = await self._processor.process(self.shard_id, fetched.records)
             last = fetched.records[-1].sequence_number
             await self._checkpoint(last)
+            progress.waiting_since = None
             progress.last_sequence = last
             progress.records_read += len(fetched.records)
             progress.dead_lettered += outcome.dead_lettered
             progress.batches += 1
+            metrics.records_read.labels(shard=shard).inc(len(fetched.records))
+            metrics.checkpoint_writes.labels(shard=shard).inc()
+            arrival = fetched.records[-1].arrival
+            if arrival is not None:
+                age = max(0.0, datetime.now(UTC).timestamp() - arrival.timestamp())
+                metrics.iterator_age.labels(shard=shard).set(age)
+        progress.progressed = time.monotonic()
         progress.millis_behind = fetched.millis_behind
+        if fetched.millis_behind is not None:
+            metrics.millis_behind.labels(shard=shard).set(fetched.millis_behind)
         was_at_tip = progress.caught_up
         progress.caught_up = not fetched.millis_behind and len(fetched.records) < self._limit
         if progress.caught_up or was_at_tip:
             await self._checkpoints.mark_tip(self.shard_id, progress.caught_up, self._tip_ttl)
 
     async def _checkpoint(self, value: str) -> None:
-        await self._checkpoints.write(self.lease, value, previous=self._stored)
+        try:
+            await self._checkpoints.write(self.lease, value, previous=self._stored)
+        except LeaseLost:
+            self._metrics.fencing_refusals.inc()
+            raise
         self._stored = value
 
     async def _fetch(self, queue: asyncio.Queue[object]) -> None:
@@ -203,17 +239,22 @@ class ShardReader:
             if pause > 0:
                 await asyncio.sleep(pause)
             last_call = time.monotonic()
+            self._metrics.get_records.labels(shard=self.shard_id).inc()
             try:
                 response = await self._kinesis.get_records(
                     ShardIterator=iterator, Limit=self._limit
                 )
             except Exception as exc:
                 if error_code(exc) == EXPIRED_ITERATOR:
+                    self._metrics.iterators_expired.labels(shard=self.shard_id).inc()
                     self._log.info("iterator_expired", restart=start.iterator_type)
                     iterator = await self._iterator(start)
                     continue
                 if not is_retriable(exc):
                     raise
+                if error_code(exc) in THROTTLED:
+                    self._metrics.get_records_throttled.labels(shard=self.shard_id).inc()
+                self._metrics.get_records_retries.labels(shard=self.shard_id).inc()
                 failures += 1
                 if failures > MAX_FETCH_FAILURES:
                     raise RetriableError(
@@ -222,6 +263,7 @@ class ShardReader:
                 await self._retry_pause("get_records_retry", failures, exc)
                 continue
             failures = 0
+            self.progress.kinesis_ok = time.monotonic()
             records = [
                 RawRecord(
                     data=r["Data"],

@@ -21,8 +21,8 @@ from worker.owned_task import OwnedTask
 
 T = TypeVar("T")
 
-GAUGE_EVERY = 12
-"""Read the gauges every this many ticks."""
+GAUGE_EVERY = 5
+"""Read the gauges every this many rounds."""
 
 
 class Ticker(OwnedTask):
@@ -58,10 +58,28 @@ class Ticker(OwnedTask):
             for ticking in self._tickers:
                 await self._call(ticking, ticking.tick)
         if rounds % GAUGE_EVERY == 1:
-            for measured in self._gauges:
-                for gauge in await self._call(measured, measured.gauges) or ():
-                    name = ":".join((gauge.name, *gauge.labels.values()))
-                    self._metrics.gauge(name, gauge.value)
+            await self.read_gauges()
+
+    async def read_gauges(self) -> None:
+        """Read every handler's gauges into the metrics (summed over handlers per name and
+        label set)."""
+        series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        counters: set[str] = set()
+        for measured in self._gauges:
+            for gauge in await self._call(measured, measured.gauges) or ():
+                key = tuple(sorted(gauge.labels.items()))
+                found = series.setdefault(gauge.name, {})
+                found[key] = found.get(key, 0.0) + gauge.value
+                if gauge.counter:
+                    counters.add(gauge.name)
+                name = ":".join((gauge.name, *gauge.labels.values()))
+                self._metrics.gauge(name, gauge.value)
+        for name, values in series.items():
+            self._metrics.readings(
+                name,
+                [(dict(labels), value) for labels, value in values.items()],
+                counter=name in counters,
+            )
 
     async def _call(self, handler: object, method: Callable[[], Awaitable[T]]) -> T | None:
         try:

@@ -107,12 +107,14 @@ class Ticks(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Gauge:
-    """One reading for the metrics: ``name`` (e.g. ``open_alerts``) with bounded labels
-    (a kind, a fleet; never a SIM)."""
+    """One reading for the metrics, exported as ``supersim_<name>``: ``name`` (e.g.
+    ``open_alerts``) with bounded labels (a kind, a fleet; never a SIM). ``counter`` marks
+    a running total (exported as ``supersim_<name>_total``)."""
 
     name: str
     value: float
     labels: Mapping[str, str] = field(default_factory=dict)
+    counter: bool = False
 
 
 @runtime_checkable

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
@@ -89,6 +90,8 @@ class Dispatcher:
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.deliveries: Counter[tuple[str, str]] = Counter()
+        """Delivery rounds by (sink, outcome), for the metrics."""
         self._log = structlog.get_logger("worker.handlers.alerts")
 
     def reserve(self) -> int:
@@ -222,6 +225,8 @@ class Dispatcher:
             )
         try:
             gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
+            for result in gathered:
+                self.deliveries[(result.entry.split("|", 1)[0], result.outcome.value)] += 1
             results = [result for result in gathered if not result.settled]
             tried = sum(result.outcome is not Outcome.WAIT for result in gathered)
         except asyncio.CancelledError:

@@ -92,6 +92,8 @@ class AlertHandler(ABC):
         )
         self._redis = context.redis
         self._prefix = prefix
+        self.transitions: Counter[tuple[str, str]] = Counter()
+        """Alerts recorded by (kind, status), for the metrics."""
         self._log = structlog.get_logger("worker.handlers.alerts")
 
     # --- what a subclass provides -------------------------------------------------------
@@ -182,11 +184,31 @@ class AlertHandler(ABC):
         return sorted(alerts, key=lambda alert: (alert.opened_at, alert.id))
 
     async def gauges(self) -> list[Gauge]:
-        """``open_alerts`` per alert kind and group (a fleet, or ``all``): bounded labels."""
-        return [
+        """For the metrics: ``open_alerts`` per alert kind and group (a fleet, or
+        ``all``: blocked SIMs per fleet are the open ``data_limit_reached`` ones), alerts
+        recorded per kind and status, delivery rounds per sink and outcome, and the outbox's
+        pending and dead entries."""
+        readings = [
             Gauge("open_alerts", count, {"kind": kind, "group": group})
             for (kind, group), count in sorted((await self.open_episodes()).items())
         ]
+        readings += [
+            Gauge("alerts", count, {"kind": kind, "status": status}, counter=True)
+            for (kind, status), count in sorted(self.transitions.items())
+        ]
+        readings += [
+            Gauge(
+                "alert_deliveries",
+                count,
+                {"handler": self.name, "sink": sink, "outcome": outcome},
+                counter=True,
+            )
+            for (sink, outcome), count in sorted(self.dispatcher.deliveries.items())
+        ]
+        labels = {"handler": self.name}
+        readings.append(Gauge("alert_outbox_pending", await self.outbox.pending(), labels))
+        readings.append(Gauge("alert_outbox_dead", len(await self.outbox.dead()), labels))
+        return readings
 
     async def _apply(
         self,
@@ -213,6 +235,7 @@ class AlertHandler(ABC):
             self.dispatcher.release(claimed, limit)  # never hides the error being raised
         self.dispatcher.check()  # a failed delivery task surfaces here
         for transition in applied.transitions:
+            self.transitions[(transition.kind, transition.status.value)] += 1
             if not transition.sent:
                 self._record_unsent(transition)
 

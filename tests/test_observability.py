@@ -1,0 +1,204 @@
+"""The worker's HTTP endpoints, on a real worker process: /metrics while a stream is
+consumed, /readyz while Redis is away, /healthz when a handler hangs, and the ``health``
+command that exec probes run."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import servers
+from kinesis_support import create_stream, events, put
+from prometheus_client.parser import text_string_to_metric_families
+from test_process import worker_env
+
+from worker.devtools.local_servers import RedisServer, free_port
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)
+            ) as response,
+        ):
+            return response.status, await response.text()
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return found
+
+
+def total(found: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+    return sum(value for _, value in found.get(name, []))
+
+
+async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.2)
+
+
+def health(env: dict[str, str], *args: str) -> int:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "health", *args], env=env, capture_output=True, timeout=30
+    ).returncode
+
+
+async def test_metrics_move_while_a_stream_is_consumed(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """Counters move with the records read, lag reaches 0, and the probes answer 200."""
+    stream = f"obs-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=2)
+    await put(kinesalite_endpoint, stream, events(150))
+    port = free_port()
+    env = worker_env(kinesalite_endpoint, redis_url, stream, SUPERSIM_HTTP_PORT=str(port))
+    process = start(env)
+    try:
+
+        async def consumed() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+            status, text = await get(port, "/metrics")
+            if status != 200:
+                return None
+            found = samples(text)
+            lag = found.get("supersim_shard_millis_behind_latest", [])
+            read = total(found, "supersim_records_read_total")
+            if read == 150 and len(lag) == 2 and all(value == 0 for _, value in lag):
+                return found
+            return None
+
+        found = await until(consumed, 60, "150 records read and lag 0 on both shards")
+        assert total(found, "supersim_events_handled_total") == 150
+        assert total(found, "supersim_get_records_calls_total") >= 2
+        assert total(found, "supersim_checkpoint_writes_total") >= 2
+        assert total(found, "supersim_handler_duration_seconds_count") >= 2
+        assert found["supersim_build_info"][0][0]["version"]
+        labels = {key for name, rows in found.items() for row, _ in rows for key in row}
+        assert labels <= {
+            "shard",
+            "handler",
+            "kind",
+            "sink",
+            "reason",
+            "outcome",
+            "status",
+            "group",
+            "version",
+            "le",
+        }
+        assert (await get(port, "/healthz"))[0] == 200
+        assert (await get(port, "/readyz"))[0] == 200
+        assert await asyncio.to_thread(health, env) == 0
+        assert await asyncio.to_thread(health, env, "--ready") == 0
+    finally:
+        await asyncio.to_thread(stop, process)
+    assert await asyncio.to_thread(health, env) == 1  # nothing answers any more
+
+
+async def test_readyz_follows_redis_away_and_back(kinesalite_endpoint: str) -> None:
+    """/readyz turns 503 naming Redis while redis-server is stopped, and 200 once it is back."""
+    redis: RedisServer = await asyncio.to_thread(servers.start_redis)
+    stream = f"obs-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    port = free_port()
+    env = worker_env(kinesalite_endpoint, redis.url, stream, SUPERSIM_HTTP_PORT=str(port))
+    process = start(env)
+    restarted: RedisServer | None = None
+    try:
+
+        async def ready() -> bool:
+            return (await get(port, "/readyz"))[0] == 200
+
+        await until(ready, 60, "ready after start")
+        await asyncio.to_thread(redis.stop)
+
+        async def unready() -> str | None:
+            status, body = await get(port, "/readyz")
+            return body if status == 503 else None
+
+        body = await until(unready, 20, "unready while redis is stopped")
+        assert "redis" in body
+        assert (await get(port, "/healthz"))[0] == 200  # not a reason to restart the pod
+        restarted = await asyncio.to_thread(servers.start_redis, port=redis.port)
+        await until(ready, 30, "ready again once redis is back")
+        assert process.poll() is None
+    finally:
+        await asyncio.to_thread(stop, process)
+        if restarted is not None:
+            await asyncio.to_thread(restarted.stop)
+
+
+@pytest.mark.timeout(120)
+async def test_a_hung_handler_trips_the_timeout_and_healthz_reports_it(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """A handler that never returns is cut off by SUPERSIM_HANDLER_TIMEOUT (counted, never
+    dead-lettered), and /healthz reports the stuck shard once SUPERSIM_STALL_TIMEOUT passed."""
+    stream = f"obs-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(5))
+    port = free_port()
+    env = worker_env(
+        kinesalite_endpoint,
+        redis_url,
+        stream,
+        SUPERSIM_HTTP_PORT=str(port),
+        SUPERSIM_HANDLER_TIMEOUT="0.5",
+        SUPERSIM_STALL_TIMEOUT="3",
+        RECORDING_DELAY="3600",
+    )
+    process = start(env)
+    try:
+
+        async def unhealthy() -> str | None:
+            status, body = await get(port, "/healthz")
+            return body if status == 503 else None
+
+        body = await until(unhealthy, 60, "/healthz reports the stuck shard")
+        assert "still not handled" in body
+        found = samples((await get(port, "/metrics"))[1])
+        timeouts = found["supersim_handler_timeouts_total"]
+        assert [labels["handler"] for labels, value in timeouts if value] == ["recording"]
+        assert total(found, "supersim_records_dead_lettered_total") == 0
+        assert await asyncio.to_thread(health, env) == 1
+    finally:
+        await asyncio.to_thread(stop, process)
