@@ -166,10 +166,6 @@ async def test_every_line_of_a_worker_is_redacted_json(moto_endpoint: str, redis
     assert "LookupError" in orjson.dumps(failed["exception"]).decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs worker.consumer.app.run_worker to call logs.bind_process (see the report)",
-)
 async def test_worker_lines_carry_stream_group_and_replica(
     moto_endpoint: str, redis_url: str
 ) -> None:

@@ -144,6 +144,8 @@ async def run_worker(
     ``sections`` gives handlers' settings sections instead of the environment."""
     log = structlog.get_logger("worker.consumer.app")
     started = time.monotonic()
+    replica = owner_id()
+    logs.bind_process(stream=settings.stream_name, group=settings.consumer_group, replica=replica)
     async with AsyncExitStack() as stack:
         svc = await stack.enter_async_context(services(settings, sections=sections))
         progress: dict[str, ShardProgress] = {}
@@ -158,7 +160,7 @@ async def run_worker(
         supervisor = Supervisor(
             settings=settings,
             kinesis=client,
-            leases=LeaseManager(svc.redis, svc.key_prefix, owner_id(), settings.lease_ttl),
+            leases=LeaseManager(svc.redis, svc.key_prefix, replica, settings.lease_ttl),
             checkpoints=Checkpoints(svc.redis, svc.key_prefix, settings.lease_ttl),
             processor=BatchProcessor(
                 svc.handlers,
