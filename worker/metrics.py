@@ -189,11 +189,13 @@ class Metrics:
     # --- handler readings ------------------------------------------------------------------
 
     def readings(
-        self, name: str, series: Sequence[tuple[Mapping[str, str], float]], *, counter: bool
+        self, found: Mapping[str, tuple[bool, Sequence[tuple[Mapping[str, str], float]]]]
     ) -> None:
-        """Replace one handler reading's series (at most ``MAX_SERIES``, largest first)."""
-        ranked = sorted(series, key=lambda item: -item[1])[:MAX_SERIES]
-        self._readings.latest[name] = (
-            counter,
-            {tuple(sorted(labels.items())): value for labels, value in ranked},
-        )
+        """Replace every handler reading: name -> (is a counter, its series). Names not
+        reported this time disappear; each keeps at most ``MAX_SERIES`` series, largest
+        first."""
+        latest = {}
+        for name, (counter, series) in found.items():
+            ranked = sorted(series, key=lambda item: -item[1])[:MAX_SERIES]
+            latest[name] = (counter, {tuple(sorted(k.items())): v for k, v in ranked})
+        self._readings.latest = latest

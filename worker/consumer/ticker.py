@@ -74,12 +74,15 @@ class Ticker(OwnedTask):
                     counters.add(gauge.name)
                 name = ":".join((gauge.name, *gauge.labels.values()))
                 self._metrics.gauge(name, gauge.value)
-        for name, values in series.items():
-            self._metrics.readings(
-                name,
-                [(dict(labels), value) for labels, value in values.items()],
-                counter=name in counters,
-            )
+        self._metrics.readings(
+            {
+                name: (
+                    name in counters,
+                    [(dict(labels), value) for labels, value in values.items()],
+                )
+                for name, values in series.items()
+            }
+        )
 
     async def _call(self, handler: object, method: Callable[[], Awaitable[T]]) -> T | None:
         try:
