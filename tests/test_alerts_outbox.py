@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 from worker.events.records import ConnectionEvent
 from worker.handlers.alerts.dispatch import Dispatcher, RetryPolicy
 from worker.handlers.alerts.episodes import Subjects
+from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.model import Alert, to_ms
 from worker.handlers.alerts.outbox import Outcome, Settlement
 from worker.handlers.alerts.sinks import SendResult
@@ -232,4 +234,65 @@ async def test_a_tick_that_finds_the_dispatcher_busy_has_its_entries_claimed(
     await worker.tick(at(110 + 300 + 60 + 1))  # quiet: resolved while the opening is held
     await asyncio.wait_for(worker.flush(), 5)
     assert [a["status"] for a in await stream_alerts(redis)] == ["open", "resolved"]
+    await close_all([worker])
+
+
+async def flush_all(worker: AlertHandler) -> None:
+    """Flush until the dispatcher's failure surfaces (or nothing is left)."""
+    for _ in range(20):
+        await worker.flush()
+
+
+async def test_a_round_that_fails_while_a_claim_was_asked_does_not_stop_claims(
+    redis: Redis,
+) -> None:
+    """A sink bug fails the delivery task in a round that carried a claim request: the
+    failure surfaces once, and later ticks still claim and deliver (a request left marked
+    as pending used to stop every later claim for good)."""
+    clock = Clock(at(3600))
+    worker = handler("rejections", redis, clock)
+    stream_sink = worker.sinks["stream"]
+    release = asyncio.Event()
+    asked = False
+    failed = False
+
+    class BuggySink:
+        name = "stream"
+        remote = False
+
+        async def send(self, alert: Alert) -> SendResult:
+            nonlocal failed
+            after_the_ask = asked
+            await release.wait()
+            if after_the_ask and not failed:  # the first send of the round with the ask
+                failed = True
+                raise LookupError("a bug in the sink")
+            return await stream_sink.send(alert)
+
+        async def close(self) -> None:
+            return None
+
+    worker.sinks["stream"] = BuggySink()
+    worker.dispatcher._sinks["stream"] = worker.sinks["stream"]
+    sims = [f"HS{n:032d}" for n in range(CLAIM + 1)]
+    storms = [
+        event("attachment.rejected", 1000 * n + i, i * 10, sim=sim)
+        for n, sim in enumerate(sims)
+        for i in range(12)
+    ]
+    await feed([worker], storms, shard="s0")
+    await worker.tick(OPENED)  # one full round of openings claimed; its sends wait
+    await feed([worker], [event("data-session.updated", 99_999, 500)], shard="s0")  # asks
+    asked = True
+    release.set()  # the full round claims more; the next round, with the ask, fails
+    with pytest.raises(RuntimeError, match="alert dispatcher failed"):
+        await asyncio.wait_for(flush_all(worker), 10)
+    for minutes in (10, 20, 30):  # later ticks claim again, once the failed claim's lease ran out
+        clock.set(at(3600) + timedelta(minutes=minutes))
+        await worker.tick(at(110 + 300 + 60 + 1))
+        await asyncio.wait_for(worker.flush(), 5)
+    opened = [a for a in await stream_alerts(redis) if a["status"] == "open"]
+    resolved = [a for a in await stream_alerts(redis) if a["status"] == "resolved"]
+    assert len({a["id"] for a in opened}) == len(sims)
+    assert len({a["id"] for a in resolved}) == len(sims)
     await close_all([worker])

@@ -235,3 +235,46 @@ async def test_each_handler_failing_on_a_record_gets_its_own_entry(redis: Redis)
     letters = await dlq.list()
     assert sorted(letter.handler for letter in letters) == ["failing", "second"]
     assert len({letter.sequence_number for letter in letters}) == 1
+
+
+class Stubborn:
+    """A handler that sleeps past the time limit and, when cancelled, does what ``on_cancel``
+    says: swallow it and return, or turn it into another error."""
+
+    def __init__(self, on_cancel: str) -> None:
+        self.name = "stubborn"
+        self.on_cancel = on_cancel
+
+    async def handle(self, batch: Batch) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if self.on_cancel == "swallow":
+                return
+            raise ValueError("cancelled while writing") from None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("on_cancel", ["swallow", "convert"])
+async def test_a_timed_out_handler_is_an_outage_whatever_it_does_with_the_cancellation(
+    redis: Redis, on_cancel: str
+) -> None:
+    """Past SUPERSIM_HANDLER_TIMEOUT the call is an outage: the batch is not taken as done
+    (so not checkpointed) and nothing is dead-lettered, even when the handler swallows its
+    cancellation and returns, or turns it into an error of its own."""
+    dlq = store(redis)
+    metrics = Metrics()
+    pipeline = BatchProcessor(
+        [Stubborn(on_cancel)],
+        dlq,
+        metrics,
+        attempts=2,
+        backoff=Backoff(base=0.001, cap=0.002),
+        timeout=0.05,
+    )
+    with pytest.raises(HandlerUnavailable, match=r"took longer than 0\.05 s"):
+        await pipeline.process(SHARD, records(["attachment.accepted"] * 3))
+    assert await dlq.length() == 0
+    assert metrics.handler_timeouts.labels(handler="stubborn")._value.get() == 2

@@ -9,7 +9,9 @@ are dead-lettered with the handler's name and exception, and the rest is handled
 poison record never stalls the shard and nothing is skipped without a dead-letter entry.
 
 Every handler call is bounded by ``handler_timeout``: a call cut off is a
-``HandlerTimeout``, an infrastructure failure like the others. Infrastructure failures
+``HandlerTimeout``, an infrastructure failure like the others, so a record that makes a
+handler hang is never dead-lettered: its shard waits and retries, and shows in
+``/healthz`` and ``supersim_handler_timeouts_total`` (a handler must not hang). Infrastructure failures
 (Redis or network down, timeouts, ``RetriableError``) are not the records' fault: they are retried, then raised as ``HandlerUnavailable`` so the shard
 reader stops without checkpointing and is restarted from its last checkpoint. So is a
 handler that looks broken rather than fed bad data: one failing on every event of a
@@ -190,16 +192,7 @@ class BatchProcessor:
         for attempt in range(1, attempts + 1):
             began = time.perf_counter()
             try:
-                try:
-                    await asyncio.wait_for(handler.handle(batch), self._timeout)
-                except TimeoutError as timed_out:
-                    if time.perf_counter() - began < self._timeout:
-                        raise  # the handler's own timeout, not ours
-                    self._metrics.handler_timeouts.labels(handler=handler.name).inc()
-                    raise HandlerTimeout(
-                        f"handler {handler.name} took longer than {self._timeout:g} s "
-                        "(SUPERSIM_HANDLER_TIMEOUT)"
-                    ) from timed_out
+                await self._bounded(handler, batch)
             except (Exception, asyncio.CancelledError) as caught:
                 self._metrics.handler_duration.labels(handler=handler.name).observe(
                     time.perf_counter() - began
@@ -241,6 +234,29 @@ class BatchProcessor:
             *await self._run(handler, left, 1 if len(left) > 1 else self._attempts),
             *await self._run(handler, right, 1 if len(right) > 1 else self._attempts),
         ]
+
+    async def _bounded(self, handler: Handler, batch: Batch) -> None:
+        """``handler.handle(batch)`` within ``handler_timeout``. Whether the time ran out
+        is told by the timer, not by what the handler did with its cancellation: one that
+        swallowed it and returned, or turned it into another error, is timed out all the
+        same (never a success to checkpoint, never a record's fault to dead-letter)."""
+        timer = asyncio.timeout(self._timeout)
+        try:
+            async with timer:
+                await handler.handle(batch)
+        except (Exception, asyncio.CancelledError) as caught:
+            if timer.expired():
+                raise self._timed_out(handler) from caught
+            raise
+        if timer.expired():
+            raise self._timed_out(handler)
+
+    def _timed_out(self, handler: Handler) -> HandlerTimeout:
+        self._metrics.handler_timeouts.labels(handler=handler.name).inc()
+        return HandlerTimeout(
+            f"handler {handler.name} took longer than {self._timeout:g} s "
+            "(SUPERSIM_HANDLER_TIMEOUT)"
+        )
 
     def _note_poisoned(self, handler: Handler, event: ConnectionEvent, error: Exception) -> None:
         """Count a record ``handler`` failed on; when the same exception type has failed

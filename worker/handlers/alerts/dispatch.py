@@ -84,8 +84,12 @@ class Dispatcher:
         self._round = concurrency
         self._lease_ms = lease_ms
         self._reserved = False
+        self._unreserved = asyncio.Event()
+        self._unreserved.set()
         self._claim_asked = False
         """A claim is queued: a batch or tick wrote transitions while it could not claim."""
+        self._claiming = False
+        """The task's own claim is under way (no reservation is given meanwhile)."""
         self._queue: asyncio.Queue[ClaimedEntry | None] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -99,9 +103,16 @@ class Dispatcher:
         when it is idle and no other claim is under way, else 0. Every call is followed by
         ``release`` (or ``submit``) with the limit it got, once the caller's transitions
         are written."""
-        if self._closed or self._reserved or self._queued or self._claim_asked:
+        if (
+            self._closed
+            or self._reserved
+            or self._claiming
+            or self._queued
+            or self._claim_asked
+        ):
             return 0
         self._reserved = True
+        self._unreserved.clear()
         return self._round
 
     def submit(self, entries: Sequence[ClaimedEntry], limit: int) -> None:
@@ -116,6 +127,7 @@ class Dispatcher:
         running concurrently) may have looked before they did. Never raises."""
         if limit:
             self._reserved = False
+            self._unreserved.set()
         if self._closed:
             return
         for entry in entries:
@@ -170,13 +182,22 @@ class Dispatcher:
             while not self._queue.empty():
                 items.append(self._queue.get_nowait())
             round_ = [item for item in items if item is not None]
+            asked = len(round_) < len(items)
+            if asked:
+                # At once, whatever happens to this round: an ask from now on queues a new
+                # claim (never left set by a failed round, which would stop claims for good).
+                self._claim_asked = False
             try:
                 tried = await self._deliver(round_) if round_ else 0
-                asked = len(round_) < len(items)
-                if asked:
-                    self._claim_asked = False  # from here on a new ask queues a new claim
                 if (len(round_) >= self._round and tried) or asked:
-                    await self._claim_next()
+                    # One claim at a time: a batch or tick holding a reservation claims in
+                    # its own script; ours follows it.
+                    await self._unreserved.wait()
+                    self._claiming = True
+                    try:
+                        await self._claim_next()
+                    finally:
+                        self._claiming = False
             finally:
                 for entry in round_:
                     self._queued.discard(entry.entry)
