@@ -65,8 +65,11 @@ schemas:
 docs:
 	$(BIN)/python -m worker.cli.settings_doc docs/settings.md
 
-bench:
-	$(BIN)/python tests/bench/run.py
+# Every benchmark of tests/bench, figures into BENCHMARKS.md; BENCH="peer startup" runs only
+# those. `peer` makes async-kinesis' own virtualenv from PyPI under the system temp dir once.
+BENCH ?=
+bench: $(BIN)/supersim-worker tests/node_modules/.installed
+	$(BIN)/python tests/bench/run.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info examples/*/src/*.egg-info

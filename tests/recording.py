@@ -5,13 +5,17 @@ Named by import path (``recording:create``) so worker subprocesses find it with
 ``RECORDING_FAIL_FIRST=N`` makes its first N calls (per stream) fail as if its store were
 down; an event whose ``sim_unique_name`` is ``poison`` makes it raise (unless
 ``RECORDING_ACCEPT_POISON=1``: the handler once fixed), ``cancel`` makes it raise
-``CancelledError``.
+``CancelledError``. With ``RECORDING_STOP_DIR``, a process finding a file named by its pid
+there when a batch starts removes it and stops itself (SIGSTOP) in the middle of that batch,
+until it gets SIGCONT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -36,6 +40,8 @@ class RecordingHandler:
         self._key = seen_key(context.key_prefix)
         self._delay = float(os.environ.get("RECORDING_DELAY", "0"))
         self._accept_poison = os.environ.get("RECORDING_ACCEPT_POISON") == "1"
+        stop_dir = os.environ.get("RECORDING_STOP_DIR")
+        self._stop_flag = Path(stop_dir) / str(os.getpid()) if stop_dir else None
         _failures_left.setdefault(self._key, int(os.environ.get("RECORDING_FAIL_FIRST", "0")))
 
     async def handle(self, batch: Batch) -> None:
@@ -47,6 +53,9 @@ class RecordingHandler:
                 raise ValueError("poison record")
             if event.data.sim_unique_name == CANCEL:
                 raise asyncio.CancelledError("a future the handler awaited was cancelled")
+        if self._stop_flag is not None and self._stop_flag.exists():
+            self._stop_flag.unlink()
+            os.kill(os.getpid(), signal.SIGSTOP)
         if self._delay:
             await asyncio.sleep(self._delay)
         entries = []

@@ -212,7 +212,24 @@ def test_the_command_line_starts_without_dev_tools() -> None:
     """Loading ``supersim-worker`` and all its commands imports nothing from worker.devtools."""
     code = (
         "import sys, worker.cli.main\n"
+        "worker.cli.main.build_parser()\n"  # every command's module and parser
         "print(sorted(m for m in sys.modules if m.startswith('worker.devtools')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.stdout.decode().strip() == "[]"
+
+
+def test_help_imports_no_command_module() -> None:
+    """``supersim-worker --help`` lists every command without importing their modules."""
+    code = (
+        "import sys, contextlib, io, worker.cli.main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    worker.cli.main.main(['--help'])\n"
+        "from worker.cli.commands import COMMANDS\n"
+        "print(sorted(c.module for c in COMMANDS.values() if c.module in sys.modules))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, timeout=60, check=False, cwd=ROOT

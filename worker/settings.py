@@ -50,6 +50,16 @@ class InitialPosition(StrEnum):
     AT_TIMESTAMP = "AT_TIMESTAMP"
 
 
+class RetrievalMode(StrEnum):
+    POLLING = "polling"
+    FANOUT = "fanout"
+
+
+class FanOutFallback(StrEnum):
+    POLLING = "polling"
+    STOP = "stop"
+
+
 FloatSeconds = Annotated[float, Field(json_schema_extra={"unit": "seconds"})]
 """A duration given as a number of seconds (the settings reference calls its type seconds)."""
 
@@ -116,6 +126,27 @@ class Settings(BaseSettings):
         "shard ends. Leases are balanced every second, apart from this.",
     )
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches read ahead per shard.")
+    retrieval: RetrievalMode = Field(
+        RetrievalMode.POLLING,
+        description="How shards are read: `polling` (GetRecords, sharing each shard's read "
+        "budget with the stream's other consumers) or `fanout` (enhanced fan-out: "
+        "SubscribeToShard through a stream consumer named after the consumer group, with "
+        "its own 2 MB/s per shard; needs deploy/iam/consumer-fanout-policy.json).",
+    )
+    fanout_refused: FanOutFallback = Field(
+        FanOutFallback.POLLING,
+        description="With `fanout`, when the account refuses enhanced fan-out (no "
+        "permission, or the stream's limit of registered consumers): `polling` logs "
+        "`fanout_refused` and polls instead; `stop` stops the worker (exit 2).",
+    )
+    get_records_rate: float = Field(
+        5.0,
+        gt=0,
+        le=5,
+        description="Most GetRecords calls per second per shard when polling. Kinesis "
+        "allows 5 per shard for all the stream's consumers together: give a backfill "
+        "running beside a live group less (deploy/kubernetes/backfill-job.yaml uses 1).",
+    )
     handler_attempts: int = Field(
         3, ge=1, le=20, description="Tries of a failing batch before bisecting."
     )
@@ -171,7 +202,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "retrieval", "fanout_refused", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from worker.cli.commands import COMMANDS
 from worker.consumer.app import command_settings, services
 from worker.handlers import registry
 from worker.handlers.alerts.handler import AlertHandler
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "alerts",
-        help="list open episodes and recent alerts; list, redrive or delete undeliverable ones",
+        help=COMMANDS["alerts"].help,
     )
     commands = parser.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
     recent = commands.add_parser(

@@ -10,6 +10,7 @@ from typing import TextIO
 
 import orjson
 
+from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError, DecodeError
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent, SinkTestEvent
@@ -76,7 +77,7 @@ def run_decode(path: Path, out: TextIO) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "decode",
-        help="decode records from a file (JSON Lines or one JSON document)",
+        help=COMMANDS["decode"].help,
         description="Print each record's kind or its decode error; exit 1 if any failed.",
     )
     parser.add_argument(

@@ -25,6 +25,7 @@ from typing import Final
 import orjson
 import structlog
 
+from worker.cli.commands import COMMANDS
 from worker.consumer.app import close_handler, command_settings, services
 from worker.consumer.deadletter import DECODE, DeadLetter, DeadLetterStore
 from worker.errors import ConfigError, DecodeError, WorkerError, is_infrastructure_failure
@@ -245,9 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "dlq", help="inspect, redrive or delete entries of the dead-letter store"
-    )
+    parser = subparsers.add_parser("dlq", help=COMMANDS["dlq"].help)
     commands = parser.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = commands.add_parser("list", help="list dead-lettered records with their reasons")
     listing.add_argument(

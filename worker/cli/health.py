@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
+from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError
 from worker.settings import load_settings
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "health",
-        help="ask the running worker whether it is healthy (or ready): exit 0 or 1",
+        help=COMMANDS["health"].help,
         description="GET /healthz (or /readyz) of the worker on 127.0.0.1:$SUPERSIM_HTTP_PORT.",
     )
     parser.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")

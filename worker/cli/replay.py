@@ -28,6 +28,7 @@ import orjson
 import structlog
 
 from worker import logs
+from worker.cli.commands import COMMANDS
 from worker.cli.decode import iter_records
 from worker.consumer import kinesis
 from worker.consumer.app import run_worker, tune_gc
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "replay",
-        help="replay a JSON Lines file through the worker against a local Kinesis",
+        help=COMMANDS["replay"].help,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from worker import logs
+from worker.cli.commands import COMMANDS
 from worker.consumer.app import run_worker, tune_gc
 from worker.errors import ConfigError
 from worker.settings import load_settings, utc_timestamp
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="consume the stream (settings from SUPERSIM_* variables)",
+        help=COMMANDS["run"].help,
         description="Consume every shard of the stream until SIGTERM/SIGINT.",
     )
     parser.add_argument("--stream", help="stream name (overrides SUPERSIM_STREAM_NAME)")

@@ -45,6 +45,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register ``simulate`` on a subcommand set; it dispatches through ``args.func``."""
     parser = subparsers.add_parser(
         "simulate",
-        help="write a reproducible simulated event stream and its ground truth",
+        help=COMMANDS["simulate"].help,
         description="Write simulated Connection Events (JSON Lines) and <stem>.truth.json.",
     )
     add = parser.add_argument

@@ -3,9 +3,11 @@
 Per shard: its owner (the replica holding the lease), the fencing token, when the lease
 expires, the checkpoint, the last ``MillisBehindLatest`` its reader reported (recorded
 with each lease renewal), a standing steal request, and its place in the shard graph
-(open, closed, parents, ended). Then the live replicas with their lease counts and the
-age of their last heartbeat. A table by default; ``--format json`` prints one object with
-``shards`` and ``replicas`` for scripts and checks.
+(open, closed, parents, ended). Then the live replicas with their lease counts, the age
+of their last heartbeat and when it expires. A heartbeat stores its expiry (Redis time),
+so its age assumes the replicas run with this command's ``SUPERSIM_LEASE_TTL``; the
+expiry is exact whatever the settings. A table by default; ``--format json`` prints one
+object with ``shards`` and ``replicas`` for scripts and checks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from worker import keys
+from worker.cli.commands import COMMANDS
 from worker.consumer import kinesis
 from worker.consumer.app import command_settings, redis_client
 from worker.consumer.checkpoints import Checkpoints
@@ -80,6 +83,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
             "heartbeat_age_s": round(
                 max(0.0, (replicas.now_ms - (expiry - reader.ttl_ms)) / 1000), 1
             ),
+            "heartbeat_expires_in_s": round(max(0, expiry - replicas.now_ms) / 1000, 1),
         }
         for replica, expiry in sorted(replicas.expiry_ms.items())
     ]
@@ -112,9 +116,10 @@ def render(status: dict[str, Any]) -> str:
         )
     lines += _table(table)
     lines += ["", f"{len(status['replicas'])} live replica(s)"]
-    replicas = [("replica", "leases", "heartbeat age")]
+    replicas = [("replica", "leases", "heartbeat age", "expires in")]
     replicas += [
-        (r["id"], str(r["leases"]), f"{r['heartbeat_age_s']}s") for r in status["replicas"]
+        (r["id"], str(r["leases"]), f"{r['heartbeat_age_s']}s", f"{r['heartbeat_expires_in_s']}s")
+        for r in status["replicas"]
     ]
     lines += _table(replicas)
     return "\n".join(lines)
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="shard owners, leases, checkpoints, lag, and the live replicas",
+        help=COMMANDS["status"].help,
         description="Per shard: owner, fencing token, lease expiry, checkpoint, last "
         "MillisBehindLatest, parents and children; then the live replicas.",
     )

@@ -29,6 +29,7 @@ import orjson
 import redis
 
 from worker import keys
+from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError
 from worker.handlers.metering.usage import SESSION_COLUMNS, Usage, figures, sessions
 from worker.settings import load_settings
@@ -137,7 +138,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register ``usage`` on a subcommand set; it dispatches through ``args.func``."""
     parser = subparsers.add_parser(
         "usage",
-        help="print metered data usage or a SIM's data sessions",
+        help=COMMANDS["usage"].help,
         description="Print bytes down/up/total per UTC day (or hour) for a SIM, fleet, "
         "account or network, or list a SIM's data sessions.",
     )

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 import structlog
 from pydantic import BaseModel
@@ -28,11 +29,12 @@ from worker import keys, logs
 from worker.consumer import kinesis, redis_checks
 from worker.consumer.checkpoints import Checkpoints
 from worker.consumer.deadletter import DeadLetterStore
+from worker.consumer.fanout import open_retrieval
 from worker.consumer.http import Health, HttpServer
 from worker.consumer.leases import LeaseManager
 from worker.consumer.pipeline import BatchProcessor
 from worker.consumer.progress import ProgressReporter
-from worker.consumer.shard_reader import ShardProgress
+from worker.consumer.shard_reader import ShardProgress, ShardReader
 from worker.consumer.supervisor import Supervisor
 from worker.consumer.ticker import Ticker
 from worker.errors import ConfigError
@@ -157,6 +159,10 @@ async def run_worker(
         )
         client = await stack.enter_async_context(kinesis.client(settings))
         await _start_handlers(svc.handlers, client, settings)
+        # Fan-out refused while running, with SUPERSIM_FANOUT_REFUSED=stop: stop the worker.
+        retrieval = await stack.enter_async_context(
+            open_retrieval(settings, client, svc.metrics, on_refused=lambda: supervisor.stop())
+        )
         supervisor = Supervisor(
             settings=settings,
             kinesis=client,
@@ -174,6 +180,7 @@ async def run_worker(
             at_timestamp=at_timestamp,
             until_caught_up=until_caught_up,
             listeners=[h for h in svc.handlers if isinstance(h, ShardListener)],
+            reader_factory=partial(ShardReader, retrieval=retrieval),
         )
         progress = supervisor.progress
         health.started = True
@@ -187,6 +194,7 @@ async def run_worker(
             stream=settings.stream_name,
             consumer_group=settings.consumer_group,
             handlers=list(settings.handlers),
+            retrieval=retrieval.name,
             from_start=from_start,
             at_timestamp=at_timestamp.isoformat() if at_timestamp else None,
         )

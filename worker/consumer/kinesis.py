@@ -59,13 +59,17 @@ def utc_timestamp(value: Any) -> datetime:
 
 
 @asynccontextmanager
-async def client(settings: Settings) -> AsyncIterator[KinesisClient]:
-    """An aiobotocore Kinesis client. botocore's own retries are off: we classify and retry."""
+async def client(
+    settings: Settings, *, read_timeout: float = 15, max_connections: int = 64
+) -> AsyncIterator[KinesisClient]:
+    """An aiobotocore Kinesis client. botocore's own retries are off: we classify and retry.
+    ``read_timeout`` bounds each read of a reply (for SubscribeToShard, the wait for its next
+    event); ``max_connections`` the open connections (a subscription holds one)."""
     config = AioConfig(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=5,
-        read_timeout=15,
-        max_pool_connections=64,
+        read_timeout=read_timeout,
+        max_pool_connections=max_connections,
     )
     session = get_session()
     parsers = KinesisParserFactory()

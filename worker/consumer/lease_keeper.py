@@ -7,11 +7,18 @@ task, owned by the ``LeaseKeeper`` context (started on entry, cancelled and awai
 exit); each renewal also records the shard's lag for ``status``. A lease found lost
 (expired and taken by another replica, or a steal request left unanswered) is logged and
 reported through its ``on_lost`` callback, which stops the shard's reader; the lease stays
-kept, and is reported again each round, until it is given back. A lease another replica
-asked for is reported through ``on_hand_over`` (the reader finishes its batch,
-checkpoints and stops; the lease is then given back and the thief takes it). A renewal
-that fails (Redis unreachable) is logged and tried again next round: the lease is lost
-only once another owner holds it.
+kept, and is reported again each round, until the supervisor forgets it or gives it back
+(when the reader has ended). A lease another replica asked for is reported through
+``on_hand_over`` (the reader finishes its batch, checkpoints and stops; the lease is then
+given back and the thief takes it). A renewal that fails (Redis unreachable) is logged and
+tried again next round, until the lease's TTL is up (below).
+
+A lease is also watched on this process's clock: one not confirmed by a renewal for a whole
+TTL may have expired in Redis and been taken, so its reader is stopped (through
+``on_lost``) the moment that TTL is up, by a timer rather than by the renewal task. After
+a pause of the process (SIGSTOP, a VM frozen, a starved event loop) those timers fire
+before any task resumes, so no reader starts another batch on a lease it cannot vouch for:
+only the batch in flight finishes, and its checkpoint write is refused by the fence.
 
 Releases never stop the worker: the lease expires by itself anyway. On failure paths
 and at shutdown they are bounded in time.
@@ -33,12 +40,14 @@ RELEASE_TIMEOUT = 2.0
 """Seconds a lease release may take on a failure path before the lease is left to expire."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Kept:
     lease: Lease
     on_lost: Callable[[], None]
     on_hand_over: Callable[[], None]
     lag: Callable[[], int | None]
+    expiry: asyncio.TimerHandle | None = None
+    """Stops the reader when the lease's TTL is up on this clock without a confirmation."""
 
 
 class LeaseKeeper(OwnedTask):
@@ -50,13 +59,20 @@ class LeaseKeeper(OwnedTask):
         super().__init__()
         self._leases = leases
         self._interval = renew_interval
+        self._ttl = leases.ttl_ms / 1000
         self._kept: dict[str, _Kept] = {}
+        self._taken: dict[str, float] = {}
+        """When each lease was asked for (monotonic), until ``keep`` arms its expiry."""
         self._log = structlog.get_logger("worker.consumer.lease_keeper")
 
     async def acquire(self, shard_id: str) -> Lease | None:
         """Take the shard's lease, or None if another owner holds it. Not renewed until
         ``keep``: a lease the caller fails to use is given back (or expires)."""
-        return await self._leases.acquire(shard_id)
+        asked = time.monotonic()
+        lease = await self._leases.acquire(shard_id)
+        if lease is not None:
+            self._taken[shard_id] = asked
+        return lease
 
     def keep(
         self,
@@ -69,7 +85,10 @@ class LeaseKeeper(OwnedTask):
         """Renew ``lease`` from now until it is given back; call ``on_lost`` whenever a
         renewal finds it lost, ``on_hand_over`` whenever another replica asks for it;
         ``lag`` gives the shard's last MillisBehindLatest to record."""
-        self._kept[lease.shard_id] = _Kept(lease, on_lost, on_hand_over, lag)
+        self._disarm(self._kept.get(lease.shard_id))
+        kept = _Kept(lease, on_lost, on_hand_over, lag)
+        self._kept[lease.shard_id] = kept
+        self._confirmed(kept, self._taken.pop(lease.shard_id, time.monotonic()))
 
     @property
     def held(self) -> int:
@@ -77,14 +96,14 @@ class LeaseKeeper(OwnedTask):
 
     async def release(self, lease: Lease) -> None:
         """Give a lease back, raising if Redis fails (the caller's round then fails)."""
-        self._forget(lease)
+        self.forget(lease)
         await self._leases.release(lease)
 
     async def give_back(self, lease: Lease, *, bounded: bool = False) -> None:
         """Give a lease back, logging a failure; ``bounded`` waits at most
         ``RELEASE_TIMEOUT`` (a failure path, possibly during shutdown). The lease expires
         by itself anyway: never stop for this."""
-        self._forget(lease)
+        self.forget(lease)
         try:
             if bounded:
                 await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
@@ -105,7 +124,7 @@ class LeaseKeeper(OwnedTask):
         if not leases:
             return
         for lease in leases:
-            self._forget(lease)  # at once: none is renewed while the releases wait their turn
+            self.forget(lease)  # at once: none is renewed while the releases wait their turn
         releases = [self.give_back(lease) for lease in leases]
         try:
             await asyncio.wait_for(
@@ -114,16 +133,49 @@ class LeaseKeeper(OwnedTask):
         except TimeoutError:
             self._log.warning("lease_release_timeout", leases=len(leases))
 
-    def _forget(self, lease: Lease) -> None:
-        """Stop renewing ``lease`` (if it is the one kept for its shard)."""
+    def forget(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (if it is the one kept for its shard), without giving
+        it back: for a lease found lost, or one given back right after."""
+        self._taken.pop(lease.shard_id, None)
         kept = self._kept.get(lease.shard_id)
         if kept is not None and kept.lease == lease:
+            self._disarm(kept)
             del self._kept[lease.shard_id]
+
+    def _confirmed(self, kept: _Kept, at: float) -> None:
+        """The lease was ours at ``at`` (monotonic, when the call confirming it was sent):
+        it cannot expire in Redis before ``at`` + TTL, so its reader may read until then."""
+        self._disarm(kept)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (at + self._ttl - time.monotonic())
+        kept.expiry = loop.call_at(deadline, self._expired, kept, at)
+
+    def _expired(self, kept: _Kept, confirmed: float) -> None:
+        kept.expiry = None
+        if self._kept.get(kept.lease.shard_id) is not kept:
+            return
+        self._log.warning(
+            "lease_unconfirmed",
+            shard_id=kept.lease.shard_id,
+            seconds=round(time.monotonic() - confirmed, 1),
+        )
+        kept.on_lost()
+
+    @staticmethod
+    def _disarm(kept: _Kept | None) -> None:
+        if kept is not None and kept.expiry is not None:
+            kept.expiry.cancel()
+            kept.expiry = None
+
+    async def _finish(self) -> None:
+        for kept in self._kept.values():
+            self._disarm(kept)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             for sid, kept in list(self._kept.items()):
+                asked = time.monotonic()
                 try:
                     renewal = await self._leases.renew(kept.lease, kept.lag())
                 except Exception as exc:
@@ -131,7 +183,11 @@ class LeaseKeeper(OwnedTask):
                     continue
                 if renewal is Renewal.LOST:
                     self._log.warning("lease_lost", shard_id=sid)
+                    self._disarm(kept)
                     kept.on_lost()
-                elif renewal is Renewal.HAND_OVER:
+                    continue
+                if self._kept.get(sid) is kept:
+                    self._confirmed(kept, asked)
+                if renewal is Renewal.HAND_OVER:
                     self._log.info("lease_handing_over", shard_id=sid)
                     kept.on_hand_over()

@@ -12,9 +12,11 @@ the live replicas are known from one read, without scanning the keyspace.
 Stealing: a replica below its share asks for a lease with a *steal request*
 (``keys.steal``: the thief and when it asked). The owner sees it on its next renewal,
 finishes its batch, checkpoints and releases; while the request stands only the thief may
-take the lease. An owner that does not answer within the request's bound has its
-renewals refused, so the lease expires and is taken as after a crash (its late writes are
-fenced off). All reads a balancing round needs are one script call: O(shards).
+take the lease, as long as it lives (a request by a replica that left the live set is
+void: the owner keeps reading, and anyone may take the lease once free). An owner that
+does not answer within the request's bound has its renewals refused, so the lease expires
+and is taken as after a crash (its late writes are fenced off). All reads a balancing
+round needs are one script call: O(shards).
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from redis.asyncio import Redis
 from worker import keys
 
 _ACQUIRE: Final = """
+-- KEYS: lease, fence, steal request, replicas. ARGV: owner, ttl ms.
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return {0, owner} end
 local thief = redis.call('HGET', KEYS[3], 'thief')
-if thief and thief ~= ARGV[1] then return {0, thief} end
+if thief and thief ~= ARGV[1] then
+  -- reserved for the thief, while it lives: a dead replica's request is void
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local beat = redis.call('ZSCORE', KEYS[4], thief)
+  if beat and tonumber(beat) > now then return {0, thief} end
+end
 redis.call('DEL', KEYS[3])
 local token = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token)
@@ -41,7 +50,8 @@ return {1, tostring(token)}
 """
 
 _RENEW: Final = """
--- KEYS: lease, steal request, lag hash. ARGV: owner, token, ttl ms, shard, lag ('' if none).
+-- KEYS: lease, steal request, lag hash, replicas. ARGV: owner, token, ttl ms, shard, lag
+-- ('' if none).
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
@@ -49,9 +59,13 @@ local asked = redis.call('HMGET', KEYS[2], 'thief', 'until')
 if asked[1] then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if now > tonumber(asked[2]) then return 0 end  -- the owner did not answer in time
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 2
+  local beat = redis.call('ZSCORE', KEYS[4], asked[1])
+  if beat and tonumber(beat) > now then
+    if now > tonumber(asked[2]) then return 0 end  -- the owner did not answer in time
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return 2
+  end
+  redis.call('DEL', KEYS[2])  -- the thief is gone: its request is void, keep reading
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -157,6 +171,7 @@ class LeaseManager:
                 keys.lease(self._prefix, shard_id),
                 keys.fence(self._prefix, shard_id),
                 keys.steal(self._prefix, shard_id),
+                keys.replicas(self._prefix),
             ],
             args=[self.owner, self.ttl_ms],
         )
@@ -173,6 +188,7 @@ class LeaseManager:
                 keys.lease(self._prefix, lease.shard_id),
                 keys.steal(self._prefix, lease.shard_id),
                 keys.lag(self._prefix),
+                keys.replicas(self._prefix),
             ],
             args=[
                 lease.owner,

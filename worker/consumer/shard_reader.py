@@ -1,22 +1,19 @@
-"""One shard's reader: a prefetching GetRecords loop feeding the batch processor.
+"""One shard's reader: a prefetching retrieval feeding the batch processor.
 
 The reader owns one background fetch task that reads ahead into a bounded queue (so
-memory stays flat under any backlog) while the current batch is handled. It reads again
-at once while the shard is behind (``MillisBehindLatest > 0`` or a full batch), waits
-``idle_interval`` when caught up, and never calls GetRecords more than 5 times a second.
-Throttling, timeouts and connection errors are retried with capped, jittered backoff;
-an expired iterator is replaced AFTER_SEQUENCE_NUMBER of the last record fetched (all
-fetched records are handled before anything later, so nothing is skipped or repeated).
+memory stays flat under any backlog) while the current batch is handled. What fetches is
+a ``Retrieval`` (``worker.consumer.retrieval``): GetRecords polling by default, or
+SubscribeToShard with enhanced fan-out; the reader does not know which. Each delivers the
+shard's records in order, in batches, with Kinesis' ``MillisBehindLatest``, and says when
+the shard has ended.
 
-After each batch's handlers all return, the reader writes the fenced checkpoint. When
-GetRecords returns no NextShardIterator the shard is finished: after the last batch the
-checkpoint becomes ``SHARD_END``.
+After each batch's handlers all return, the reader writes the fenced checkpoint. After the
+last batch of a shard read to its end the checkpoint becomes ``SHARD_END``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,22 +24,12 @@ import structlog
 from worker import keys
 from worker.backoff import Backoff
 from worker.consumer.checkpoints import Checkpoints, LeaseLost
-from worker.consumer.kinesis import (
-    EXPIRED_ITERATOR,
-    KinesisClient,
-    error_code,
-    is_retriable,
-    list_shards,
-)
+from worker.consumer.kinesis import KinesisClient
 from worker.consumer.leases import Lease
-from worker.consumer.pipeline import BatchProcessor, RawRecord
-from worker.consumer.positions import LATEST_MARGIN, StartPosition
-from worker.errors import RetriableError
-
-MIN_CALL_INTERVAL: Final = 0.2
-"""Kinesis allows 5 GetRecords calls per second per shard."""
-MAX_FETCH_FAILURES: Final = 8
-THROTTLED: Final = frozenset({"ProvisionedThroughputExceededException", "LimitExceededException"})
+from worker.consumer.pipeline import BatchProcessor
+from worker.consumer.polling import Polling
+from worker.consumer.positions import StartPosition
+from worker.consumer.retrieval import Fetched, Retrieval, ShardFeed
 
 
 @dataclass(slots=True)
@@ -67,13 +54,6 @@ class ShardProgress:
     """When Kinesis last answered this reader (monotonic)."""
     reading: bool = False
     """A reader of this process is running on the shard."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    records: list[RawRecord]
-    millis_behind: int | None
-    ended: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +82,7 @@ class ShardReader:
         prefetch: int,
         progress: ShardProgress | None = None,
         backoff: Backoff | None = None,
+        retrieval: Retrieval | None = None,
     ) -> None:
         self.shard_id = lease.shard_id
         self.lease = lease
@@ -118,6 +99,7 @@ class ShardReader:
         self._tip_ttl = max(5.0, 3 * idle_interval)
         self._prefetch = prefetch
         self._backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self._retrieval: Retrieval = retrieval or Polling()
         self._stopping = asyncio.Event()
         self._metrics = processor.metrics
         self._log = structlog.get_logger("worker.consumer.shard_reader").bind(
@@ -144,7 +126,7 @@ class ShardReader:
                     return False
                 if isinstance(item, _Failed):
                     raise item.error
-                assert isinstance(item, _Fetched)
+                assert isinstance(item, Fetched)
                 await self._handle(item)
                 if item.ended:
                     await self._checkpoint(keys.SHARD_END)
@@ -176,7 +158,7 @@ class ShardReader:
             return getter.result()
         return _STOPPED
 
-    async def _handle(self, fetched: _Fetched) -> None:
+    async def _handle(self, fetched: Fetched) -> None:
         progress = self.progress
         metrics, shard = self._metrics, self.shard_id
         if fetched.records:
@@ -218,114 +200,37 @@ class ShardReader:
         self._stored = value
 
     async def _fetch(self, queue: asyncio.Queue[object]) -> None:
+        """Run the retrieval into ``queue``; then ``_STOPPED`` unless the shard ended, or
+        ``_Failed`` with what it raised."""
+        ended = False
+
+        async def deliver(fetched: Fetched) -> None:
+            nonlocal ended
+            await queue.put(fetched)
+            ended = fetched.ended
+
+        feed = ShardFeed(
+            kinesis=self._kinesis,
+            stream=self._stream,
+            shard_id=self.shard_id,
+            start=self._start,
+            batch_limit=self._limit,
+            idle_interval=self._idle,
+            stopping=self._stopping,
+            metrics=self._metrics,
+            backoff=self._backoff,
+            answered=self._answered,
+            log=self._log,
+        )
         try:
-            await self._fetch_loop(queue)
+            await self._retrieval.fetch(feed, deliver)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await queue.put(_Failed(exc))
+            return
+        if not ended:
+            await queue.put(_STOPPED)
 
-    async def _fetch_loop(self, queue: asyncio.Queue[object]) -> None:
-        start = self._start
-        iterator = await self._iterator(start)
-        if start.iterator_type == "LATEST":
-            # Should this iterator expire before a record arrives, start again from when it
-            # was taken (with a margin for clock skew), never from a newer LATEST.
-            start = StartPosition("AT_TIMESTAMP", timestamp=datetime.now(UTC) - LATEST_MARGIN)
-        last_call = 0.0
-        failures = 0
-        while not self._stopping.is_set():
-            pause = MIN_CALL_INTERVAL - (time.monotonic() - last_call)
-            if pause > 0:
-                await asyncio.sleep(pause)
-            last_call = time.monotonic()
-            self._metrics.get_records.labels(shard=self.shard_id).inc()
-            try:
-                response = await self._kinesis.get_records(
-                    ShardIterator=iterator, Limit=self._limit
-                )
-            except Exception as exc:
-                if error_code(exc) == EXPIRED_ITERATOR:
-                    self._metrics.iterators_expired.labels(shard=self.shard_id).inc()
-                    self._log.info("iterator_expired", restart=start.iterator_type)
-                    iterator = await self._iterator(start)
-                    continue
-                if not is_retriable(exc):
-                    raise
-                if error_code(exc) in THROTTLED:
-                    self._metrics.get_records_throttled.labels(shard=self.shard_id).inc()
-                self._metrics.get_records_retries.labels(shard=self.shard_id).inc()
-                failures += 1
-                if failures > MAX_FETCH_FAILURES:
-                    raise RetriableError(
-                        f"GetRecords failed {failures} times in a row: {exc}"
-                    ) from exc
-                await self._retry_pause("get_records_retry", failures, exc)
-                continue
-            failures = 0
-            self.progress.kinesis_ok = time.monotonic()
-            records = [
-                RawRecord(
-                    data=r["Data"],
-                    sequence_number=r["SequenceNumber"],
-                    partition_key=r.get("PartitionKey", ""),
-                    arrival=r.get("ApproximateArrivalTimestamp"),
-                )
-                for r in response.get("Records", [])
-            ]
-            if records:
-                start = StartPosition.after(records[-1].sequence_number)
-            behind = response.get("MillisBehindLatest")
-            next_iterator = response.get("NextShardIterator")
-            if next_iterator is None:
-                await self._confirm_closed()
-            await queue.put(_Fetched(records, behind, ended=next_iterator is None))
-            if next_iterator is None:
-                return
-            iterator = next_iterator
-            if not behind and len(records) < self._limit:
-                await self._idle_wait()
-        await queue.put(_STOPPED)
-
-    async def _confirm_closed(self) -> None:
-        """A reply without a next iterator ends the shard only if Kinesis lists it closed
-        (or no longer lists it: trimmed). A garbled reply must never checkpoint an open shard
-        as ``SHARD_END``: nothing would read it again."""
-        for shard in await list_shards(self._kinesis, self._stream):
-            if shard.shard_id == self.shard_id and not shard.closed:
-                raise RetriableError(
-                    f"GetRecords gave no next iterator for shard {self.shard_id}, which is "
-                    "still open: not its end; reading again from the checkpoint"
-                )
-
-    async def _retry_pause(self, event: str, failures: int, exc: BaseException) -> None:
-        """Log a retried Kinesis call (``event``) and wait its jittered backoff."""
-        delay = self._backoff.delay(failures)
-        self._log.warning(
-            event,
-            attempt=failures,
-            attempts_left=MAX_FETCH_FAILURES - failures + 1,
-            delay=round(delay, 3),
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        await asyncio.sleep(delay)
-
-    async def _idle_wait(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self._idle)
-
-    async def _iterator(self, start: StartPosition) -> str:
-        failures = 0
-        while True:
-            try:
-                response = await self._kinesis.get_shard_iterator(
-                    StreamName=self._stream, ShardId=self.shard_id, **start.arguments()
-                )
-            except Exception as exc:
-                failures += 1
-                if not is_retriable(exc) or failures > MAX_FETCH_FAILURES:
-                    raise
-                await self._retry_pause("get_shard_iterator_retry", failures, exc)
-                continue
-            iterator: str = response["ShardIterator"]
-            return iterator
+    def _answered(self) -> None:
+        self.progress.kinesis_ok = time.monotonic()

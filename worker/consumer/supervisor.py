@@ -4,7 +4,9 @@ It lists the stream's shards (every ``discovery_interval``, and at once when a s
 ends), and every ``BALANCE_INTERVAL`` runs a balancing round: it heartbeats this replica,
 reads the group's leases and live replicas (two cheap Redis calls, O(shards)), and takes
 or asks for leases so that each replica reads about as many shards as the others (see
-``worker.consumer.balance``). It starts, reaps and restarts the readers. It takes each
+``worker.consumer.balance``). A round also runs as soon as another replica's lease or
+heartbeat lapses (read in the last round), so a crashed replica's shards are taken the
+moment its leases expire. It starts, reaps and restarts the readers. It takes each
 shard's lease through the ``LeaseKeeper`` (``worker.consumer.lease_keeper``), which renews
 the leases of running readers, stops a reader whose lease is lost and hands over one
 another replica asked for; where each reader starts comes from ``StartPositions``
@@ -14,7 +16,9 @@ starts and stops being read here.
 Ordering guarantee: a child shard (after a split or merge) starts only when every parent
 is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
 out of order across a reshard. Discovery runs every ``discovery_interval`` and at once
-when a shard ends, so children start within a second of their last parent ending.
+when a shard ends, on every replica (the others see its ``SHARD_END`` checkpoint at their
+next balancing round), so children start within a second or two of their last parent
+ending, whichever replica has room for them.
 
 Reader failures are logged and the reader is restarted with backoff from its last
 checkpoint; the process keeps running. ``stop()`` stops reading, lets each in-flight
@@ -56,6 +60,9 @@ that has not handed the shard over by then has its renewals refused."""
 
 MIN_RESTART_DELAY = 0.2
 """Seconds before a shard's reader starts again, whatever ended the last one."""
+LAPSE_MARGIN = 0.02
+"""Seconds after another replica's lease or heartbeat lapses (Redis time, as read in the
+last round) that the next round runs, if sooner than ``BALANCE_INTERVAL``."""
 
 
 @dataclass(slots=True)
@@ -103,6 +110,8 @@ class Supervisor:
         self._running: dict[str, _Running] = {}
         self._ended: set[str] = set()
         self._restart_at: dict[str, float] = {}
+        self._lapse_at: float | None = None
+        """When another replica's lease or heartbeat lapses next (monotonic), as last read."""
         self._failures: dict[str, int] = {}
         self._shards: dict[str, ShardInfo] = {}
         self.progress: dict[str, ShardProgress] = {}
@@ -184,9 +193,14 @@ class Supervisor:
         return listing.result()
 
     def _next_wake(self, interval: float) -> float:
+        """Seconds until the next round: ``interval``, or sooner when a reader is due to
+        restart, or another replica's lease or heartbeat lapses (a crashed replica's
+        shards are then taken at once, not up to a round later)."""
         now = time.monotonic()
         pending = [at - now for at in self._restart_at.values() if at > now]
-        return max(0.05, min([interval, *pending]))
+        if self._lapse_at is not None and self._lapse_at > now:
+            pending.append(self._lapse_at - now)
+        return max(0.01, min([interval, *pending]))
 
     async def _balance(self) -> None:
         """One balancing round: heartbeat, read the leases of the leasable shards and the
@@ -199,6 +213,10 @@ class Supervisor:
         leasable: list[str] = []
         for sid, shard in self._shards.items():
             if self._positions.trusted(sid, checkpoints) == keys.SHARD_END:
+                if sid not in self._ended:
+                    # Ended here or on another replica: its children are listed now, and
+                    # may be ours to take (the replica that read it may be at its share).
+                    self._relist = True
                 self._ended.add(sid)
                 continue
             if sid in self._ended:
@@ -207,6 +225,17 @@ class Supervisor:
                 leasable.append(sid)
         replicas = await self._lease_store.heartbeat()
         states = await self._lease_store.snapshot(leasable)
+        lapses = [
+            state.expires_in_ms
+            for state in states.values()
+            if state.owner not in (None, self.replica_id) and state.expires_in_ms is not None
+        ]
+        lapses += [
+            expiry - replicas.now_ms
+            for replica, expiry in replicas.expiry_ms.items()
+            if replica != self.replica_id
+        ]
+        self._lapse_at = time.monotonic() + min(lapses) / 1000 + LAPSE_MARGIN if lapses else None
         chosen = plan(
             me=self.replica_id,
             leasable=leasable,
@@ -214,20 +243,35 @@ class Supervisor:
             live=replicas.expiry_ms,
             mine=self._running,
         )
+        self._log.info(
+            "DEBUG_round",
+            listed=len(self._shards),
+            leasable=leasable,
+            target=chosen.target,
+            take=chosen.take,
+            spare=chosen.spare,
+            steal=chosen.steal,
+            mine=sorted(self._running),
+            live=sorted(replicas.expiry_ms),
+            ended=sorted(self._ended),
+            relist=self._relist,
+        )
         bound_ms = round(
             (STEAL_BOUND_FACTOR * self._settings.lease_ttl + self._settings.shutdown_timeout) * 1000
         )
         for sid, victim in chosen.steal:
             if await self._lease_store.request_steal(sid, victim, bound_ms):
                 self._log.info("lease_steal_requested", shard_id=sid, owner=victim)
-        for sid in chosen.take:
-            if self._stopping.is_set():
+        wanted = len(chosen.take)
+        for sid in [*chosen.take, *chosen.spare]:
+            if self._stopping.is_set() or wanted <= 0:
                 return
             if sid in self._running or self._restart_at.get(sid, 0) > now:
                 continue
             lease = await self._leases.acquire(sid)
             if lease is None:
-                continue
+                continue  # another replica was first: the next spare instead
+            wanted -= 1
             try:
                 await self._take(self._shards[sid], lease)
             except Exception:
@@ -331,6 +375,7 @@ class Supervisor:
                 ended = failure is None and running.task.result()
             if isinstance(failure, LeaseLost):
                 self._log.warning("lease_lost", shard_id=sid, error=str(failure))
+                self._leases.forget(running.reader.lease)  # not ours: stop renewing it
                 await self._revoked(sid, ended=False)
                 continue
             if failure is not None:
@@ -396,11 +441,13 @@ class Supervisor:
                     error=repr(task.exception()),
                 )
         self._running.clear()
-        await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
+        # Leave the live set first: the others then aim for their share without this
+        # replica, and take all its shards in the round after the releases below.
         try:
             await asyncio.wait_for(self._lease_store.leave(), 1.0)
         except Exception as exc:  # the heartbeat expires by itself anyway
             self._log.warning("replica_leave_failed", error=f"{type(exc).__name__}: {exc}")
+        await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
         for item in running:
             await self._revoked(item.reader.shard_id, ended=item.reader.progress.ended)
 

@@ -103,13 +103,7 @@ class Dispatcher:
         when it is idle and no other claim is under way, else 0. Every call is followed by
         ``release`` (or ``submit``) with the limit it got, once the caller's transitions
         are written."""
-        if (
-            self._closed
-            or self._reserved
-            or self._claiming
-            or self._queued
-            or self._claim_asked
-        ):
+        if self._closed or self._reserved or self._claiming or self._queued or self._claim_asked:
             return 0
         self._reserved = True
         self._unreserved.clear()

@@ -1,0 +1,102 @@
+"""Start-up: process CPU of short ``supersim-worker`` commands, from exec to exit.
+
+Each command runs as a child process (the installed ``supersim-worker`` script beside this
+interpreter, else ``python -m worker``), interleaved with the others, ``REPEATS`` times;
+its CPU is the child's user+system time (``RUSAGE_CHILDREN``), so interpreter start-up and
+every import count. ``usage`` and ``dlq list`` run for real against a throwaway
+redis-server holding nothing, so they also connect and read. ``python -c pass`` is the floor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from servers import start_redis
+
+KEY = "startup"
+TITLE = "Start-up: CPU of short commands"
+REPEATS = 9
+GOAL_SECONDS = 0.3
+GOAL_COMMANDS = ("--help", "usage --sim HS00 --stream bench", "dlq list")
+"""The commands issue 14 gives a start-up goal (at most ``GOAL_SECONDS`` of CPU)."""
+
+COMMANDS: tuple[str, ...] = (
+    "--help",
+    "--version",
+    "run --help",
+    "dlq list --help",
+    "usage --help",
+    "decode --help",
+    "usage --sim HS00 --stream bench",
+    "dlq list",
+)
+
+
+def _program() -> list[str]:
+    script = Path(sys.executable).parent / "supersim-worker"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker"]
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(argv: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one run of ``argv``; raises if it fails."""
+    before = _child_cpu()
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr.decode()}")
+    return _child_cpu() - before, wall
+
+
+def run(quick: bool = False) -> str:
+    repeats = 3 if quick else REPEATS
+    program = _program()
+    redis = start_redis()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")},
+        "SUPERSIM_REDIS_URL": redis.url,
+        "SUPERSIM_STREAM_NAME": "bench",
+    }
+    argvs = {"python -c pass": [sys.executable, "-c", "pass"]}
+    argvs |= {command: [*program, *command.split()] for command in COMMANDS}
+    cpu: dict[str, list[float]] = {name: [] for name in argvs}
+    wall: dict[str, list[float]] = {name: [] for name in argvs}
+    try:
+        for _ in range(repeats):
+            for name, argv in argvs.items():
+                seconds, elapsed = measure(argv, env)
+                cpu[name].append(seconds)
+                wall[name].append(elapsed)
+    finally:
+        redis.stop()
+    shown = " ".join(Path(part).name if i == 0 else part for i, part in enumerate(program))
+    rows = "".join(
+        f"| `{name if name.startswith('python') else f'{shown} {name}'}` "
+        f"| {statistics.median(cpu[name]):.3f} | {min(cpu[name]):.3f} "
+        f"| {statistics.median(wall[name]):.3f} |\n"
+        for name in argvs
+    )
+    worst = max(statistics.median(cpu[name]) for name in GOAL_COMMANDS)
+    verdict = "met" if worst <= GOAL_SECONDS else "not met"
+    return (
+        f"Each command run {repeats} times as a child process, interleaved; CPU is the child's "
+        "user+system time from exec to exit (interpreter start and imports included). "
+        "`usage` and `dlq list` read an empty throwaway redis-server "
+        "(`SUPERSIM_STREAM_NAME=bench`).\n\n"
+        "| command | CPU s (median) | CPU s (min) | wall s (median) |\n|---|---:|---:|---:|\n"
+        f"{rows}\n"
+        f"Goal (issue 14): `--help`, `usage` and `dlq list` in at most {GOAL_SECONDS} s CPU: "
+        f"{verdict} (worst median {worst:.3f} s).\n"
+    )

@@ -1,0 +1,53 @@
+"""Our worker for ``peer_bench``: ``supersim-worker`` run in this process, with marks.
+
+    python worker_probe.py MARKS.json run --from-start --until-caught-up
+
+runs the command line exactly as ``supersim-worker`` does, with the ``log`` handler's
+``handle`` wrapped to note the process CPU time and the wall clock when the first batch
+reaches it and after each batch (two clock reads per batch of up to 10,000 records). At
+exit it writes the marks to ``MARKS.json``::
+
+    {"first": [cpu, wall], "last": [cpu, wall], "records": N, "exit": [cpu, wall]}
+
+``first`` is when the first record reached the handler (start-up plus the first read and
+decode), ``last`` when the last batch had been handled, ``exit`` after the worker stopped
+(checkpoints written, leases released). The handler itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.cli.main import main
+from worker.handlers.base import Batch
+from worker.handlers.log import LogHandler
+
+marks: dict[str, Any] = {"records": 0}
+
+
+def _now() -> list[float]:
+    return [time.process_time(), time.perf_counter()]
+
+
+_handle = LogHandler.handle
+
+
+async def _marked_handle(self: LogHandler, batch: Batch) -> None:
+    if "first" not in marks:
+        marks["first"] = _now()
+    await _handle(self, batch)
+    marks["records"] += len(batch)
+    marks["last"] = _now()
+
+
+if __name__ == "__main__":
+    LogHandler.handle = _marked_handle  # type: ignore[method-assign]
+    status = main(sys.argv[2:])
+    marks["exit"] = _now()
+    Path(sys.argv[1]).write_bytes(orjson.dumps(marks))
+    raise SystemExit(status)
