@@ -49,15 +49,17 @@ class Health:
         now = time.monotonic() if now is None else now
         problems = []
         for shard in self.progress():
-            if not shard.reading:
-                continue
-            waiting = shard.waiting_since
+            waiting = shard.stuck_since(now)
             if waiting is not None and now - waiting > self.stall_timeout:
                 problems.append(
                     f"shard {shard.shard_id}: a batch taken up {now - waiting:.0f} s ago "
                     "is still not handled (see handler_failed and the handler metrics)"
                 )
-            elif shard.millis_behind and now - shard.progressed > self.stall_timeout:
+            elif (
+                shard.reading
+                and shard.millis_behind
+                and now - shard.progressed > self.stall_timeout
+            ):
                 problems.append(
                     f"shard {shard.shard_id}: records waiting, no batch handled for "
                     f"{now - shard.progressed:.0f} s"

@@ -54,6 +54,14 @@ class ShardProgress:
     """When Kinesis last answered this reader (monotonic)."""
     reading: bool = False
     """A reader of this process is running on the shard."""
+    failed_at: float | None = None
+    """When a reader of this shard last ended with a failure (monotonic)."""
+
+    def stuck_since(self, now: float) -> float | None:
+        """When the batch this shard is stuck on was first taken up, if it is ours to
+        read: a reader runs, or one failed within ``RESUME_WINDOW`` and is restarting."""
+        restarting = self.failed_at is not None and now - self.failed_at <= RESUME_WINDOW
+        return self.waiting_since if self.reading or restarting else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,9 @@ class _Failed:
 
 
 _STOPPED: Final = object()
+RESUME_WINDOW: Final = 60.0
+"""A reader starting within this many seconds of a failed one on the same shard is a
+restart: the batch the failed one could not handle still counts as waiting (health)."""
 
 
 class ShardReader:
@@ -115,8 +126,14 @@ class ShardReader:
         structlog.contextvars.bind_contextvars(shard_id=self.shard_id)
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self._prefetch)
         fetcher = asyncio.create_task(self._fetch(queue), name=f"fetch-{self.shard_id}")
+        now = time.monotonic()
+        failed_at = self.progress.failed_at
+        if failed_at is None or now - failed_at > RESUME_WINDOW:
+            # Not a restart after a failure (the shard came back later, perhaps from
+            # another replica): what was waiting then says nothing about this reader.
+            self.progress.waiting_since = None
         self.progress.reading = True
-        self.progress.progressed = time.monotonic()
+        self.progress.progressed = now
         failed = True
         try:
             while True:
@@ -136,7 +153,9 @@ class ShardReader:
                     return True
         finally:
             self.progress.reading = False
-            if not failed:
+            if failed:
+                self.progress.failed_at = time.monotonic()
+            else:
                 self.progress.waiting_since = None
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
