@@ -243,19 +243,6 @@ class Supervisor:
             live=replicas.expiry_ms,
             mine=self._running,
         )
-        self._log.info(
-            "DEBUG_round",
-            listed=len(self._shards),
-            leasable=leasable,
-            target=chosen.target,
-            take=chosen.take,
-            spare=chosen.spare,
-            steal=chosen.steal,
-            mine=sorted(self._running),
-            live=sorted(replicas.expiry_ms),
-            ended=sorted(self._ended),
-            relist=self._relist,
-        )
         bound_ms = round(
             (STEAL_BOUND_FACTOR * self._settings.lease_ttl + self._settings.shutdown_timeout) * 1000
         )
