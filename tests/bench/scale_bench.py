@@ -61,6 +61,8 @@ class Figures:
     window: float = WINDOW
     replicas: int = 3
     redis_version: str = ""
+    load: list[str] = field(default_factory=list)
+    """The 1-minute load average at each stage (other processes share the machine)."""
 
 
 async def first_heartbeat(group: Group, replica: Replica, within: float = SETTLE) -> float:
@@ -170,17 +172,25 @@ async def measure(kinesalite: str, redis_url: str, logs: Path, quick: bool) -> F
     graceful = Group(kinesalite, redis_url, logs, env=dict(ENV))
     rest = Group(kinesalite, redis_url, logs, env=dict(ENV))
     try:
+        figures.load.append(load_average())
         await series(crashes, signal.SIGKILL, rounds, figures)
         await crashes.close()
+        figures.load.append(load_average())
         await series(graceful, signal.SIGTERM, rounds, figures)
         await fourth(graceful, 1 if quick else 3, figures)
         await graceful.close()
+        figures.load.append(load_average())
         await at_rest(rest, 10.0 if quick else WINDOW, figures)
+        figures.load.append(load_average())
     finally:
         for group in (crashes, graceful, rest):
             with contextlib.suppress(Exception):
                 await group.close()
     return figures
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
 
 def row(what: str, values: list[float]) -> str:
@@ -203,7 +213,8 @@ def render(figures: Figures) -> str:
         "1 s. A record is put on every shard every 0.1 s; a shard counts as read again when "
         "a record put on it after the event has been handled (so the figures include "
         "reader start-up and the first GetRecords). Start-up figures include Python "
-        "process start-up (about 1 s on this machine).",
+        "process start-up. Load average (1 min) at the start of each stage: "
+        f"{', '.join(figures.load)} (other work shared the machine).",
         "",
         "| What | median | worst | runs |",
         "|---|---:|---:|---:|",

@@ -213,11 +213,7 @@ class Supervisor:
         leasable: list[str] = []
         for sid, shard in self._shards.items():
             if self._positions.trusted(sid, checkpoints) == keys.SHARD_END:
-                if sid not in self._ended:
-                    # Ended here or on another replica: its children are listed now, and
-                    # may be ours to take (the replica that read it may be at its share).
-                    self._relist = True
-                self._ended.add(sid)
+                self._shard_ended(sid)
                 continue
             if sid in self._ended:
                 continue
@@ -272,8 +268,8 @@ class Supervisor:
         # Another replica may have moved the checkpoint since the snapshot above.
         latest = await self._checkpoints.get(sid)
         fresh = self._positions.trusted(sid, {sid: latest} if latest else {})
-        if fresh == keys.SHARD_END:
-            self._ended.add(sid)
+        if fresh == keys.SHARD_END:  # read to its end by another replica since the snapshot
+            self._shard_ended(sid)
             await self._leases.release(lease)
             return
         self._restart_at.pop(sid, None)
@@ -286,6 +282,14 @@ class Supervisor:
             self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
             self._log.warning("checkpoint_moved", shard_id=sid, error=str(exc))
             await self._leases.give_back(lease)
+
+    def _shard_ended(self, shard_id: str) -> None:
+        """Note a shard read to its end, here or by another replica: the shards are listed
+        again at the next round, as its children may now be read (and may be this
+        replica's to take: the one that read the parent may be at its share)."""
+        if shard_id not in self._ended:
+            self._ended.add(shard_id)
+            self._relist = True
 
     def _checkpointed_this_run(self, shard_id: str) -> bool:
         """Whether this run has checkpointed the shard: a handled batch, or its end."""
@@ -381,8 +385,7 @@ class Supervisor:
             else:
                 self._failures.pop(sid, None)
                 if ended:
-                    self._ended.add(sid)
-                    self._relist = True  # its children may start now
+                    self._shard_ended(sid)
             await self._leases.give_back(running.reader.lease)
             await self._revoked(sid, ended=ended)
 
