@@ -228,6 +228,14 @@ class FanOutServer:
     def open_subscriptions(self) -> int:
         return len(self._open)
 
+    async def wait_all_closed(self, within: float = 10.0) -> None:
+        """Until the server has seen every subscription's connection close: it notices a
+        client's close on its next read of the shard, as AWS notices it some time after."""
+        deadline = time.monotonic() + within
+        while self._open:
+            assert time.monotonic() < deadline, f"subscriptions still open: {sorted(self._open)}"
+            await asyncio.sleep(0.01)
+
     # --- dispatch
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:

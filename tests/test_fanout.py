@@ -191,6 +191,8 @@ async def test_aiobotocore_subscribe_to_shard_yields_the_records(fanout: FanOutS
             if len(got) >= 30:
                 break
         response["EventStream"].close()
+        # A subscription refused while the last one is still open is the next test's case.
+        await fanout.wait_all_closed()
         assert [r["Data"] for r in got] == events(30)
         assert continuation == got[-1]["SequenceNumber"]
         await put(fanout.url, stream, events(5, start=30))
