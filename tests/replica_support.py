@@ -140,14 +140,15 @@ class Group:
             if "EndingSequenceNumber" not in s["SequenceNumberRange"]
         }
 
-    def start(self) -> Replica:
+    def start(self, **env: str) -> Replica:
+        """Start a replica, with ``env`` on top of the group's environment."""
         self.logs.mkdir(parents=True, exist_ok=True)
         name = f"{self.stream}-r{len(self.replicas)}"
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "worker", "run"],
-                env=self.worker_env(),
+                env={**self.worker_env(), **env},
                 stdout=subprocess.DEVNULL,
                 stderr=out,
             )

@@ -142,3 +142,22 @@ async def test_renewed_leases_keep_their_reader(redis: Redis) -> None:
         keeper.keep(held, on_lost=stopped.set, on_hand_over=stopped.set)
         await asyncio.sleep(1.5)
     assert not stopped.is_set()
+
+
+async def test_the_keeper_heartbeats_until_the_replica_leaves(redis: Redis) -> None:
+    """The lease keeper announces its replica as soon as it starts and with every renewal
+    round, with no balancing round involved; once it leaves, no heartbeat brings it back."""
+    manager = LeaseManager(redis, PREFIX, "a", ttl_seconds=1.0)
+    watcher = LeaseManager(redis, PREFIX, "w", ttl_seconds=1.0)
+
+    async def live() -> set[str]:
+        return set((await watcher.heartbeat(alive=False)).expiry_ms)
+
+    async with LeaseKeeper(manager, renew_interval=0.1) as keeper:
+        for _ in range(30):  # three TTLs: kept alive by the renewal rounds alone
+            await asyncio.sleep(0.1)
+            assert await live() == {"a"}
+        await keeper.leave()
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            assert await live() == set()

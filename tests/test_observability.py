@@ -1,6 +1,7 @@
 """The worker's HTTP endpoints, on a real worker process: /metrics while a stream is
 consumed, /readyz while Redis is away, /healthz when a handler hangs, and the ``health``
-command that exec probes run."""
+command that exec probes run; and the handlers' readings (``HasGauges``) when some of them
+fail."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ import aiohttp
 import pytest
 import servers
 from kinesis_support import create_stream, events, put
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 from test_process import worker_env
 
+from worker.consumer.ticker import Ticker
 from worker.devtools.local_servers import RedisServer, free_port
+from worker.handlers.base import Batch, Gauge
+from worker.metrics import Metrics
 
 
 def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -202,3 +208,95 @@ async def test_a_hung_handler_trips_the_timeout_and_healthz_reports_it(
         assert await asyncio.to_thread(health, env) == 1
     finally:
         await asyncio.to_thread(stop, process)
+
+
+class Reporting:
+    """A handler with gauges: ``open_alerts{kind=<its name>}``, or a failure (``fails``)."""
+
+    def __init__(self, name: str, value: float) -> None:
+        self.name = name
+        self.value = value
+        self.fails: BaseException | None = None
+
+    async def handle(self, batch: Batch) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def gauges(self) -> list[Gauge]:
+        if self.fails is not None:
+            raise self.fails
+        return [Gauge("open_alerts", self.value, {"kind": self.name, "group": "HF1"})]
+
+
+def readings(metrics: Metrics) -> dict[str, float]:
+    """``supersim_open_alerts`` per kind, as /metrics serves it."""
+    found = samples(generate_latest(metrics.registry).decode())
+    return {labels["kind"]: value for labels, value in found.get("supersim_open_alerts", [])}
+
+
+def failures(metrics: Metrics) -> dict[str, float]:
+    found = samples(generate_latest(metrics.registry).decode())
+    rows = found.get("supersim_handler_failures_total", [])
+    return {labels["handler"]: value for labels, value in rows}
+
+
+async def test_a_failing_gauges_call_keeps_the_other_handlers_readings() -> None:
+    """When one handler's gauges() fails (an error, or a CancelledError of its own), the
+    other handlers' readings are still updated, the failing one keeps its last readings
+    (a handler that never answered has none), and each failure is logged and counted in
+    supersim_handler_failures_total."""
+    steady, flaky, broken = Reporting("steady", 1), Reporting("flaky", 2), Reporting("broken", 3)
+    broken.fails = RuntimeError("store down")
+    metrics = Metrics()
+
+    async def caught_up() -> bool:
+        return False
+
+    ticker = Ticker([steady, flaky, broken], caught_up, metrics, interval=60)
+    await ticker.read_gauges()
+    assert readings(metrics) == {"steady": 1, "flaky": 2}
+    steady.value, flaky.value = 5, 7
+    flaky.fails = asyncio.CancelledError("a future it awaited was cancelled")
+    with capture_logs() as logs:
+        await ticker.read_gauges()
+    assert readings(metrics) == {"steady": 5, "flaky": 2}, "flaky keeps its last reading"
+    assert failures(metrics) == {"flaky": 1, "broken": 2}
+    failed = [(e["handler"], e["method"]) for e in logs if e["event"] != "debug"]
+    assert failed == [("flaky", "gauges"), ("broken", "gauges")]
+    flaky.fails = None
+    await ticker.read_gauges()
+    assert readings(metrics) == {"steady": 5, "flaky": 7}
+
+
+async def test_gauges_are_read_while_the_caught_up_check_fails_and_a_slow_one_is_cut_off() -> None:
+    """The ticker reads the gauges even when it cannot tell whether the stream is caught
+    up (Redis away), and a gauges() call slower than the handler timeout is cut off and
+    counted, the others read all the same."""
+    steady, slow = Reporting("steady", 4), Reporting("slow", 1)
+    release = asyncio.Event()
+
+    async def hang() -> list[Gauge]:
+        await release.wait()
+        return []
+
+    slow.gauges = hang  # type: ignore[method-assign]  # this instance's gauges() hangs
+    metrics = Metrics()
+
+    async def caught_up() -> bool:
+        raise ConnectionError("redis away")
+
+    with capture_logs() as logs:
+        async with Ticker([steady, slow], caught_up, metrics, interval=0.01, timeout=0.2):
+            await until(lambda: _read(metrics), 5, "steady's reading")
+    release.set()
+    assert readings(metrics) == {"steady": 4}
+    assert any(e["event"] == "ticker_round_failed" for e in logs)
+    cut = [e["handler"] for e in logs if e["event"] == "handler_periodic_call_failed"]
+    assert set(cut) == {"slow"}
+    assert failures(metrics) == {"slow": len(cut)}, "each one counted"
+
+
+async def _read(metrics: Metrics) -> bool:
+    return bool(readings(metrics))

@@ -49,6 +49,9 @@ class RunSummary:
     seconds: float = 0.0
     caught_up: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    abandoned: list[str] = field(default_factory=list)
+    """Shards whose reader ignored its cancellation at shutdown (a handler swallowing it)
+    and was left running; their leases were released all the same."""
 
 
 GC_THRESHOLD = (50_000, 50, 100)
@@ -199,7 +202,11 @@ async def run_worker(
             at_timestamp=at_timestamp.isoformat() if at_timestamp else None,
         )
         ticker = Ticker(
-            svc.handlers, supervisor.all_caught_up, svc.metrics, interval=settings.idle_interval
+            svc.handlers,
+            supervisor.all_caught_up,
+            svc.metrics,
+            interval=settings.idle_interval,
+            timeout=settings.handler_timeout,
         )
         async with reporter, ticker:
             if stop is None:
@@ -210,6 +217,7 @@ async def run_worker(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,
             metrics=svc.metrics.snapshot(),
+            abandoned=list(supervisor.abandoned),
         )
         log.info("worker_stopped", seconds=round(summary.seconds, 2), **summary.metrics)
         return summary

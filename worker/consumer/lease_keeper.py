@@ -20,8 +20,19 @@ a pause of the process (SIGSTOP, a VM frozen, a starved event loop) those timers
 before any task resumes, so no reader starts another batch on a lease it cannot vouch for:
 only the batch in flight finishes, and its checkpoint write is refused by the fence.
 
+The same task heartbeats this replica into the group's live set (``LeaseManager.heartbeat``)
+at the start of every round, before the renewals: the heartbeat depends on Redis alone,
+never on Kinesis (a failing ListShards must not make the peers take this replica for dead).
+``leave`` takes the replica out of the live set for good (a graceful stop); no heartbeat
+puts it back.
+
 Releases never stop the worker: the lease expires by itself anyway. On failure paths
 and at shutdown they are bounded in time.
+
+Metrics: ``supersim_leases_held`` (leases kept), ``supersim_leases_taken_total``,
+``supersim_leases_lost_total`` (once per tenure: found taken by a renewal, or by the
+fence refusing a checkpoint, ``lost``) and ``supersim_leases_handed_over_total`` (given
+back after another replica asked for it).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.consumer.leases import Lease, LeaseManager, Renewal
+from worker.metrics import Metrics
 from worker.owned_task import OwnedTask
 
 RELEASE_TIMEOUT = 2.0
@@ -48,6 +60,10 @@ class _Kept:
     lag: Callable[[], int | None]
     expiry: asyncio.TimerHandle | None = None
     """Stops the reader when the lease's TTL is up on this clock without a confirmation."""
+    asked: bool = False
+    """Another replica asked for it: given back, it counts as handed over."""
+    lost: bool = False
+    """Found lost (counted once)."""
 
 
 class LeaseKeeper(OwnedTask):
@@ -55,9 +71,15 @@ class LeaseKeeper(OwnedTask):
 
     name = "lease-renewer"
 
-    def __init__(self, leases: LeaseManager, *, renew_interval: float) -> None:
+    def __init__(
+        self, leases: LeaseManager, *, renew_interval: float, metrics: Metrics | None = None
+    ) -> None:
         super().__init__()
         self._leases = leases
+        self._metrics = metrics or Metrics()
+        self._beat = asyncio.Lock()
+        """Held by a heartbeat call and by ``leave``: no heartbeat lands after the leave."""
+        self._left = False
         self._interval = renew_interval
         self._ttl = leases.ttl_ms / 1000
         self._kept: dict[str, _Kept] = {}
@@ -72,6 +94,7 @@ class LeaseKeeper(OwnedTask):
         lease = await self._leases.acquire(shard_id)
         if lease is not None:
             self._taken[shard_id] = asked
+            self._metrics.leases_taken.inc()
         return lease
 
     def keep(
@@ -88,6 +111,7 @@ class LeaseKeeper(OwnedTask):
         self._disarm(self._kept.get(lease.shard_id))
         kept = _Kept(lease, on_lost, on_hand_over, lag)
         self._kept[lease.shard_id] = kept
+        self._metrics.leases_held.set(len(self._kept))
         self._confirmed(kept, self._taken.pop(lease.shard_id, time.monotonic()))
 
     @property
@@ -96,25 +120,18 @@ class LeaseKeeper(OwnedTask):
 
     async def release(self, lease: Lease) -> None:
         """Give a lease back, raising if Redis fails (the caller's round then fails)."""
+        asked = self._asked(lease)
         self.forget(lease)
-        await self._leases.release(lease)
+        if await self._leases.release(lease) and asked:
+            self._metrics.leases_handed_over.inc()
 
     async def give_back(self, lease: Lease, *, bounded: bool = False) -> None:
         """Give a lease back, logging a failure; ``bounded`` waits at most
         ``RELEASE_TIMEOUT`` (a failure path, possibly during shutdown). The lease expires
         by itself anyway: never stop for this."""
+        asked = self._asked(lease)
         self.forget(lease)
-        try:
-            if bounded:
-                await asyncio.wait_for(self._leases.release(lease), RELEASE_TIMEOUT)
-            else:
-                await self._leases.release(lease)
-        except Exception as exc:
-            self._log.warning(
-                "lease_release_failed",
-                shard_id=lease.shard_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+        await self._release_logged(lease, asked, RELEASE_TIMEOUT if bounded else None)
 
     async def give_back_all(self, leases: Sequence[Lease], *, deadline: float) -> None:
         """Give ``leases`` back at shutdown: concurrently, and by ``deadline`` (a
@@ -123,9 +140,10 @@ class LeaseKeeper(OwnedTask):
         themselves anyway."""
         if not leases:
             return
+        asked = {lease.shard_id for lease in leases if self._asked(lease)}
         for lease in leases:
             self.forget(lease)  # at once: none is renewed while the releases wait their turn
-        releases = [self.give_back(lease) for lease in leases]
+        releases = [self._release_logged(lease, lease.shard_id in asked) for lease in leases]
         try:
             await asyncio.wait_for(
                 asyncio.gather(*releases), timeout=max(1.0, deadline - time.monotonic())
@@ -133,14 +151,47 @@ class LeaseKeeper(OwnedTask):
         except TimeoutError:
             self._log.warning("lease_release_timeout", leases=len(leases))
 
+    async def _release_logged(self, lease: Lease, asked: bool, limit: float | None = None) -> None:
+        """Release a lease no longer kept, within ``limit`` seconds if given, logging a
+        failure; one another replica ``asked`` for counts as handed over."""
+        try:
+            if await asyncio.wait_for(self._leases.release(lease), limit) and asked:
+                self._metrics.leases_handed_over.inc()
+        except Exception as exc:
+            self._log.warning(
+                "lease_release_failed",
+                shard_id=lease.shard_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
     def forget(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (if it is the one kept for its shard), without giving
-        it back: for a lease found lost, or one given back right after."""
+        it back: for a lease given back right after (or found lost: ``lost``)."""
         self._taken.pop(lease.shard_id, None)
         kept = self._kept.get(lease.shard_id)
         if kept is not None and kept.lease == lease:
             self._disarm(kept)
             del self._kept[lease.shard_id]
+            self._metrics.leases_held.set(len(self._kept))
+
+    def lost(self, lease: Lease) -> None:
+        """Stop renewing ``lease``, found lost by its reader (the fence refused its
+        checkpoint); counted unless a renewal found it lost already."""
+        kept = self._kept.get(lease.shard_id)
+        if kept is None or kept.lease != lease or not kept.lost:
+            self._metrics.leases_lost.inc()
+        self.forget(lease)
+
+    async def leave(self) -> None:
+        """Take this replica out of the live set for good (a graceful stop): no heartbeat
+        comes after it, not even one in flight."""
+        self._left = True
+        async with self._beat:
+            await self._leases.leave()
+
+    def _asked(self, lease: Lease) -> bool:
+        kept = self._kept.get(lease.shard_id)
+        return kept is not None and kept.lease == lease and kept.asked
 
     def _confirmed(self, kept: _Kept, at: float) -> None:
         """The lease was ours at ``at`` (monotonic, when the call confirming it was sent):
@@ -171,8 +222,20 @@ class LeaseKeeper(OwnedTask):
         for kept in self._kept.values():
             self._disarm(kept)
 
+    async def _heartbeat(self) -> None:
+        """Announce this replica as live for a TTL, unless it has left; a failure is
+        logged (the next round tries again, a quarter TTL later)."""
+        async with self._beat:
+            if self._left:
+                return
+            try:
+                await self._leases.heartbeat()
+            except Exception as exc:
+                self._log.warning("replica_heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def _run(self) -> None:
         while True:
+            await self._heartbeat()
             await asyncio.sleep(self._interval)
             for sid, kept in list(self._kept.items()):
                 asked = time.monotonic()
@@ -184,10 +247,15 @@ class LeaseKeeper(OwnedTask):
                 if renewal is Renewal.LOST:
                     self._log.warning("lease_lost", shard_id=sid)
                     self._disarm(kept)
+                    if not kept.lost:
+                        kept.lost = True
+                        self._metrics.leases_lost.inc()
                     kept.on_lost()
                     continue
                 if self._kept.get(sid) is kept:
                     self._confirmed(kept, asked)
                 if renewal is Renewal.HAND_OVER:
-                    self._log.info("lease_handing_over", shard_id=sid)
+                    if not kept.asked:
+                        kept.asked = True
+                        self._log.info("lease_handing_over", shard_id=sid)
                     kept.on_hand_over()

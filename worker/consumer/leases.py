@@ -14,8 +14,10 @@ Stealing: a replica below its share asks for a lease with a *steal request*
 finishes its batch, checkpoints and releases; while the request stands only the thief may
 take the lease, as long as it lives (a request by a replica that left the live set is
 void: the owner keeps reading, and anyone may take the lease once free). An owner that
-does not answer within the request's bound has its renewals refused, so the lease expires
-and is taken as after a crash (its late writes are fenced off). All reads a balancing
+does not answer within the request's bound (which the thief sets to cover the slowest
+batch the owner may legitimately be handling: ``worker.consumer.supervisor.steal_bound``)
+has its renewals refused, so the lease expires and is taken as after a crash (its late
+writes are fenced off). All reads a balancing
 round needs are one script call: O(shards).
 """
 

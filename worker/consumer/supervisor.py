@@ -1,17 +1,18 @@
 """The supervisor: discovers shards and owns one reader task per shard.
 
 It lists the stream's shards (every ``discovery_interval``, and at once when a shard
-ends), and every ``BALANCE_INTERVAL`` runs a balancing round: it heartbeats this replica,
-reads the group's leases and live replicas (two cheap Redis calls, O(shards)), and takes
-or asks for leases so that each replica reads about as many shards as the others (see
-``worker.consumer.balance``). A round also runs as soon as another replica's lease or
+ends), and every ``BALANCE_INTERVAL`` runs a balancing round: it reads the group's leases
+and live replicas (two cheap Redis calls, O(shards)), and takes or asks for leases so that
+each replica reads about as many shards as the others (see ``worker.consumer.balance``).
+This replica's own heartbeat is the lease keeper's, with the renewals: it never waits on
+Kinesis, so a ListShards outage does not make the peers take this replica for dead. A round also runs as soon as another replica's lease or
 heartbeat lapses (read in the last round), so a crashed replica's shards are taken the
 moment its leases expire. It starts, reaps and restarts the readers. It takes each
 shard's lease through the ``LeaseKeeper`` (``worker.consumer.lease_keeper``), which renews
 the leases of running readers, stops a reader whose lease is lost and hands over one
 another replica asked for; where each reader starts comes from ``StartPositions``
 (``worker.consumer.positions``). Handlers that are ``ShardListener``s hear when a shard
-starts and stops being read here.
+starts and stops being read here, each call bounded by ``handler_timeout``.
 
 Ordering guarantee: a child shard (after a split or merge) starts only when every parent
 is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
@@ -23,7 +24,15 @@ ending, whichever replica has room for them.
 Reader failures are logged and the reader is restarted with backoff from its last
 checkpoint; the process keeps running. ``stop()`` stops reading, lets each in-flight
 batch finish (bounded by ``shutdown_timeout``), checkpoints, releases the leases and
-leaves the live set, so the other replicas take the shards within a balancing round.
+leaves the live set, so the other replicas take the shards within a balancing round. A
+reader still running at the bound is cancelled and given ``ABANDON_GRACE`` to end; one
+that ignores its cancellation (a handler swallowing it) is abandoned, so it never holds
+up the releases.
+
+A shard's lag series (``supersim_shard_millis_behind_latest``,
+``supersim_shard_iterator_age_seconds``) is removed once this replica no longer reads it:
+handed over, lost, ended, at shutdown, or (after its reader failed) once another replica
+holds it.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -50,19 +59,44 @@ from worker.consumer.positions import StartPositions
 from worker.consumer.shard_reader import ShardProgress, ShardReader
 from worker.errors import is_infrastructure_failure
 from worker.handlers.base import ShardListener
+from worker.metrics import Metrics
 from worker.settings import Settings
 
 BALANCE_INTERVAL = 1.0
 """Seconds between balancing rounds (lease reads; ListShards has its own interval)."""
 STEAL_BOUND_FACTOR = 2.0
-"""A steal request stands for this many lease TTLs plus the shutdown timeout: an owner
-that has not handed the shard over by then has its renewals refused."""
+"""Lease TTLs in a steal request's bound (``steal_bound``), for the owner to see the
+request (its next renewal) and give the lease back once its batch is done."""
+HANDLER_BACKOFF_CAP = 5.0
+"""The longest pause between two tries of a handler call (the batch processor's backoff
+cap, ``worker.consumer.pipeline``)."""
+ABANDON_GRACE = 1.0
+"""Seconds a reader (or a shard listener hook) cut off at its bound is given to end once
+cancelled; one still running then ignores its cancellation and is abandoned."""
 
 MIN_RESTART_DELAY = 0.2
 """Seconds before a shard's reader starts again, whatever ended the last one."""
 LAPSE_MARGIN = 0.02
 """Seconds after another replica's lease or heartbeat lapses (Redis time, as read in the
 last round) that the next round runs, if sooner than ``BALANCE_INTERVAL``."""
+
+
+def steal_bound(settings: Settings, handlers: int) -> float:
+    """Seconds a steal request stands before the owner's renewals are refused (the lease
+    then expires and is taken as after a crash): long enough for the owner to see the
+    request at its next renewal, finish the slowest batch it may legitimately be handling
+    (each of the ``handlers``, one after the other, tried ``handler_attempts`` times, every
+    call cut off at ``handler_timeout``, with the retry backoff in between), checkpoint and
+    give the lease back. A live owner is never refused while such a batch runs, so the
+    thief never reads a batch the owner is still handling; a dead owner stops renewing and
+    loses the lease by expiry, whatever the bound. Only an owner stuck for longer (a
+    handler ignoring its timeout, which /healthz reports) or bisecting a batch through slow
+    failing handler calls is refused."""
+    attempts = settings.handler_attempts
+    batch = max(1, handlers) * (
+        attempts * settings.handler_timeout + (attempts - 1) * HANDLER_BACKOFF_CAP
+    )
+    return STEAL_BOUND_FACTOR * settings.lease_ttl + settings.shutdown_timeout + batch
 
 
 @dataclass(slots=True)
@@ -92,8 +126,16 @@ class Supervisor:
         self._stream = settings.stream_name
         self._kinesis = kinesis
         self._lease_store = leases
-        self._leases = LeaseKeeper(leases, renew_interval=settings.lease_ttl / 4)
+        self._metrics: Metrics = processor.metrics
+        self._leases = LeaseKeeper(
+            leases, renew_interval=settings.lease_ttl / 4, metrics=self._metrics
+        )
+        self._steal_bound_ms = round(steal_bound(settings, len(processor.handlers)) * 1000)
         self._listeners = list(listeners)
+        self._strays: set[asyncio.Future[None]] = set()
+        """Listener hook calls that ignored their cancellation (see ``_tell``)."""
+        self._lag_series: set[str] = set()
+        """Shards whose lag series this replica may still export (``_drop_lag``)."""
         self._listed_at: float | None = None
         self._relist = True
         self._checkpoints = checkpoints
@@ -122,6 +164,8 @@ class Supervisor:
         self._log = structlog.get_logger("worker.consumer.supervisor")
         self.caught_up = False
         self.replica_id = leases.owner
+        self.abandoned: list[str] = []
+        """Shards whose reader ignored its cancellation at shutdown and still runs."""
 
     def stop(self) -> None:
         """Ask for a graceful stop (idempotent): readers stop fetching at once, and a
@@ -203,8 +247,8 @@ class Supervisor:
         return max(0.01, min([interval, *pending]))
 
     async def _balance(self) -> None:
-        """One balancing round: heartbeat, read the leases of the leasable shards and the
-        live replicas, take free leases up to this replica's share and ask the most-loaded
+        """One balancing round: read the leases of the leasable shards and the live
+        replicas, take free leases up to this replica's share and ask the most-loaded
         replica for one more if still below it."""
         if self._stopping.is_set():
             return
@@ -219,8 +263,12 @@ class Supervisor:
                 continue
             if all(self._parent_done(p, checkpoints) for p in shard.parents):
                 leasable.append(sid)
-        replicas = await self._lease_store.heartbeat()
+        replicas = await self._lease_store.heartbeat(alive=False)  # the keeper heartbeats
         states = await self._lease_store.snapshot(leasable)
+        for sid in self._lag_series - self._running.keys():
+            owner = states[sid].owner if sid in states else None
+            if owner not in (None, self.replica_id):  # read elsewhere now
+                self._drop_lag(sid)
         lapses = [
             state.expires_in_ms
             for state in states.values()
@@ -239,11 +287,9 @@ class Supervisor:
             live=replicas.expiry_ms,
             mine=self._running,
         )
-        bound_ms = round(
-            (STEAL_BOUND_FACTOR * self._settings.lease_ttl + self._settings.shutdown_timeout) * 1000
-        )
         for sid, victim in chosen.steal:
-            if await self._lease_store.request_steal(sid, victim, bound_ms):
+            if await self._lease_store.request_steal(sid, victim, self._steal_bound_ms):
+                self._metrics.leases_stolen.inc()
                 self._log.info("lease_steal_requested", shard_id=sid, owner=victim)
         wanted = len(chosen.take)
         for sid in [*chosen.take, *chosen.spare]:
@@ -277,6 +323,7 @@ class Supervisor:
             await self._start_reader(shard, lease, fresh, latest)
         except LeaseLost as exc:  # taken over between acquiring and starting: not ours
             self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
+            self._leases.lost(lease)
             self._log.warning("lease_lost", shard_id=sid, error=str(exc))
         except CheckpointMoved as exc:  # moved since read just above: start again later
             self._restart_at[sid] = time.monotonic() + MIN_RESTART_DELAY
@@ -290,6 +337,14 @@ class Supervisor:
         if shard_id not in self._ended:
             self._ended.add(shard_id)
             self._relist = True
+        if shard_id not in self._running:
+            self._drop_lag(shard_id)
+
+    def _drop_lag(self, shard_id: str) -> None:
+        """Remove the shard's lag series: this replica no longer reads it."""
+        self._lag_series.discard(shard_id)
+        self._metrics.millis_behind.remove(shard_id)
+        self._metrics.iterator_age.remove(shard_id)
 
     def _checkpointed_this_run(self, shard_id: str) -> bool:
         """Whether this run has checkpointed the shard: a handled batch, or its end."""
@@ -329,6 +384,7 @@ class Supervisor:
             progress=progress,
         )
         await self._assigned(sid)
+        self._lag_series.add(sid)
         task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
         task.add_done_callback(lambda _: self._wake.set())
         self._running[sid] = _Running(reader, task)
@@ -366,8 +422,9 @@ class Supervisor:
                 ended = failure is None and running.task.result()
             if isinstance(failure, LeaseLost):
                 self._log.warning("lease_lost", shard_id=sid, error=str(failure))
-                self._leases.forget(running.reader.lease)  # not ours: stop renewing it
-                await self._revoked(sid, ended=False)
+                self._leases.lost(running.reader.lease)  # not ours: stop renewing it
+                self._drop_lag(sid)
+                await self._revoked({sid: False})
                 continue
             if failure is not None:
                 failures = self._failures.get(sid, 0) + 1
@@ -383,11 +440,15 @@ class Supervisor:
                     error=f"{type(failure).__name__}: {failure}",
                 )
             else:
+                # Stopped (handed over, or its lease was lost) or ended: no longer read here.
+                # A failed reader restarts here unless another replica takes the shard first
+                # (its series goes then, in ``_balance``).
                 self._failures.pop(sid, None)
+                self._drop_lag(sid)
                 if ended:
                     self._shard_ended(sid)
             await self._leases.give_back(running.reader.lease)
-            await self._revoked(sid, ended=ended)
+            await self._revoked({sid: ended})
 
     async def all_caught_up(self) -> bool:
         """True when every shard still in the stream is ended, or at its tip: read by us,
@@ -407,7 +468,10 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         """Let readers finish their batch, then release their leases, all within
-        ``shutdown_timeout`` of the stop request (releases get at least a second)."""
+        ``shutdown_timeout`` of the stop request (releases get at least a second). A reader
+        still running then is cancelled; one that ignores it for ``ABANDON_GRACE`` is
+        abandoned (``self.abandoned``): its lease is released all the same, so its late
+        checkpoint is refused and the shard is read again elsewhere from the last one."""
         began = self._stop_requested if self._stop_requested is not None else time.monotonic()
         deadline = began + self._settings.shutdown_timeout
         running = list(self._running.values())
@@ -421,10 +485,21 @@ class Supervisor:
                 task.cancel()
             if pending:
                 self._log.warning("shutdown_timeout", abandoned=len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+                _done, pending = await asyncio.wait(pending, timeout=ABANDON_GRACE)
+            for item in running:
+                if item.task in pending:
+                    self.abandoned.append(item.reader.shard_id)
+                    item.task.add_done_callback(self._abandoned_ended)
+            if self.abandoned:
+                self._log.error(
+                    "shard_reader_abandoned",
+                    shards=self.abandoned,
+                    hint="a handler ignored its cancellation; its batch is read again "
+                    "after the next start",
+                )
         for item in running:
             task = item.task
-            if not task.cancelled() and task.exception() is not None:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 self._log.error(
                     "shard_reader_failed",
                     shard_id=item.reader.shard_id,
@@ -434,35 +509,109 @@ class Supervisor:
         # Leave the live set first: the others then aim for their share without this
         # replica, and take all its shards in the round after the releases below.
         try:
-            await asyncio.wait_for(self._lease_store.leave(), 1.0)
+            await asyncio.wait_for(self._leases.leave(), 1.0)
         except Exception as exc:  # the heartbeat expires by itself anyway
             self._log.warning("replica_leave_failed", error=f"{type(exc).__name__}: {exc}")
         await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
         for item in running:
-            await self._revoked(item.reader.shard_id, ended=item.reader.progress.ended)
+            self._drop_lag(item.reader.shard_id)
+        # The hooks get what is left of the budget, at least a second, at most their timeout.
+        hook_time = min(self._settings.handler_timeout, max(1.0, deadline - time.monotonic()))
+        await self._revoked(
+            {item.reader.shard_id: item.reader.progress.ended for item in running},
+            limit=hook_time,
+        )
+
+    def _abandoned_ended(self, task: asyncio.Task[bool]) -> None:
+        """An abandoned reader ended after all (its outcome is logged, not lost)."""
+        error = None if task.cancelled() else task.exception()
+        self._log.warning(
+            "abandoned_reader_ended",
+            task=task.get_name(),
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
 
     async def _assigned(self, shard_id: str) -> None:
-        for listener in self._listeners:
-            await self._tell(listener, shard_id, listener.on_shards_assigned([shard_id]))
-
-    async def _revoked(self, shard_id: str, *, ended: bool) -> None:
-        for listener in self._listeners:
-            await self._tell(
-                listener, shard_id, listener.on_shards_revoked([shard_id], ended=ended)
+        await asyncio.gather(
+            *(
+                self._tell(listener, [shard_id], listener.on_shards_assigned([shard_id]))
+                for listener in self._listeners
             )
+        )
 
-    async def _tell(self, listener: ShardListener, shard_id: str, call: Awaitable[None]) -> None:
-        """Await one ``ShardListener`` hook call; a failure is logged, never raised
-        (reading goes on)."""
+    async def _revoked(self, shards: Mapping[str, bool], *, limit: float | None = None) -> None:
+        """Tell the listeners that ``shards`` (shard id → whether it ended) are no longer
+        read here: one call per listener and value of ``ended``, the listeners at once."""
+        calls = []
+        for ended in (False, True):
+            group = [sid for sid, done in shards.items() if done is ended]
+            if group:
+                calls += [
+                    self._tell(
+                        listener, group, listener.on_shards_revoked(group, ended=ended), limit
+                    )
+                    for listener in self._listeners
+                ]
+        await asyncio.gather(*calls)
+
+    async def _tell(
+        self,
+        listener: ShardListener,
+        shards: Iterable[str],
+        call: Awaitable[None],
+        limit: float | None = None,
+    ) -> None:
+        """Await one ``ShardListener`` hook call, for at most ``limit`` seconds (by default
+        ``handler_timeout``); a failure or a timeout is logged, never raised (reading goes
+        on). A timed-out call is cancelled (counted in ``supersim_handler_timeouts_total``);
+        if it ignores that for ``ABANDON_GRACE`` it is left to end on its own."""
+        name = getattr(listener, "name", type(listener).__name__)
+        limit = self._settings.handler_timeout if limit is None else limit
+        hook: asyncio.Future[None] = asyncio.ensure_future(call)
         try:
-            await call
-        except Exception as exc:
+            done, _ = await asyncio.wait({hook}, timeout=limit)
+        except asyncio.CancelledError:
+            hook.cancel()
+            self._keep_stray(hook)
+            raise
+        if not done:
+            hook.cancel()
+            await asyncio.wait({hook}, timeout=ABANDON_GRACE)
+            self._metrics.handler_timeouts.labels(handler=name).inc()
             self._log.warning(
-                "shard_listener_failed",
-                shard_id=shard_id,
-                handler=getattr(listener, "name", type(listener).__name__),
-                error=f"{type(exc).__name__}: {exc}",
+                "shard_listener_timeout",
+                shards=list(shards),
+                handler=name,
+                seconds=limit,
+                abandoned=not hook.done(),
             )
+            self._keep_stray(hook)
+            return
+        if hook.cancelled():
+            error: str | None = "CancelledError: the hook raised it"
+        else:
+            raised = hook.exception()
+            error = None if raised is None else f"{type(raised).__name__}: {raised}"
+        if error is not None:
+            self._log.warning(
+                "shard_listener_failed", shards=list(shards), handler=name, error=error
+            )
+
+    def _keep_stray(self, hook: asyncio.Future[None]) -> None:
+        """Keep a hook call that has not ended yet until it does, then collect its outcome
+        (so nothing is left unretrieved)."""
+        if hook.done():
+            if not hook.cancelled():
+                hook.exception()
+            return
+        self._strays.add(hook)
+
+        def collect(ended: asyncio.Future[None]) -> None:
+            self._strays.discard(ended)
+            if not ended.cancelled():
+                ended.exception()
+
+        hook.add_done_callback(collect)
 
 
 def _worth_retrying(exc: BaseException) -> bool:

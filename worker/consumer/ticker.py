@@ -4,7 +4,15 @@ Handlers with event-time windows (the alert handlers) close episodes that went q
 when event time moves on. While events flow, the batches move it; once every shard is
 caught up nothing arrives, so the ticker calls ``tick()`` of each handler that ``Ticks``
 every ``interval`` seconds, and only then. It also reads the gauges of each handler that
-``HasGauges`` into the metrics. One task, owned by the ``Ticker`` context.
+``HasGauges`` into the metrics, every ``GAUGE_EVERY`` rounds, whether or not the shards are
+caught up (and whether or not that could be told).
+
+Each call is bounded by ``timeout`` (``SUPERSIM_HANDLER_TIMEOUT``). A call that fails or
+times out is logged (``handler_periodic_call_failed``) and counted in
+``supersim_handler_failures_total{handler}``; it never stops the ticker, and never costs
+the other handlers their readings: a handler whose ``gauges()`` failed keeps its last
+readings (none if it never answered) until it answers again. One task, owned by the
+``Ticker`` context.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import TypeVar
 
 import structlog
 
-from worker.handlers.base import Handler, HasGauges, Ticks
+from worker.handlers.base import Gauge, Handler, HasGauges, Ticks
 from worker.metrics import Metrics
 from worker.owned_task import OwnedTask
 
@@ -23,6 +31,13 @@ T = TypeVar("T")
 
 GAUGE_EVERY = 5
 """Read the gauges every this many rounds."""
+
+
+class _Failed:
+    """What a periodic call that failed returns instead of its value."""
+
+
+_FAILED = _Failed()
 
 
 class Ticker(OwnedTask):
@@ -34,6 +49,7 @@ class Ticker(OwnedTask):
         caught_up: Callable[[], Awaitable[bool]],
         metrics: Metrics,
         interval: float,
+        timeout: float = 60.0,
     ) -> None:
         self._tickers = [h for h in handlers if isinstance(h, Ticks)]
         self._gauges = [h for h in handlers if isinstance(h, HasGauges)]
@@ -41,6 +57,9 @@ class Ticker(OwnedTask):
         self._caught_up = caught_up
         self._metrics = metrics
         self._interval = interval
+        self._timeout = timeout
+        self._last: dict[int, Sequence[Gauge]] = {}
+        """Per handler (its index in ``_gauges``): the readings it last reported."""
         self._log = structlog.get_logger("worker.consumer.ticker")
 
     async def _run(self) -> None:
@@ -48,13 +67,15 @@ class Ticker(OwnedTask):
         while True:
             await asyncio.sleep(self._interval)
             rounds += 1
-            try:
-                await self._round(rounds)
-            except Exception as exc:  # e.g. Redis unreachable: log, try again next round
-                self._log.warning("ticker_round_failed", error=f"{type(exc).__name__}: {exc}")
+            await self._round(rounds)
 
     async def _round(self, rounds: int) -> None:
-        if await self._caught_up():
+        try:
+            caught_up = await self._caught_up()
+        except Exception as exc:  # e.g. Redis unreachable: no ticks this round, gauges still
+            self._log.warning("ticker_round_failed", error=f"{type(exc).__name__}: {exc}")
+            caught_up = False
+        if caught_up:
             for ticking in self._tickers:
                 await self._call(ticking, ticking.tick)
         if rounds % GAUGE_EVERY == 1:
@@ -62,14 +83,19 @@ class Ticker(OwnedTask):
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and
-        label set)."""
+        label set); a handler whose call fails counts with its last readings."""
         series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         counters: set[str] = set()
-        for measured in self._gauges:
-            for gauge in await self._call(measured, measured.gauges) or ():
+        for index, measured in enumerate(self._gauges):
+            found = await self._call(measured, measured.gauges)
+            if isinstance(found, _Failed):
+                readings = self._last.get(index, ())
+            else:
+                readings = self._last[index] = list(found)
+            for gauge in readings:
                 key = tuple(sorted(gauge.labels.items()))
-                found = series.setdefault(gauge.name, {})
-                found[key] = found.get(key, 0.0) + gauge.value
+                named = series.setdefault(gauge.name, {})
+                named[key] = named.get(key, 0.0) + gauge.value
                 if gauge.counter:
                     counters.add(gauge.name)
                 name = ":".join((gauge.name, *gauge.labels.values()))
@@ -84,14 +110,23 @@ class Ticker(OwnedTask):
             }
         )
 
-    async def _call(self, handler: object, method: Callable[[], Awaitable[T]]) -> T | None:
+    async def _call(self, handler: Handler, method: Callable[[], Awaitable[T]]) -> T | _Failed:
+        """``method()`` within the timeout, or ``_FAILED`` (logged and counted) if it
+        raised, timed out or raised ``CancelledError`` without this task being cancelled."""
         try:
-            return await method()
-        except Exception as exc:  # a failing tick must not stop the consumer; logged, retried
+            async with asyncio.timeout(self._timeout):
+                return await method()
+        except (Exception, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                raise  # the ticker itself is stopping
+            self._metrics.handler_failures.labels(handler=handler.name).inc()
             self._log.warning(
                 "handler_periodic_call_failed",
-                handler=getattr(handler, "name", type(handler).__name__),
+                handler=handler.name,
                 method=method.__name__,
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, TimeoutError)
+                else f"took longer than {self._timeout:g} s (SUPERSIM_HANDLER_TIMEOUT)",
             )
-            return None
+            return _FAILED
