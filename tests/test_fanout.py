@@ -44,15 +44,20 @@ from recording import seen, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
+from worker.backoff import Backoff
 from worker.cli import fanout as fanout_cli
 from worker.cli.replay import put_all
 from worker.consumer import fanout as fanout_module
 from worker.consumer.app import run_worker
 from worker.consumer.deadletter import DeadLetterStore
+from worker.consumer.polling import Polling
+from worker.consumer.positions import TRIM_HORIZON
+from worker.consumer.retrieval import Fetched, ShardFeed
 from worker.devtools.simulator import SimulationOptions, generate
 from worker.errors import ConfigError
 from worker.handlers.metering.usage import figures
 from worker.metrics import Metrics
+from worker.settings import FanOutFallback
 
 SHARD = "shardId-000000000000"
 TESTS = Path(__file__).parent
@@ -432,6 +437,120 @@ async def test_in_use_answers_and_a_dropped_connection_lose_and_repeat_nothing(
         (_, first), (_, second) = server.starts
         assert first == {"Type": "TRIM_HORIZON"}
         assert second["Type"] == "AFTER_SEQUENCE_NUMBER"
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+async def test_events_received_while_the_reader_is_busy_go_out_as_one_batch(
+    kinesalite_endpoint: str, closed: bool
+) -> None:
+    """One-record events that arrive while the reader is busy with a batch are delivered
+    merged, in batches of at most the limit (not one per event), each record once and in
+    order; the next records follow the merged batches with no gap or repeat, or, on a
+    closed shard, the last merged batch ends it."""
+    limit, count = 25, 60
+    async with FanOutServer(kinesalite_endpoint, read_limit=1) as server:
+        stream = stream_name()
+        await create_stream(server.url, stream)
+        written = events(count)
+        await put(server.url, stream, written)
+        async with kinesis_client(server.url) as client:
+            if closed:
+                await client.split_shard(
+                    StreamName=stream, ShardToSplit=SHARD, NewStartingHashKey=str(MAX_HASH // 2)
+                )
+                await wait_active(client, stream)
+            arn = await register(client, stream, GROUP)
+            metrics = Metrics()
+            retrieval = fanout_module.FanOut(
+                subscriber=client,
+                consumer_arn=arn,
+                register=lambda: register(client, stream, GROUP),
+                metrics=fanout_module.FanOutMetrics(metrics),
+                polling=Polling(),
+                fallback=FanOutFallback.POLLING,
+                on_refused=lambda: None,
+            )
+            feed = ShardFeed(
+                kinesis=client,
+                stream=stream,
+                shard_id=SHARD,
+                start=TRIM_HORIZON,
+                batch_limit=limit,
+                idle_interval=0.2,
+                stopping=asyncio.Event(),
+                metrics=metrics,
+                backoff=Backoff(base=0.05, cap=0.5),
+                answered=lambda: None,
+                log=structlog.get_logger("test"),
+            )
+            queue: asyncio.Queue[Fetched] = asyncio.Queue(maxsize=2)  # the reader's read-ahead
+            fetcher = asyncio.create_task(retrieval.fetch(feed, queue.put))
+            try:
+                got = [await asyncio.wait_for(queue.get(), 10)]
+                # The reader is busy with its first batch until every event has been sent.
+                await until(lambda: server.events[SHARD] >= count)
+                while sum(len(fetched.records) for fetched in got) < count:
+                    got.append(await asyncio.wait_for(queue.get(), 10))
+                merged = len(got)
+                if closed:  # the shard's last event may come after its last record
+                    while not got[-1].ended:
+                        got.append(await asyncio.wait_for(queue.get(), 10))
+                    await asyncio.wait_for(fetcher, 10)  # the shard ended: fetch returns
+                else:
+                    await put(server.url, stream, events(5, start=count))
+                    while sum(len(fetched.records) for fetched in got) < count + 5:
+                        got.append(await asyncio.wait_for(queue.get(), 10))
+            finally:
+                fetcher.cancel()
+                await asyncio.gather(fetcher, return_exceptions=True)
+    records = [record for fetched in got for record in fetched.records]
+    expected = written if closed else written + events(5, start=count)
+    assert [record.data for record in records] == expected
+    assert all(len(fetched.records) <= limit for fetched in got)
+    # Only the first batches (taken, queued, being put while the events still arrived) may
+    # be single events; what arrived meanwhile goes out in batches of up to the limit.
+    assert merged <= count // 5, [len(fetched.records) for fetched in got[:merged]]
+    assert [fetched.ended for fetched in got] == [False] * (len(got) - 1) + [closed]
+    assert server.subscriptions[SHARD] == 1
+
+
+async def test_merged_batches_resume_with_no_gap_and_no_repeat_across_renewals(
+    kinesalite_endpoint: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow handler over a trickle of one-record events gets them in fewer batches than
+    events, and subscriptions renewed while events wait in the read-ahead (dropped there,
+    read again by the next one) still hand each record over once, in order per shard."""
+    monkeypatch.setattr(fanout_module, "RENEW_AFTER", 0.5)
+    monkeypatch.setenv("RECORDING_DELAY", "0.1")
+    async with FanOutServer(kinesalite_endpoint, read_limit=1, poll_interval=0.01) as server:
+        stream = stream_name()
+        prefix = keys.prefix(stream, GROUP)
+        await create_stream(server.url, stream, shards=2)
+        settings = fanout_settings(
+            server, redis_url, stream, handlers=("recording:create", "log"), batch_limit=20
+        )
+        stop = asyncio.Event()
+        written: list[bytes] = []
+        with structlog.testing.capture_logs() as logged:
+            worker = asyncio.create_task(run_worker(settings, install_signals=False, stop=stop))
+            try:
+                async with kinesis_client(server.url) as client:
+                    for round_ in range(10):
+                        batch = events(30, start=30 * round_)
+                        await put_all(client, stream, batch)
+                        written.extend(batch)
+                        await asyncio.sleep(0.1)
+                await wait_handled(redis_url, prefix, len(written))
+            finally:
+                stop.set()
+                await asyncio.wait_for(worker, 30)
+        handled = await seen(redis_url, prefix)
+        assert_once_in_order(handled, written)
+        assert len(handled) == len(written)
+        batches = [entry for entry in logged if entry["event"] == "batch"]
+        assert sum(entry["events"] for entry in batches) == len(written)
+        assert len(batches) <= len(written) // 2, len(batches)
+        assert min(server.subscriptions.values()) >= 2
 
 
 def worker_env(url: str, redis_url: str, stream: str, **extra: str) -> dict[str, str]:

@@ -17,6 +17,13 @@ streams), each with ``MillisBehindLatest`` and a continuation sequence number.
   backoff; a dropped connection, a throttled or failed call is retried with backoff.
 - An event without a continuation (and with the ``ChildShards``) is the shard's last: the
   shard ends as with polling, once ``ListShards`` shows it closed.
+- Events are read ahead of the reader (``_ReadAhead``, at most about one batch of records),
+  and those already received when the reader takes the next batch go out as one batch, up
+  to ``SUPERSIM_BATCH_LIMIT`` records: a busy shard is handled in batches like polling's, not
+  one per event (a Redis round trip and a checkpoint each). Nothing waits for more events:
+  an event arriving at an idle reader is delivered at once. A merged batch is checkpointed
+  at its last record; the next subscription starts after the last event delivered, so
+  events read ahead but not delivered are read again.
 - When the account refuses fan-out (no permission, or the stream's limit of consumers),
   ``SUPERSIM_FANOUT_REFUSED`` says what happens: log ``fanout_refused`` and poll instead,
   or stop the worker (exit 2).
@@ -29,9 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final
@@ -286,34 +294,33 @@ class _Subscription:
     async def _read(self, events: Any) -> str:
         """Deliver the subscription's events until it is due for renewal (``renewal``), the
         server ends it (``expired``) or the shard ends (``_ENDED``)."""
-        feed = self._feed
-        stream = aiter(events)
         renew_at = time.monotonic() + self._fanout.renew_after
-        while True:
-            remaining = renew_at - time.monotonic()
-            if remaining <= 0:
-                return "renewal"
-            try:
-                async with asyncio.timeout(remaining) as deadline:
-                    item = await anext(stream)
-            except StopAsyncIteration:
-                return "expired"
-            except TimeoutError:
-                if deadline.expired():
+        async with _ReadAhead(events, self._feed.batch_limit, self._received_event) as ahead:
+            while True:
+                remaining = renew_at - time.monotonic()
+                if remaining <= 0:
                     return "renewal"
-                raise
-            event = item.get("SubscribeToShardEvent")
-            if event is None:
-                continue
-            feed.answered()
-            self._received += 1
-            self._metrics.events.labels(shard=feed.shard_id).inc()
-            if await self._deliver_event(event):
-                return _ENDED
+                try:
+                    async with asyncio.timeout(remaining):
+                        taken = await ahead.take()
+                except TimeoutError:
+                    return "renewal"  # only ``take`` was cut short: nothing was taken
+                if isinstance(taken, _End):
+                    if taken.error is not None:
+                        raise taken.error
+                    return "expired"
+                if await self._deliver_events(taken):
+                    return _ENDED
 
-    async def _deliver_event(self, event: Mapping[str, Any]) -> bool:
-        """Hand the event's records to the reader in batches, moving the position after
-        each; True when it is the shard's last."""
+    def _received_event(self) -> None:
+        self._feed.answered()
+        self._received += 1
+        self._metrics.events.labels(shard=self._feed.shard_id).inc()
+
+    async def _deliver_events(self, events: Sequence[Mapping[str, Any]]) -> bool:
+        """Hand consecutive events' records to the reader as one batch (in batches of at
+        most the limit if an event alone holds more), moving the position after each; True
+        when the last event is the shard's last. Its lag is the last event's."""
         feed = self._feed
         records = [
             RawRecord(
@@ -322,14 +329,16 @@ class _Subscription:
                 partition_key=r.get("PartitionKey", ""),
                 arrival=r.get("ApproximateArrivalTimestamp"),
             )
+            for event in events
             for r in event.get("Records", [])
         ]
-        behind = event.get("MillisBehindLatest")
-        continuation = event.get("ContinuationSequenceNumber")
+        last_event = events[-1]
+        behind = last_event.get("MillisBehindLatest")
+        continuation = last_event.get("ContinuationSequenceNumber")
         ended = continuation is None
         if ended:
             await confirm_closed(feed.kinesis, feed.stream, feed.shard_id)
-            children = [child.get("ShardId") for child in event.get("ChildShards", [])]
+            children = [child.get("ShardId") for child in last_event.get("ChildShards", [])]
             feed.log.info("fanout_shard_closed", children=children)
         chunks = batches(records, feed.batch_limit)
         for number, chunk in enumerate(chunks, start=1):
@@ -340,6 +349,92 @@ class _Subscription:
         if continuation is not None:
             self._position = StartPosition.after(continuation)
         return ended
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """A subscription's event stream ended: by the server (no error), or with ``error``."""
+
+    error: Exception | None = None
+
+
+class _ReadAhead:
+    """Reads a subscription's events ahead of the reader, while fewer than ``limit`` records
+    wait, so that ``take`` finds the events that arrived while the last batch was being
+    delivered. The reading task is owned here: cancelled and awaited on exit (before the
+    stream is closed)."""
+
+    def __init__(self, events: Any, limit: int, received: Callable[[], None]) -> None:
+        self._events = events
+        self._limit = limit
+        self._received = received
+        self._waiting: deque[Mapping[str, Any] | _End] = deque()
+        self._records = 0
+        """Records in the events waiting."""
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _ReadAhead:
+        self._task = asyncio.create_task(self._read(), name="fanout-read-ahead")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _read(self) -> None:
+        stream = aiter(self._events)
+        try:
+            while True:
+                await self._room.wait()
+                item = await anext(stream)
+                event = item.get("SubscribeToShardEvent")
+                if event is None:
+                    continue
+                self._received()
+                self._waiting.append(event)
+                self._records += len(event.get("Records", ()))
+                if self._records >= self._limit:
+                    self._room.clear()
+                self._arrived.set()
+        except StopAsyncIteration:
+            self._waiting.append(_End())
+        except Exception as exc:  # handed to the reader after the events before it
+            self._waiting.append(_End(exc))
+        self._arrived.set()
+
+    async def take(self) -> list[Mapping[str, Any]] | _End:
+        """The events received and not yet taken, in order, as many as fit in one batch
+        (the first one whatever its size; none after the shard's last); waits only while
+        there is none. Or how the stream ended, once its events are all taken. Cancelled
+        while waiting, it takes nothing."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        head = self._waiting[0]
+        if isinstance(head, _End):
+            return head
+        taken: list[Mapping[str, Any]] = []
+        count = 0
+        while self._waiting:
+            event = self._waiting[0]
+            if isinstance(event, _End):
+                break
+            size = len(event.get("Records", ()))
+            if taken and count + size > self._limit:
+                break
+            self._waiting.popleft()
+            taken.append(event)
+            count += size
+            if event.get("ContinuationSequenceNumber") is None:
+                break  # the shard's last event ends its batch
+        self._records -= count
+        if self._records < self._limit:
+            self._room.set()
+        return taken
 
 
 def _worth_resubscribing(exc: BaseException) -> bool:
