@@ -285,7 +285,7 @@ def sid_of(record: bytes) -> str:
     return str(orjson.loads(record)["id"])
 
 
-@pytest.mark.parametrize(("retention_days", "warned"), [(40, True), (20, False)])
+@pytest.mark.parametrize(("retention_days", "warned"), [(8, True), (7, False)])
 async def test_a_stream_kept_longer_than_metering_sessions_is_warned_about(
     moto_endpoint: str, redis_url: str, retention_days: int, warned: bool
 ) -> None:
@@ -304,5 +304,5 @@ async def test_a_stream_kept_longer_than_metering_sessions_is_warned_about(
     found = [e for e in logs if e["event"] == "metering_session_retention_shorter_than_stream"]
     assert bool(found) is warned
     if warned:
-        assert found[0]["stream_retention_hours"] == 960
-        assert found[0]["session_retention_days"] == 30
+        assert found[0]["stream_retention_hours"] == 192
+        assert found[0]["session_retention_days"] == 8

@@ -30,8 +30,15 @@ from worker.errors import is_infrastructure_failure
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
 from worker.handlers import registry
-from worker.handlers.base import Batch, HandlerContext
-from worker.handlers.metering.handler import MeteringHandler, create, hourly_key
+from worker.handlers.base import Batch, HandlerContext, StreamFacts
+from worker.handlers.metering.handler import (
+    MeteringHandler,
+    create,
+    encode,
+    hourly_key,
+    legacy_sessions_key,
+    sessions_key,
+)
 from worker.handlers.metering.settings import MeteringSettings
 from worker.handlers.metering.usage import figures, sessions
 
@@ -266,6 +273,24 @@ def snapshot(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
     return {key: client.hgetall(key) for key in client.scan_iter(match=PREFIX + ":m:*")}
 
 
+async def test_copies_identical_to_an_earlier_event_of_the_batch_never_reach_the_script(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """An event repeated in its batch is counted once and the repeats as unchanged, and
+    Redis holds what one copy leaves."""
+    events, _ = simulated()
+    sample = [e for e in events if e.kind.carries_usage][:5]
+    once = handler(client)
+    await once.handle(Batch("s", sample))
+    expected = snapshot(reader)
+    reader.flushall()
+    repeated = handler(client)
+    await repeated.handle(Batch("s", [e for e in sample for _ in range(3)]))
+    assert snapshot(reader) == expected
+    assert repeated.windows_counted == once.windows_counted
+    assert repeated.unchanged == once.unchanged + 2 * len(sample)
+
+
 async def test_crash_replay_of_a_prefix_of_batches_changes_nothing(
     client: redis.asyncio.Redis, reader: redis.Redis
 ) -> None:
@@ -348,29 +373,31 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def session_records(windows: Sequence[tuple[int, int]], schema: int) -> list[bytes]:
+def session_records(
+    windows: Sequence[tuple[int, int]], schema: int, start: datetime = SESSION_START
+) -> list[bytes]:
     """started, one updated per window but the last, ended for the last: 20-minute windows
-    from 22:10 UTC, so they span several hours and cross midnight."""
+    from ``start`` (22:10 UTC), so they span several hours and cross midnight."""
     out = [
         make_record(
             "data-session.started",
             seq=0,
             schema_version=schema,
-            timestamp=_iso(SESSION_START),
-            data_session_start_time=_iso(SESSION_START),
+            timestamp=_iso(start),
+            data_session_start_time=_iso(start),
         )
     ]
     cum = [0, 0]
     for n, (down, up) in enumerate(windows):
         begin, end = (
-            SESSION_START + timedelta(minutes=20 * n),
-            SESSION_START + timedelta(minutes=20 * (n + 1)),
+            start + timedelta(minutes=20 * n),
+            start + timedelta(minutes=20 * (n + 1)),
         )
         cum = [cum[0] + down, cum[1] + up]
         kind = "data-session.ended" if n == len(windows) - 1 else "data-session.updated"
         fields: dict[str, Any] = {
             "timestamp": _iso(end),
-            "data_session_start_time": _iso(SESSION_START),
+            "data_session_start_time": _iso(start),
             "data_session_update_start_time": _iso(begin),
             "data_session_update_end_time": _iso(end),
             "data_download": down,
@@ -462,6 +489,41 @@ def test_any_subset_order_and_repetition_of_a_sessions_events_meters_the_invaria
         reader.close()
 
 
+@pytest.mark.parametrize(
+    "start",
+    [
+        datetime(2023, 12, 31, 22, 10),
+        datetime(2024, 2, 28, 22, 10),
+        datetime(2024, 2, 29, 22, 10),
+        datetime(2000, 2, 28, 22, 10),
+        datetime(2100, 2, 28, 22, 10),
+        datetime(1999, 12, 31, 22, 10),
+    ],
+    ids=lambda moment: moment.date().isoformat(),
+)
+async def test_late_windows_leave_the_ended_hour_exact_across_month_and_year_ends(
+    client: redis.asyncio.Redis, reader: redis.Redis, start: datetime
+) -> None:
+    """The script names a session's ended hour from its start: with the ended event first,
+    each late window moves its bytes out of the right hour, past a month's, a leap day's
+    and a year's end."""
+    windows = [(100 * n, 10 * n) for n in range(1, 8)]
+    *started_and_updated, ended = record_events(*session_records(windows, 2, start))
+    target = handler(client)
+    await target.handle(Batch("s", [ended]))
+    for event in started_and_updated:
+        await target.handle(Batch("s", [event]))
+    want: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for n, (down, up) in enumerate(windows):
+        pair = want[_hour(start + timedelta(minutes=20 * (n + 1)))]
+        pair[0] += down
+        pair[1] += up
+    last = start + timedelta(minutes=20 * len(windows))
+    rows = figures(reader, PREFIX, "sim", SIM["sim_sid"], start.date(), last.date(), hourly=True)
+    assert {r.period[:13]: [r.down, r.up] for r in rows if r.down or r.up} == want
+    assert len(want) == 3
+
+
 # --- copies of an ended event that name another fleet, account or network ---------------
 
 OTHER_FLEET = "HF" + "0" * 32
@@ -481,6 +543,7 @@ def group_window(
     schema: int = 2,
     vendor: str = "twilio",
     other_group: bool = False,
+    sid: str | None = None,
 ) -> bytes:
     """One session of 1,000/100 bytes: its updated window (10:00-10:40 UTC, 600/60 bytes)
     or its ended window (10:40-11:10, 400/40), on US-310-260 of the SIM's fleet and account,
@@ -507,6 +570,8 @@ def group_window(
         fields["data_session_end_time"] = f"2024-03-01T{end}:00Z"
     if other_group:
         fields |= {"network__mcc": "999", "fleet_sid": OTHER_FLEET, "account_sid": OTHER_ACCOUNT}
+    if sid is not None:
+        fields["data_session_sid"] = sid
     return make_record(
         f"data-session.{kind}",
         vendor=vendor,
@@ -517,11 +582,16 @@ def group_window(
 
 
 async def metered_groups(
-    client: redis.asyncio.Redis, reader: redis.Redis, records: Sequence[bytes], batch_size: int
+    client: redis.asyncio.Redis,
+    reader: redis.Redis,
+    records: Sequence[bytes],
+    batch_size: int,
+    prefix: str | None = None,
 ) -> tuple[dict[str, dict[str, tuple[int, int]]], list[dict[str, Any]]]:
-    """The records metered under a fresh prefix: the non-zero hours of every SIM, fleet,
-    account and network of ``GROUPS`` (no hour may be negative), and the SIM's sessions."""
-    prefix = "{sw:groups:" + uuid.uuid4().hex + "}"
+    """The records metered under ``prefix`` (by default a fresh one): the non-zero hours of
+    every SIM, fleet, account and network of ``GROUPS`` (no hour may be negative), and the
+    SIM's sessions."""
+    prefix = prefix or "{sw:groups:" + uuid.uuid4().hex + "}"
     target = MeteringHandler(client, prefix, MeteringSettings())
     events = record_events(*records)
     for i in range(0, len(events), batch_size):
@@ -638,6 +708,116 @@ async def test_session_records_mirror_every_data_session(
                 assert item["imei"] == data.imei
 
 
+async def test_previous_layout_data_is_read_counted_against_and_moved(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Buckets and session records of the previous key layout (fields ``HHd``/``DDd``,
+    session hashes ``P:m:s:``) are read and added in, a window they counted is not counted
+    again, and a record moves to the new hash when its session changes: the figures and the
+    listing equal those of one delivery to the new layout."""
+    updated, ended = group_window("updated"), group_window("ended")
+    clean = await metered_groups(client, reader, [updated, ended], batch_size=1)
+    prefix = "{sw:legacy:" + uuid.uuid4().hex + "}"
+    (event,) = record_events(updated)
+    (args,), _ = encode([event])
+    sim, sid = event.data.sim_sid, str(event.data.data_session_sid)
+    fleet, account, network, op, loc, imei = (str(args[i]) for i in (13, 14, 15, 16, 17, 18))
+    # What the previous layout held after the updated window (10:00-10:40, 600/60 bytes).
+    for dimension, ident in (("s", sim), ("f", fleet), ("a", account), ("n", network)):
+        reader.hset(f"{prefix}:m:h:{dimension}:{ident}:20240301", mapping={"10d": 600, "10u": 60})
+        reader.hset(f"{prefix}:m:d:{dimension}:{ident}:202403", mapping={"01d": 600, "01u": 60})
+    with_loc, with_imei = ("=" if loc else ""), ("=" if imei else "")
+    only_there = "PI" + "7" * 32  # an ended session the new layout never sees
+    reader.hset(
+        legacy_sessions_key(prefix, sim, "20240301"),
+        mapping={
+            sid: f"{args[4]}||4800|=|{with_loc}|=|{with_imei}|=|0:2400|600|60|||||",
+            only_there: f"{int(args[4]) - 3600}|600|1201|=|{with_loc}|=|{with_imei}|=|||"
+            "|2024030109|5000|500|5000|500",
+            "~": f"{fleet}^{account}^{op}|{loc}|{imei}",
+        },
+    )
+    moved = await metered_groups(client, reader, [updated, ended, updated], 1, prefix)
+    assert moved[0] == clean[0]
+    assert moved[1][1] == clean[1][0]
+    assert (moved[1][0]["sid"], moved[1][0]["data_total"], moved[1][0]["end"]) == (
+        only_there,
+        5500,
+        "2024-03-01T09:10:00Z",
+    )
+    assert set(reader.hkeys(legacy_sessions_key(prefix, sim, "20240301"))) == {
+        b"~",
+        only_there.encode(),
+    }
+
+
+@pytest.mark.parametrize(
+    "sid",
+    ["session-1", "PI" + "A" * 32, "PI" + "0" * 31, "QS" + "0" * 32, "PI\u00ff" + "0" * 31],
+    ids=["text", "upper-case", "short", "other-prefix", "non-ascii"],
+)
+async def test_sessions_with_other_sids_are_counted_once_and_listed_as_they_came(
+    client: redis.asyncio.Redis, reader: redis.Redis, sid: str
+) -> None:
+    """Only standard sids (``PI`` and 32 lowercase hex digits) are stored as bytes; a
+    session with any other sid is kept under its text, de-duplicated and listed the same."""
+    clean = await metered_groups(
+        client, reader, [group_window("updated"), group_window("ended")], batch_size=1
+    )
+    records = [group_window("updated", sid=sid), group_window("ended", sid=sid)]
+    other = await metered_groups(client, reader, [*records, *records], batch_size=1)
+    assert other[0] == clean[0]
+    assert [item | {"sid": ""} for item in other[1]] == [item | {"sid": ""} for item in clean[1]]
+    assert [item["sid"] for item in other[1]] == [sid]
+
+
+async def test_a_coverage_with_many_gaps_is_kept_apart_and_folded_back(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Every other window first leaves a session's counted windows in six pieces: that
+    list moves out of the record (which stays short, and the hash compact) and back in
+    once the gaps are filled, and the hours stay exact throughout."""
+    windows = [(10**9 + n, 10**6 + n) for n in range(12)]
+    started, *updated, ended = record_events(*session_records(windows, 2))
+    target = handler(client)
+    key = sessions_key(PREFIX, SIM["sim_sid"], "20240301")
+    await target.handle(Batch("s", [started, *updated[::2]]))
+    assert any(field.startswith(b"~c") for field in reader.hkeys(key))
+    assert reader.object("encoding", key) == b"listpack"
+    await target.handle(Batch("s", [*updated[1::2], ended, *updated[::3]]))
+    assert not any(field.startswith(b"~c") for field in reader.hkeys(key))
+    assert reader.object("encoding", key) == b"listpack"
+    last = SESSION_START + timedelta(minutes=20 * len(windows))
+    days = SESSION_START.date(), last.date()
+    rows = figures(reader, PREFIX, "sim", SIM["sim_sid"], *days, hourly=True)
+    want: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for n, (down, up) in enumerate(windows):
+        pair = want[_hour(SESSION_START + timedelta(minutes=20 * (n + 1)))]
+        pair[0] += down
+        pair[1] += up
+    assert {r.period[:13]: [r.down, r.up] for r in rows if r.down or r.up} == want
+
+
+async def test_metering_hashes_stay_listpacks_under_redis_default_thresholds(
+    client: redis.asyncio.Redis, reader: redis.Redis
+) -> None:
+    """Under Redis' default ``hash-max-listpack-entries`` (512) and ``-value`` (64 bytes),
+    every bucket and session hash of a messy simulated stream is a listpack, the compact
+    encoding the layout is designed for, with room to spare: at most 128 fields, none
+    longer than 64 bytes."""
+    assert reader.config_get("hash-max-listpack-*") == {
+        "hash-max-listpack-entries": "512",
+        "hash-max-listpack-value": "64",
+    }
+    events, _ = simulated(**MESSY)
+    await handle_all(handler(client), batches(events, random.Random(16)))
+    keys = list(reader.scan_iter(match=PREFIX + ":m:*"))
+    assert {reader.object("encoding", key) for key in keys} == {b"listpack"}
+    stored = [reader.hgetall(key) for key in keys]
+    assert max(len(fields) for fields in stored) <= 128
+    assert max(len(text) for fields in stored for item in fields.items() for text in item) <= 64
+
+
 # --- round trips, keys, retention ----------------------------------------------------------
 
 
@@ -670,7 +850,7 @@ async def test_every_key_is_under_the_prefix_and_expires(
         handler(client, hour_retention_days=2, day_retention_days=9, session_retention_days=4),
         batches(events, random.Random(14)),
     )
-    limits = {b":m:h:": 2 * DAY, b":m:d:": 9 * DAY, b":m:s:": 4 * DAY}
+    limits = {b":m:h:": 2 * DAY, b":m:d:": 9 * DAY, b":m:r:": 4 * DAY}
     seen = set()
     for key in reader.scan_iter():
         assert key.startswith(PREFIX.encode())
@@ -684,6 +864,33 @@ def test_day_retention_must_cover_session_retention() -> None:
     """Daily buckets may not expire before the sessions whose late windows move bytes in them."""
     with pytest.raises(ValidationError, match="day_retention_days"):
         MeteringSettings(day_retention_days=10, session_retention_days=30)
+
+
+@pytest.mark.parametrize(
+    ("stream_hours", "session_days", "warned"),
+    [
+        (24, 8, False),
+        (168, 8, False),
+        (169, 8, True),
+        (24, 1, True),
+        (24, 2, False),
+        (None, 1, False),
+    ],
+)
+async def test_start_warns_when_sessions_do_not_outlive_the_stream_by_a_day(
+    client: redis.asyncio.Redis, stream_hours: int | None, session_days: int, warned: bool
+) -> None:
+    """Session records must outlive the stream's retention by a day (duplicates written
+    late, consumer lag): the default covers Kinesis' 7-day extended retention; an unknown
+    retention is not warned about."""
+    target = handler(client, session_retention_days=session_days)
+    with capture_logs() as logs:
+        await target.start(StreamFacts(stream_name="s", retention_hours=stream_hours))
+    found = [e for e in logs if e["event"] == "metering_session_retention_shorter_than_stream"]
+    assert bool(found) is warned
+    if warned:
+        assert found[0]["needed_days"] == -(-(cast(int, stream_hours) + 24) // 24)
+    assert MeteringSettings().session_retention_days == 8
 
 
 async def test_factory_reads_settings_metering_or_uses_defaults(
@@ -719,12 +926,12 @@ async def test_logs_carry_no_personal_data(client: redis.asyncio.Redis) -> None:
 async def test_buckets_hold_hours_of_a_day_and_days_of_a_month(
     client: redis.asyncio.Redis, reader: redis.Redis
 ) -> None:
-    """An hourly bucket is field ``HHd``/``HHu`` of the day's hash (the documented layout)."""
+    """An hourly bucket is field ``H``/``H + 100`` of the day's hash (the documented layout)."""
     (event,) = record_events(make_record("data-session.ended"))
     await handler(client).handle(Batch("s", [event]))
     stored = reader.hgetall(hourly_key(PREFIX, "sim", event.data.sim_sid, "20221214"))
     cumulative = event.data.data_session_data_download, event.data.data_session_data_upload
-    assert stored == {b"13d": str(cumulative[0]).encode(), b"13u": str(cumulative[1]).encode()}
+    assert stored == {b"13": str(cumulative[0]).encode(), b"113": str(cumulative[1]).encode()}
 
 
 # --- limits of exact counting --------------------------------------------------------------
@@ -818,12 +1025,14 @@ async def test_a_session_event_without_its_start_is_refused_not_filed_apart(
     assert list(reader.scan_iter()) == []
 
 
-async def test_a_session_named_like_the_records_defaults_field_is_refused(
-    client: redis.asyncio.Redis, reader: redis.Redis
+@pytest.mark.parametrize("sid", ["~", "~l1"])
+async def test_a_session_named_like_the_records_shared_fields_is_refused(
+    client: redis.asyncio.Redis, reader: redis.Redis, sid: str
 ) -> None:
-    """``~`` names a field of the session hashes: such an event is refused (and so
-    dead-lettered by the consumer), not skipped in silence."""
-    (event,) = record_events(make_record("data-session.updated", data_session_sid="~"))
+    """Fields starting with ``~`` hold a session hash's shared values: an event whose
+    session sid starts so is refused (and so dead-lettered by the consumer), not skipped
+    in silence."""
+    (event,) = record_events(make_record("data-session.updated", data_session_sid=sid))
     with pytest.raises(ValueError, match="is not a session id"):
         await handler(client).handle(Batch("s", [event]))
     assert list(reader.scan_iter()) == []

@@ -9,14 +9,20 @@ memory per SIM, measured with simulated fleets against a real redis-server.
 2. **Memory for 100k SIMs**: 100,000 SIMs (ten simulated fleets of 10,000) for one hour;
    ``used_memory`` delta per SIM, and per key family from ``MEMORY USAGE``.
 3. **Steady state**: a smaller fleet over several days gives the bytes each key family
-   adds per SIM and UTC day; projected over the default retention (hourly buckets 35
-   days, daily buckets 400 days, session records 30 days).
+   adds per SIM and UTC day; projected over the default retention (``MeteringSettings``:
+   hourly buckets 35 days, daily buckets 400 days, session records 30 days), and over
+   shorter session retentions.
+
+The "before" figures are those of the previous key layout (commit ``BEFORE_COMMIT``),
+measured with this benchmark on the same simulated streams; memory figures depend only on
+the data, not on the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import time
 from collections import defaultdict
@@ -45,8 +51,45 @@ KEY = "metering"
 TITLE = "Metering: CPU per event, Redis round trips per batch, memory per SIM"
 BATCH = 1000
 PREFIX = "{sw:bench:metering}"
-FAMILIES = {":m:h:": "hourly buckets", ":m:d:": "daily buckets", ":m:s:": "session records"}
+FAMILIES = {
+    ":m:h:": "hourly buckets",
+    ":m:d:": "daily buckets",
+    ":m:r:": "session records",
+    ":m:s:": "session records (previous layout)",
+}
 GOAL_ROUND_TRIPS = 1.0
+GOAL_KIB_PER_SIM = 32
+SESSION_DAYS = (30, 14, 7)
+"""Shorter session retentions the steady state is also projected over."""
+
+BEFORE_COMMIT = "f4c953f"
+BEFORE: dict[str, float] = {
+    "bytes per SIM (100k SIMs, one hour)": 1027,
+    "hourly buckets per SIM-day": 501,
+    "daily buckets per SIM-month (full)": 888,
+    "session records per SIM-day": 2670,
+    "KiB per SIM at the default retention": 107,
+}
+"""The previous layout's figures (``tests/bench/run.py metering --no-write`` on
+``BEFORE_COMMIT``, 2026-12-06; the same simulated streams)."""
+BEFORE_SESSION_DAYS = 30
+
+REDIS_WORK = (
+    "Redis CPU time on a shared machine moves by tens of percent from run to run, so the "
+    "script's work was also counted in instructions (redis-server under "
+    "`valgrind --tool=callgrind`, counters zeroed after the script was loaded, then the first "
+    "10,000 connection events of a simulated stream of 400 SIMs over 8 hours, seed 11, 5% "
+    "duplicates, 30% KORE envelopes, batches of 1,000; 7,260 of them data-session events): "
+    "**123,514 instructions per event with the previous layout (`041c1c9`), 119,318 now** "
+    "(-3.4%). The packed records alone cost 135,463 (+9.7%); dropping copies identical to an "
+    "earlier event of the batch in the worker, and summing the fleet, account and network "
+    "buckets per (hour, fleet, account, network) before expanding them, brought it below "
+    "the previous layout. Where the instructions go (callgrind, packed layout): JSON "
+    "decoding of the batch 13%, Redis commands called by the script 13%, the rest the Lua "
+    "interpreter running the per-event logic."
+)
+"""Instruction counts of the script, before and after (measured separately: the bench
+runs one layout)."""
 
 
 @dataclass
@@ -114,7 +157,7 @@ def family_of(key: bytes) -> str:
     (fleet, account, network), or session records."""
     text = key.decode()[len(PREFIX) :]
     family = FAMILIES[text[:5]]
-    if text[:5] != ":m:s:" and text[5:7] != "s:":
+    if text[:5] in (":m:h:", ":m:d:") and text[5:7] != "s:":
         family += " (fleet, account, network)"
     return family
 
@@ -131,13 +174,26 @@ def family_bytes(client: redis.Redis) -> dict[str, int]:
     return dict(totals)
 
 
+def encodings(client: redis.Redis) -> dict[str, int]:
+    """How many metering hashes Redis keeps in each encoding (listpack is the compact one)."""
+    keys = list(client.scan_iter(match=PREFIX + ":m:*", count=10_000))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.object("encoding", key)
+    counts: dict[str, int] = defaultdict(int)
+    for found in pipe.execute():
+        counts[found.decode()] += 1
+    return dict(counts)
+
+
 def full_month(client: redis.Redis) -> int:
     """MEMORY USAGE of one SIM's daily-bucket hash holding all 31 days: a copy of a real
-    one (same key length, its largest value) filled with every day."""
+    one (same key length, its largest value) filled with every day (fields ``D`` and
+    ``D + 100``, bytes down and up)."""
     key = next(client.scan_iter(match=PREFIX + ":m:d:s:*", count=10_000))
     largest = max(int(v) for v in client.hvals(key))
     copy = key[:-6] + b"299912"
-    client.hset(copy, mapping={f"{day:02d}{x}": largest for day in range(1, 32) for x in "du"})
+    client.hset(copy, mapping={day + up: largest for day in range(1, 32) for up in (0, 100)})
     size = int(client.memory_usage(copy, samples=0) or 0)
     client.delete(copy)
     return size
@@ -176,11 +232,8 @@ class SteadyState:
     full_month: int
     """Bytes of one SIM's daily-bucket hash holding a whole month."""
     sessions_per_sim_day: float
-    listpack_sessions_per_sim_day: float
-    """Session records per SIM-day with ``hash-max-listpack-value`` raised to LISTPACK."""
-
-
-LISTPACK = 256
+    encodings: dict[str, int]
+    """Metering hashes per Redis encoding, at Redis' default thresholds."""
 
 
 def per_day(url: str, client: redis.Redis, sims: int, days: int) -> SteadyState:
@@ -189,19 +242,10 @@ def per_day(url: str, client: redis.Redis, sims: int, days: int) -> SteadyState:
     asyncio.run(meter(url, events, Run()))
     sizes = {family: size / sims / days for family, size in family_bytes(client).items()}
     pipe = client.pipeline(transaction=False)
-    for key in client.scan_iter(match=PREFIX + ":m:s:*", count=10_000):
-        pipe.hlen(key)
-    sessions = sum(n - 1 for n in pipe.execute())  # minus the "~" defaults field
-    month = full_month(client)
-    default = client.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
-    client.flushall()
-    client.config_set("hash-max-listpack-value", LISTPACK)
-    try:
-        asyncio.run(meter(url, events, Run()))
-        tuned = family_bytes(client)["session records"] / sims / days
-    finally:
-        client.config_set("hash-max-listpack-value", default)
-    return SteadyState(sizes, month, sessions / sims / days, tuned)
+    for key in client.scan_iter(match=PREFIX + ":m:r:*", count=10_000):
+        pipe.hkeys(key)
+    sessions = sum(sum(not f.startswith(b"~") for f in fields) for fields in pipe.execute())
+    return SteadyState(sizes, full_month(client), sessions / sims / days, encodings(client))
 
 
 def run(quick: bool = False) -> str:
@@ -267,14 +311,18 @@ def report(
     ]
     for family, size in sorted(families.items()):
         lines.append(f"| {family} | {size / 2**20:,.1f} | {size / sims:,.0f} |")
+    settings = MeteringSettings()
+    hour_days, session_days = settings.hour_retention_days, settings.session_retention_days
+    months = math.ceil(settings.day_retention_days / 31) + 1
     lines += [
         "",
         f"### Steady state per SIM (measured over {days} simulated days)",
         "",
         "What each SIM holds at the default retention: hourly buckets and session records "
-        "measured per SIM and UTC day of activity, times 35 and 30 days; daily buckets are "
-        "one hash per SIM and month, measured full (31 days), times 14 months. Fleet, "
-        "account and network buckets are shared by many SIMs and left out.",
+        f"measured per SIM and UTC day of activity, times {hour_days} and {session_days} "
+        "days; daily buckets are one hash per SIM and month, measured full (31 days), times "
+        f"{months} months. Fleet, account and network buckets are shared by many SIMs and "
+        "left out.",
         "",
         "| Key family | measured | retained | bytes per SIM |",
         "|---|---:|---:|---:|",
@@ -282,26 +330,64 @@ def report(
     daily, month = steady.per_sim_day, steady.full_month
     hourly, sessions = daily.get("hourly buckets", 0.0), daily.get("session records", 0.0)
     rows = [
-        ("hourly buckets", f"{hourly:,.0f} per day", "35 days", hourly * 35),
-        ("daily buckets", f"{month:,} per month", "14 months", month * 14.0),
-        ("session records", f"{sessions:,.0f} per day", "30 days", sessions * 30),
+        ("hourly buckets", f"{hourly:,.0f} per day", f"{hour_days} days", hourly * hour_days),
+        ("daily buckets", f"{month:,} per month", f"{months} months", month * float(months)),
+        (
+            "session records",
+            f"{sessions:,.0f} per day",
+            f"{session_days} days",
+            sessions * session_days,
+        ),
     ]
     for family, measured, held, size in rows:
         lines.append(f"| {family} | {measured} | {held} | {size:,.0f} |")
-    projected = sum(row[3] for row in rows)
-    tuned = steady.listpack_sessions_per_sim_day
+    buckets = rows[0][3] + rows[1][3]
+    projected = buckets + rows[2][3]
+    kib = projected / 1024
+    verdict = "met" if kib <= GOAL_KIB_PER_SIM else "not met"
+    fitting = math.floor((GOAL_KIB_PER_SIM * 1024 - buckets) / sessions) if sessions else 0
+    encoded = ", ".join(f"{n:,} {name}" for name, n in sorted(steady.encodings.items()))
     lines += [
-        f"| session records, `hash-max-listpack-value {LISTPACK}` | {tuned:,.0f} per day "
-        f"| 30 days | {tuned * 30:,.0f} |",
         "",
-        f"**About {projected / 1024:,.0f} KiB per SIM at the default retention**, "
-        f"{projected * 100_000 / 2**30:,.1f} GiB for 100,000 SIMs of this mix (on average "
-        f"{steady.sessions_per_sim_day:.1f} data sessions per SIM and day). Session records (the "
-        "DataSession mirror with its duplicate detection) dominate. A record is about 100 "
-        "bytes, over Redis' default `hash-max-listpack-value` (64), so session hashes use "
-        f"the larger hashtable encoding; `CONFIG SET hash-max-listpack-value {LISTPACK}` "
-        f"brings them to {tuned * 30 / 1024:,.0f} KiB per SIM (last row). Lowering "
-        "`SUPERSIM_METERING__SESSION_RETENTION_DAYS` trades listing depth for memory.",
+        f"**{kib:,.1f} KiB per SIM at the default retention** (goal ≤ {GOAL_KIB_PER_SIM} KiB: "
+        f"{verdict}), {projected * 100_000 / 2**30:,.1f} GiB for 100,000 SIMs of this mix (on "
+        f"average {steady.sessions_per_sim_day:.1f} data sessions per SIM and day). Metering "
+        f"hashes by Redis encoding: {encoded} (Redis' default thresholds).",
+        "",
+        "With a shorter `SUPERSIM_METERING__SESSION_RETENTION_DAYS` (the duplicate detection "
+        "and `usage --sessions` reach back that far):",
+        "",
+        "| session retention | session records | KiB per SIM |",
+        "|---:|---:|---:|",
+    ]
+    for held in sorted({session_days, *SESSION_DAYS}, reverse=True):
+        total = buckets + sessions * held
+        lines.append(f"| {held} days | {sessions * held:,.0f} | {total / 1024:,.1f} |")
+    lines += [
+        "",
+        f"At most {GOAL_KIB_PER_SIM} KiB per SIM up to a session retention of {fitting} days.",
+        "",
+        f"### Before and after (previous layout: commit `{BEFORE_COMMIT}`, same streams)",
+        "",
+        "| Figure | before | after |",
+        "|---|---:|---:|",
+    ]
+    after = {
+        "bytes per SIM (100k SIMs, one hour)": memory / sims,
+        "hourly buckets per SIM-day": hourly,
+        "daily buckets per SIM-month (full)": float(month),
+        "session records per SIM-day": sessions,
+        "KiB per SIM at the default retention": kib,
+    }
+    for name, was in BEFORE.items():
+        lines.append(f"| {name} | {was:,.0f} | {after[name]:,.0f} |")
+    lines += [
+        "",
+        f"Session records were kept {BEFORE_SESSION_DAYS} days by default before, "
+        f"{session_days} days now (Kinesis' 7-day extended retention plus a day; `run` warns "
+        "when the stream keeps records longer than the session retention less a day).",
+        "",
+        REDIS_WORK,
     ]
     return "\n".join(lines) + "\n"
 

@@ -37,17 +37,27 @@ touches one Cluster slot; ``D`` is ``s`` SIM, ``f`` fleet, ``a`` account, ``n`` 
 =================================  ====  ======================================================
 key                                type  holds
 =================================  ====  ======================================================
-``P:m:h:D:<id>:<YYYYMMDD>``        hash  fields ``HHd``/``HHu``: bytes down/up in UTC hour HH
-``P:m:d:D:<id>:<YYYYMM>``          hash  fields ``DDd``/``DDu``: bytes down/up on UTC day DD
-``P:m:s:<sim_sid>:<YYYYMMDD>``     hash  sessions that started that UTC day: session sid ->
-                                         packed record (``RECORD_FIELDS``), and ``~`` ->
-                                         the values records share (``DEFAULTED_FIELDS``)
+``P:m:h:D:<id>:<YYYYMMDD>``        hash  field ``H``/``1HH`` (``H`` + 100): bytes down/up in
+                                         UTC hour H (0-23)
+``P:m:d:D:<id>:<YYYYMM>``          hash  field ``D``/``1DD`` (``D`` + 100): bytes down/up on
+                                         UTC day D (1-31)
+``P:m:r:<sim_sid>:<YYYYMMDD>``     hash  sessions that started that UTC day: session sid ->
+                                         packed record, plus shared values
+                                         (:mod:`~worker.handlers.metering.records`)
 =================================  ====  ======================================================
+
+Field names that are small numbers and values that are integers are what Redis stores most
+compactly in a small hash (a listpack). Buckets written by the previous layout (fields
+``HHd``/``HHu`` and ``DDd``/``DDu``) and its session hashes (``P:m:s:``) are still read and
+added in; the script moves a previous-layout session record to its new hash when the
+session changes.
 
 **Retention.** A bucket hash expires ``hour_retention_days``/``day_retention_days`` after
 it last gained a field (a new hour or day), a session hash ``session_retention_days``
 after one of its records last changed. Duplicates are recognised while the session's
-record lives: keep it longer than the stream's retention plus the longest replay. Daily
+record lives: so it must outlive the stream's retention (a replay or backfill reads that
+far back) plus ``SESSION_MARGIN_HOURS`` (duplicates written late, lag), which ``start``
+checks; the default, 8 days, covers Kinesis' 7-day extended retention. Daily
 buckets must outlive session records (enforced); hourly ones should too, or a window
 arriving after its session's ended hour expired leaves a negative figure in a re-created
 hour. Decode refuses data-session events without ``data_session_start_time``: a session's
@@ -58,17 +68,13 @@ at 2**53 - 1). A batch or session sum reaching it, or a bucket total HINCRBY ref
 2**63 - 1), fails the whole call with nothing written; the consumer then isolates the
 event(s) responsible and dead-letters them. Real traffic is petabytes below either limit.
 
-**Cost** (``tests/bench/metering_bench.py``): one round trip per batch; about 11 µs of
-worker CPU and 40 µs of Redis CPU per event (so a 1,000-event batch holds Redis for tens
-of milliseconds). Memory: about 1 KB per SIM for an hour of activity; at the default
-retention about 106 KiB per SIM with 12 data sessions per SIM and day, 80 KiB of it
-session records (a record is ~100 bytes; raising Redis' ``hash-max-listpack-value`` to
-256 stores them a fifth smaller). Memory grows with the number of data sessions and is
-bounded by the retention.
+**Cost** (``tests/bench/metering_bench.py``, BENCHMARKS.md): one round trip per batch.
+Memory grows with the number of data sessions and is bounded by the retention.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -79,47 +85,19 @@ import structlog
 
 from worker.events.records import ConnectionEvent, EventKind
 from worker.handlers.base import Batch, HandlerContext, Plugin, StreamFacts
+from worker.handlers.metering import records
 from worker.handlers.metering.settings import MeteringSettings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 DAY: Final = 86_400
+SESSION_MARGIN_HOURS: Final = 24
+"""How much longer than the stream's retention session records must live (start-up check):
+room for a duplicate written after its first copy, and for the consumer's lag."""
 
 DIMENSIONS: Final = {"sim": "s", "fleet": "f", "account": "a", "network": "n"}
 """Dimension name -> its letter in bucket keys."""
-
-RECORD_FIELDS: Final = (
-    "start",  # session start, Unix seconds; the other times are seconds after it
-    "end",  # session end (from the ended event), relative
-    "opri",  # priority of the event the operator group comes from
-    "og",  # operator group: OPERATOR_GROUP joined by "^"; fixed by the first ended event
-    "lpri",  # priority of the event the location comes from
-    "loc",  # location group: LOCATION_GROUP joined by "^", "" if never reported
-    "ipri",  # priority of the event the IMEI comes from
-    "imei",
-    "cov",  # updated windows counted: "a:b,c:d", relative
-    "sd",  # bytes down of the updated windows counted
-    "su",  # bytes up of the updated windows counted
-    "eh",  # UTC hour "YYYYMMDDHH" of the ended window's end, "" until the ended event
-    "ewd",  # the ended window's own bytes down
-    "ewu",  # ... and up
-    "cd",  # the session's cumulative bytes down from the ended event, "" if v1
-    "cu",  # ... and up
-)
-"""Positions in a packed session record (``|``-separated). A priority is twice the
-source event's window end (relative), plus one for the ended event."""
-
-OPERATOR_GROUP: Final = ("fleet", "account", "network", "rat", "mcc", "mnc", "operator", "country")
-LOCATION_GROUP: Final = ("cell", "lat", "lon")
-
-DEFAULTED_FIELDS: Final = ("og", "loc", "imei")
-"""Record fields that usually repeat across a SIM's sessions. Each SIM-day hash keeps
-their values from its first record in ``DEFAULTS_FIELD`` (``|``-separated); a record
-stores ``SAME`` for a value equal to its hash's default, and for an ``lpri``/``ipri``
-equal to its ``opri``."""
-DEFAULTS_FIELD: Final = "~"
-SAME: Final = "="
 
 EVENT_FIELDS: Final = (
     "kind",
@@ -141,8 +119,11 @@ EVENT_FIELDS: Final = (
     "operator_group",
     "location_group",
     "imei",
+    "session_field",
 )
-"""Per-event arguments of the script, in order (see ``metering.lua``)."""
+"""Per-event arguments of the script, in order (see ``metering.lua``). ``session_field``
+numbers the session's field in the script's second argument (from 1), 0 if its sid is
+not a standard one (then the sid is the field)."""
 
 _KIND_CODES: Final = {
     EventKind.DATA_SESSION_STARTED: "s",
@@ -164,24 +145,12 @@ def daily_key(prefix: str, dimension: str, ident: str, month: str) -> str:
 
 def sessions_key(prefix: str, sim_sid: str, day: str) -> str:
     """Hash of the sessions of one SIM that started on one UTC day (``YYYYMMDD``)."""
+    return f"{prefix}:m:r:{sim_sid}:{day}"
+
+
+def legacy_sessions_key(prefix: str, sim_sid: str, day: str) -> str:
+    """The same hash in the previous layout (read, and emptied as its sessions change)."""
     return f"{prefix}:m:s:{sim_sid}:{day}"
-
-
-def unpack_record(packed: str, defaults: str = "") -> dict[str, str]:
-    """A stored session record as a field -> value mapping: ``RECORD_FIELDS`` plus the
-    fields of its operator and location groups. ``defaults`` is its hash's
-    ``DEFAULTS_FIELD`` value."""
-    record = dict(zip(RECORD_FIELDS, packed.split("|"), strict=False))
-    default = dict(zip(DEFAULTED_FIELDS, defaults.split("|"), strict=False))
-    for name in DEFAULTED_FIELDS:
-        if record.get(name) == SAME:
-            record[name] = default.get(name, "")
-    for name in ("lpri", "ipri"):
-        if record.get(name) == SAME:
-            record[name] = record.get("opri", "")
-    record.update(zip(OPERATOR_GROUP, record.get("og", "").split("^"), strict=False))
-    record.update(zip(LOCATION_GROUP, record.get("loc", "").split("^"), strict=False))
-    return record
 
 
 def network_key(iso_country: str | None, mcc: str | None, mnc: str | None) -> str:
@@ -191,25 +160,24 @@ def network_key(iso_country: str | None, mcc: str | None, mnc: str | None) -> st
     return f"{iso_country or ''}-{mcc or ''}-{mnc or ''}"
 
 
-def session_bytes(record: dict[str, str]) -> tuple[int, int]:
-    """(down, up) of a session record: its updated windows plus the ended window's share
-    (cumulative minus those windows with schema v2, else the ended window's bytes)."""
-    down, up = int(record.get("sd") or 0), int(record.get("su") or 0)
-    if not record.get("eh"):
-        return down, up
-    if record.get("cd"):
-        return max(int(record["cd"]), down), max(int(record["cu"]), up)
-    return down + int(record.get("ewd") or 0), up + int(record.get("ewu") or 0)
-
-
 def load_script() -> str:
-    """The Lua source with the record layout filled in from ``RECORD_FIELDS``."""
+    """The Lua source with the record layouts filled in from ``records``."""
     source = resources.files("worker.handlers.metering").joinpath("metering.lua").read_text("utf-8")
     for marker, names in (
-        ("--[[RECORD_FIELDS]]", RECORD_FIELDS),
-        ("--[[DEFAULTED_FIELDS]]", DEFAULTED_FIELDS),
+        ("--[[RECORD_FIELDS]]", records.RECORD_FIELDS),
+        ("--[[COMPONENTS]]", records.COMPONENTS),
+        ("--[[COMPONENT_CODES]]", records.COMPONENT_CODES),
+        ("--[[LEGACY_FIELDS]]", records.LEGACY_FIELDS),
     ):
         source = source.replace(marker, ", ".join(f"'{name}'" for name in names))
+    for marker, value in (
+        ("--[[COUNT_FIELD]]", records.COUNT_FIELD),
+        ("--[[NONE_SLOT]]", records.NONE_SLOT),
+        ("--[[FIELD_LIMIT]]", str(records.FIELD_LIMIT)),
+        ("--[[COVERAGE_CODE]]", records.COVERAGE_CODE),
+        ("--[[COVERAGE_REF]]", records.COVERAGE_REF),
+    ):
+        source = source.replace(marker, value)
     return source
 
 
@@ -241,13 +209,19 @@ class _Hours:
 
 EncodedEvent = tuple[str | int, ...]
 
+_STANDARD_SID: Final = re.compile(r"PI[0-9a-f]{32}")
 
-def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> list[EncodedEvent]:
-    """The script's arguments (``EVENT_FIELDS``) for each event that matters to metering:
-    started, updated and ended data-session events. Times are Unix seconds; text that is
-    stored in session records loses any ``|``."""
+
+def encode(
+    events: Sequence[ConnectionEvent], hours: _Hours | None = None
+) -> tuple[list[EncodedEvent], bytes]:
+    """The script's arguments for each event that matters to metering (started, updated
+    and ended data-session events; ``EVENT_FIELDS``), and the session fields of their
+    standard sids (byte 255 and the sid's 16 bytes each, see ``records``). Times are Unix
+    seconds; text that is stored in session records loses any ``|``."""
     hour_of = hours or _Hours()
     out: list[EncodedEvent] = []
+    fields: dict[str, int] = {}
     for event in events:
         code = _KIND_CODES.get(event.kind)
         if code is None:
@@ -256,10 +230,10 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
         session = data.data_session_sid
         if session is None:  # decode refuses these
             raise ValueError(f"{event.kind.value} event lacks data.data_session_sid")
-        if session == DEFAULTS_FIELD:
+        if session.startswith(records.RESERVED):
             raise ValueError(
-                f"data.data_session_sid {DEFAULTS_FIELD!r} is not a session id (it names a "
-                "field of the session records)"
+                f"data.data_session_sid {session!r} is not a session id (session hashes use "
+                f"fields starting with {records.RESERVED!r} for shared values)"
             )
         start_time = data.data_session_start_time
         if start_time is None:  # decode refuses these: a session is filed under its start
@@ -291,7 +265,7 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
             net = _text(network_key(network.iso_country, network.mcc, network.mnc))
             mcc, mnc = _text(network.mcc), _text(network.mnc)
             name, country = _text(network.friendly_name), _text(network.iso_country)
-        group = (fleet, account, net, _text(data.rat_type), mcc, mnc, name, country)
+        group = (net, _text(data.rat_type), mcc, mnc, name, country)
         location = data.location
         if location is None or (location.cell_id is None and location.lat is None):
             where = ""
@@ -300,6 +274,11 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
             lon = "" if location.lon is None else repr(location.lon)
             where = f"{_text(location.cell_id)}^{lat}^{lon}"
         imei = _text(data.imei)
+        number = fields.get(session)
+        if number is None:
+            number = len(fields) + 1 if _STANDARD_SID.fullmatch(session) else 0
+            if number:
+                fields[session] = number
         out.append(
             (
                 code,
@@ -320,10 +299,12 @@ def encode(events: Sequence[ConnectionEvent], hours: _Hours | None = None) -> li
                 net,
                 "^".join(group),
                 where,
-                imei if imei != SAME else "",
+                imei,
+                number,
             )
         )
-    return out
+    blob = b"".join(records.BINARY_SID + bytes.fromhex(sid[2:]) for sid in fields)
+    return out, blob
 
 
 class MeteringHandler:
@@ -349,13 +330,18 @@ class MeteringHandler:
         self.unchanged = 0
 
     async def handle(self, batch: Batch) -> None:
-        encoded = encode(batch.events, self._hours)
+        encoded, sids = encode(batch.events, self._hours)
         if not encoded:
             return
+        # A copy identical to an event earlier in the batch (a duplicate delivery, the same
+        # event in both vendors' envelopes) changes nothing the first did not: the script
+        # never sees it.
+        distinct = list(dict.fromkeys(encoded))
         result: Any = await self._script(
-            keys=[self._route_key], args=[*self._head, orjson.dumps(encoded)]
+            keys=[self._route_key], args=[*self._head, orjson.dumps(distinct), sids]
         )
-        counted, unchanged = int(result[0]), int(result[1])
+        counted = int(result[0])
+        unchanged = int(result[1]) + len(encoded) - len(distinct)
         self.windows_counted += counted
         self.unchanged += unchanged
         self._log.debug(
@@ -367,17 +353,18 @@ class MeteringHandler:
         )
 
     async def start(self, stream: StreamFacts) -> None:
-        """Warn when the stream keeps records longer than metering keeps its session
-        records: a replay or backfill reaching further back would count those windows
-        again."""
+        """Warn when metering does not keep its session records for the stream's retention
+        plus ``SESSION_MARGIN_HOURS``: a replay or backfill reaching further back, or a
+        duplicate written that much later, would count those windows again."""
         hours, days = stream.retention_hours, self.settings.session_retention_days
-        if hours is not None and hours > days * 24:
+        if hours is not None and hours + SESSION_MARGIN_HOURS > days * 24:
             self._log.warning(
                 "metering_session_retention_shorter_than_stream",
                 stream_retention_hours=hours,
                 session_retention_days=days,
-                fix="raise SUPERSIM_METERING__SESSION_RETENTION_DAYS above the stream's "
-                "retention, or never replay further back than it",
+                needed_days=-(-(hours + SESSION_MARGIN_HOURS) // 24),
+                fix="raise SUPERSIM_METERING__SESSION_RETENTION_DAYS to the stream's "
+                "retention plus a day, or never replay further back than it",
             )
 
     async def close(self) -> None:

@@ -1,9 +1,10 @@
--- Usage metering: one atomic, idempotent call per batch (see worker/handlers/metering.py).
+-- Usage metering: one atomic, idempotent call per batch (see worker/handlers/metering/handler.py).
 --
 -- KEYS[1]  any key under the prefix (routes the call to the prefix's Cluster slot)
 -- ARGV[1]  key prefix, e.g. "{sw:stream:group}"
 -- ARGV[2]  hourly bucket TTL (s)    ARGV[3] daily bucket TTL (s)    ARGV[4] session TTL (s)
 -- ARGV[5]  the events: a JSON array of arrays, each in EVENT_FIELDS order
+-- ARGV[6]  session fields of standard sids, 17 bytes each (event field 20 numbers them)
 --
 -- Returns {events that counted bytes, events that changed nothing (duplicates)}.
 
@@ -12,14 +13,59 @@ local HOUR_TTL, DAY_TTL, SESSION_TTL = ARGV[2], ARGV[3], ARGV[4]
 
 local RECORD_FIELDS = {--[[RECORD_FIELDS]]}
 local NFIELDS = #RECORD_FIELDS
-local DEFAULTED = {--[[DEFAULTED_FIELDS]]}
-local DEFAULTS = '~'  -- field of a SIM-day hash: DEFAULTED values of its first record
-local SAME = '='      -- a record's DEFAULTED value equal to its hash's default; or a
-                      -- location/IMEI priority equal to the operator priority
-local POSITION = {}
-for i = 1, NFIELDS do POSITION[RECORD_FIELDS[i]] = i end
+local COMPONENTS = {--[[COMPONENTS]]}  -- record fields stored as slots (see records.py)
+local CODES = {--[[COMPONENT_CODES]]}  -- their letters in the hash's field names
+local COUNT = '--[[COUNT_FIELD]]'      -- how many own entries "~<code><n>" were handed out
+local NONE = '--[[NONE_SLOT]]'         -- slot of an empty value
+local LIMIT = --[[FIELD_LIMIT]]         -- longest record kept whole (bytes)
+local COV_CODE, COV_REF = '--[[COVERAGE_CODE]]', '--[[COVERAGE_REF]]'
+local HEAD, CODE_OF = {COUNT}, {cov = COV_CODE}  -- fields read with a hash's first record
+for i = 1, #CODES do
+  HEAD[#HEAD + 1] = '~' .. CODES[i]
+  CODE_OF[COMPONENTS[i]] = CODES[i]
+end
 
-local fmt, max = string.format, math.max
+local fmt, floor, max = string.format, math.floor, math.max
+
+-- Numbers in records are base 36 ("-" before a negative one): tonumber reads them in C;
+-- written in chunks of two digits (0-1295), each made once per call.
+local DIGIT = {}
+for i = 0, 35 do DIGIT[i] = string.sub('0123456789abcdefghijklmnopqrstuvwxyz', i + 1, i + 1) end
+local PAIR = setmetatable({}, {__index = function(t, k)
+  local low = k % 36
+  local text = DIGIT[(k - low) / 36] .. DIGIT[low]
+  t[k] = text
+  return text
+end})
+local function head(n)  -- 0 <= n < 1296, without a leading zero
+  if n < 36 then return DIGIT[n] end
+  return PAIR[n]
+end
+local function b36(n)
+  local sign = ''
+  if n < 0 then sign, n = '-', -n end
+  local text = ''
+  while n >= 1296 do
+    local low = n % 1296
+    text = PAIR[low] .. text
+    n = (n - low) / 1296
+  end
+  return sign .. head(n) .. text
+end
+local function n36(text)
+  if text == nil or text == '' then return nil end
+  if text:byte(1) == 45 then return -tonumber(text:sub(2), 36) end
+  return tonumber(text, 36)
+end
+
+-- A session's field in its hash: a standard sid ("PI" and 32 lowercase hex digits) is
+-- byte 255 and its 16 bytes, handed over in ARGV[6] (no text sid has byte 255: they are
+-- UTF-8); any other sid is the field as it is.
+local SIDS = ARGV[6]
+local function session_field(sid, n)
+  if n == 0 then return sid end
+  return SIDS:sub(17 * n - 16, 17 * n)
+end
 
 -- Byte sums are Lua numbers (doubles), exact below 2^53. A sum that reaches it (rounding
 -- never takes a larger true sum below it) fails the call before anything is written, so the
@@ -31,6 +77,27 @@ local function exact(value, what)
     error('usage sum beyond 2^53 bytes (' .. what .. '): not counted exactly, refused', 0)
   end
   return value
+end
+
+-- "YYYYMMDDHH" of the UTC hour holding Unix second t (civil_from_days, H. Hinnant).
+local hour_names = {}
+local function hour_name(t)
+  local hours = floor(t / 3600)
+  local name = hour_names[hours]
+  if name ~= nil then return name end
+  local days = floor(hours / 24)
+  local z = days + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  name = fmt('%04d%02d%02d%02d', y, m, d, hours - days * 24)
+  hour_names[hours] = name
+  return name
 end
 
 -- ---- buckets: summed per batch, written once per (key, field) at the end -----------------
@@ -55,7 +122,7 @@ local function add(key, field, delta, ttl)
   sums[field] = exact(old + delta, 'batch total')
 end
 
--- Key names and field names, built once per batch.
+-- Key names, built once per batch.
 local key_names = {h = {}, d = {}}
 local function key_name(kind, dim, id, period)
   local by_dim = key_names[kind]
@@ -71,36 +138,63 @@ local function key_name(kind, dim, id, period)
   return name
 end
 
-local field_names = {d = {}, u = {}}
-local function field_name(number, direction)
-  local names = field_names[direction]
-  local name = names[number]
-  if name == nil then name = number .. direction; names[number] = name end
-  return name
+-- The parts of an hour "YYYYMMDDHH": its day and month (key suffixes) and the field names
+-- of bytes down and up in the day's hourly hash (H, H + 100) and in the month's daily hash
+-- (D, D + 100): small integers, which Redis keeps most compactly. Built once per hour.
+local hour_parts = {}
+local function parts_of(hour)
+  local parts = hour_parts[hour]
+  if parts == nil then
+    local h, d = tonumber(hour:sub(9, 10)), tonumber(hour:sub(7, 8))
+    parts = {hour:sub(1, 8), hour:sub(1, 6), fmt('%d', h), fmt('%d', h + 100),
+      fmt('%d', d), fmt('%d', d + 100)}
+    hour_parts[hour] = parts
+  end
+  return parts
 end
 
-local function bump_dim(dim, id, day, month, hour_down, hour_up, day_down, day_up, down, up)
-  local h, d = key_name('h', dim, id, day), key_name('d', dim, id, month)
-  if down ~= 0 then add(h, hour_down, down, HOUR_TTL); add(d, day_down, down, DAY_TTL) end
-  if up ~= 0 then add(h, hour_up, up, HOUR_TTL); add(d, day_up, up, DAY_TTL) end
+local function bump_dim(dim, id, parts, down, up)
+  local h, d = key_name('h', dim, id, parts[1]), key_name('d', dim, id, parts[2])
+  if down ~= 0 then add(h, parts[3], down, HOUR_TTL); add(d, parts[5], down, DAY_TTL) end
+  if up ~= 0 then add(h, parts[4], up, HOUR_TTL); add(d, parts[6], up, DAY_TTL) end
 end
 
 -- Adds (down, up) to the buckets of every dimension for the UTC hour ``hour``
--- ("YYYYMMDDHH"): field "HHd"/"HHu" of the day's hourly hash, "DDd"/"DDu" of the month's
--- daily hash.
+-- ("YYYYMMDDHH"): in the day's hourly hash and the month's daily hash. The SIM's buckets
+-- at once; the fleet's, account's and network's summed per (hour, fleet, account,
+-- network) first, as many events of a batch share them (see shared_buckets).
+local groups, group_list = {}, {}
 local function bump(sim, fleet, account, network, hour, down, up)
   if down == 0 and up == 0 then return end
-  local day, month = hour:sub(1, 8), hour:sub(1, 6)
-  local hh, dd = hour:sub(9, 10), hour:sub(7, 8)
-  local hd, hu = field_name(hh, 'd'), field_name(hh, 'u')
-  local dd_, du = field_name(dd, 'd'), field_name(dd, 'u')
-  bump_dim('s', sim, day, month, hd, hu, dd_, du, down, up)
-  if fleet ~= '' then bump_dim('f', fleet, day, month, hd, hu, dd_, du, down, up) end
-  if account ~= '' then bump_dim('a', account, day, month, hd, hu, dd_, du, down, up) end
-  bump_dim('n', network, day, month, hd, hu, dd_, du, down, up)
+  bump_dim('s', sim, parts_of(hour), down, up)
+  local name = hour .. '|' .. fleet .. '|' .. account .. '|' .. network
+  local group = groups[name]
+  if group == nil then
+    group = {hour, fleet, account, network, 0, 0}
+    groups[name] = group
+    group_list[#group_list + 1] = group
+  end
+  group[5] = exact(group[5] + down, 'batch total')
+  group[6] = exact(group[6] + up, 'batch total')
+end
+
+local function shared_buckets()
+  for i = 1, #group_list do
+    local hour, fleet, account, network, down, up = unpack(group_list[i])
+    if down ~= 0 or up ~= 0 then
+      local parts = parts_of(hour)
+      if fleet ~= '' then bump_dim('f', fleet, parts, down, up) end
+      if account ~= '' then bump_dim('a', account, parts, down, up) end
+      bump_dim('n', network, parts, down, up)
+    end
+  end
 end
 
 -- ---- session records ----------------------------------------------------------------------
+
+-- A record in memory: start (seconds after its day's midnight), opri, lpri, ipri, end
+-- (numbers or nil), cov, ev (text), sd, su, ed, eu (numbers), and the COMPONENTS as text.
+-- The session has seen its ended event exactly when opri is odd.
 
 local records, hashes, dirty = {}, {}, {}
 
@@ -110,72 +204,154 @@ local function split(packed, names)
     out[names[i]] = value
     i = i + 1
   end
+  for j = i, #names do out[names[j]] = '' end
   return out
 end
 
-local function unpack_record(packed, defaults)
-  local rec = split(packed, RECORD_FIELDS)
-  for i = 1, #DEFAULTED do
-    local name = DEFAULTED[i]
-    if rec[name] == SAME then rec[name] = defaults[name] end
+local function is_ended(rec)
+  return rec.opri ~= nil and rec.opri % 2 == 1
+end
+
+-- Relative end of the first ended window seen (its priority is twice that, plus one).
+local function ended_window_end(rec)
+  return (rec.opri - 1) / 2
+end
+
+-- The packed record's fields as typed values (components still as slots), and those
+-- values as read, so that packing reuses the text of the ones that did not change.
+local PLAIN = {'start', 'opri', 'cov', 'sd', 'su', 'ed', 'eu'}
+local function decode(stored)
+  local rec = {
+    start = n36(stored.start), opri = n36(stored.opri), cov = stored.cov,
+    sd = n36(stored.sd) or 0, su = n36(stored.su) or 0,
+    ed = n36(stored.ed) or 0, eu = n36(stored.eu) or 0, ev = stored.ev,
+  }
+  if is_ended(rec) then
+    rec['end'] = n36(stored['end']) or ended_window_end(rec)
   end
-  if rec.lpri == SAME then rec.lpri = rec.opri end
-  if rec.ipri == SAME then rec.ipri = rec.opri end
   return rec
 end
 
-local function pack_record(rec, defaults)
-  local out = {}
-  for i = 1, NFIELDS do out[i] = rec[RECORD_FIELDS[i]] end
-  for i = 1, #DEFAULTED do
-    local name = DEFAULTED[i]
-    if rec[name] == defaults[name] then out[POSITION[name]] = SAME end
+-- A record as written by the layout before this one (hash "P:m:s:<sim>:<day>", see
+-- handler.LEGACY_FIELDS), with that hash's "~" defaults.
+local LEGACY_FIELDS = {--[[LEGACY_FIELDS]]}
+local function from_legacy(packed, defaults, day_start)
+  local old = split(packed, LEGACY_FIELDS)
+  local shared = split(defaults or '', {'og', 'loc', 'imei'})
+  for _, name in ipairs({'og', 'loc', 'imei'}) do
+    if old[name] == '=' then old[name] = shared[name] end
   end
-  if rec.lpri == rec.opri then out[POSITION.lpri] = SAME end
-  if rec.ipri == rec.opri then out[POSITION.ipri] = SAME end
-  return table.concat(out, '|')
+  if old.lpri == '=' then old.lpri = old.opri end
+  if old.ipri == '=' then old.ipri = old.opri end
+  local fleet, account, op = old.og:match('^([^%^]*)%^([^%^]*)%^(.*)$')
+  local rec = {
+    start = tonumber(old.start) - day_start, opri = tonumber(old.opri),
+    cov = (old.cov:gsub('[^:,]+', function(x) return b36(tonumber(x)) end)),
+    sd = tonumber(old.sd) or 0, su = tonumber(old.su) or 0, ed = 0, eu = 0, ev = '',
+    fleet = fleet or '', account = account or '', op = op or '', loc = old.loc,
+    imei = old.imei, lpri = tonumber(old.lpri), ipri = tonumber(old.ipri),
+  }
+  if rec.cov:find('^0:[^,]+$') then rec.cov = rec.cov:sub(3) end
+  if old.eh ~= '' then
+    rec['end'] = tonumber(old['end'])
+    if old.cd ~= '' then
+      rec.ed, rec.eu = tonumber(old.cd), tonumber(old.cu)
+    else
+      rec.ed, rec.eu, rec.ev = tonumber(old.ewd), tonumber(old.ewu), 'w'
+    end
+  end
+  return rec
 end
 
--- The record of session ``sid`` in the SIM-day hash ``key``, cached for the batch.
-local function load_record(key, sid, start)
-  local id = key .. '|' .. sid
+-- The record of session ``sid`` in the SIM-day hash ``key`` (SIM ``sim``, day ``day``),
+-- cached for the batch; a record only the previous layout holds is read from its hash
+-- there (and moved when written).
+local function load_record(key, sim, day, sid, n, start)
+  local field = session_field(sid, n)
+  local id = key .. '|' .. field
   local entry = records[id]
   if entry then return entry end
+  local day_start = start - start % 86400
   local hash, packed = hashes[key], nil
   if hash == nil then
-    local got = redis.call('HMGET', key, sid, DEFAULTS)
+    local got = redis.call('HMGET', key, field, unpack(HEAD))
     packed = got[1]
-    hash = {}
-    if got[2] then hash.defaults = split(got[2], DEFAULTED) end
+    hash = {count = tonumber(got[2]) or 0, defaults = {}}
+    for i = 1, #COMPONENTS do hash.defaults[COMPONENTS[i]] = got[i + 2] or '' end
     hashes[key] = hash
   else
-    packed = redis.call('HGET', key, sid)
+    packed = redis.call('HGET', key, field)
   end
+  entry = {key = key, field = field, hash = hash, touched = false, queued = false, slots = {}}
   local rec
-  if packed and hash.defaults then
-    rec = unpack_record(packed, hash.defaults)
+  if packed then
+    local stored = split(packed, RECORD_FIELDS)
+    rec = decode(stored)
+    entry.stored = stored
+    local wanted = {}
+    if rec.cov:sub(1, 1) == COV_REF then
+      entry.slots.cov = rec.cov:sub(2)
+      wanted[1] = 'cov'
+    end
+    for i = 1, #COMPONENTS do
+      local name, slot = COMPONENTS[i], stored[COMPONENTS[i]]
+      if slot == '' then
+        rec[name] = hash.defaults[name]
+      elseif slot == NONE then
+        rec[name] = ''
+      else
+        entry.slots[name] = slot
+        wanted[#wanted + 1] = name
+      end
+    end
+    if #wanted > 0 then
+      local names = {}
+      for i = 1, #wanted do
+        names[i] = '~' .. CODE_OF[wanted[i]] .. entry.slots[wanted[i]]
+      end
+      local values = redis.call('HMGET', key, unpack(names))
+      for i = 1, #wanted do rec[wanted[i]] = values[i] or '' end
+    end
+    entry.read = {}
+    for i = 1, #PLAIN do entry.read[PLAIN[i]] = rec[PLAIN[i]] end
+    rec.lpri = rec.loc ~= '' and (n36(stored.lpri) or rec.opri) or nil
+    rec.ipri = rec.imei ~= '' and (n36(stored.ipri) or rec.opri) or nil
   else
-    rec = {}
-    for i = 1, NFIELDS do rec[RECORD_FIELDS[i]] = '' end
-    rec.start = start
+    local legacy = P .. ':m:s:' .. sim .. ':' .. day
+    local old = redis.call('HMGET', legacy, sid, '~')
+    if old[1] then
+      rec = from_legacy(old[1], old[2], day_start)
+      entry.legacy, entry.sid = legacy, sid
+    else
+      rec = {start = start - day_start, cov = '', sd = 0, su = 0, ed = 0, eu = 0, ev = ''}
+      for i = 1, #COMPONENTS do rec[COMPONENTS[i]] = '' end
+    end
   end
-  rec.sd, rec.su = tonumber(rec.sd) or 0, tonumber(rec.su) or 0
-  entry = {key = key, sid = sid, rec = rec, hash = hash, touched = false, queued = false,
-    base = tonumber(rec.start) or 0}
+  entry.rec = rec
+  entry.base = day_start + rec.start
   records[id] = entry
   return entry
 end
 
--- Updated windows counted: intervals [a, b] relative to the session start, "a:b,c:d".
--- Consecutive windows merge, so a session seen in order keeps a single interval. An empty
--- or inverted window (start >= end) is only ever matched exactly.
+-- Updated windows counted: intervals [a, b] relative to the session start, "a:b,c:d" in
+-- base 36; a single interval from 0 is written "b". Consecutive windows merge, so a
+-- session seen in order keeps a single interval. An empty or inverted window (start >= end)
+-- is only ever matched exactly.
 local function parse_intervals(text)
   if text == '' then return {} end
-  local a, b = text:match('^(-?%d+):(-?%d+)$')
-  if a then return {{tonumber(a), tonumber(b)}} end
+  local a, b = text:match('^(-?%w+):(-?%w+)$')
+  if a then return {{n36(a), n36(b)}} end
+  if not text:find(':', 1, true) then return {{0, n36(text)}} end
   local list = {}
-  for a, b in text:gmatch('(-?%d+):(-?%d+)') do list[#list + 1] = {tonumber(a), tonumber(b)} end
+  for a, b in text:gmatch('(-?%w+):(-?%w+)') do list[#list + 1] = {n36(a), n36(b)} end
   return list
+end
+
+local function intervals_text(list)
+  if #list == 1 and list[1][1] == 0 then return b36(list[1][2]) end
+  local parts = {}
+  for i = 1, #list do parts[i] = b36(list[i][1]) .. ':' .. b36(list[i][2]) end
+  return table.concat(parts, ',')
 end
 
 local function covered(list, s, e)
@@ -192,9 +368,9 @@ end
 
 local function with_interval(list, s, e)
   if s < e then  -- the usual cases: the first window, or the next one in order
-    if #list == 0 then return fmt('%d:%d', s, e) end
+    if #list == 0 then return intervals_text({{s, e}}) end
     if #list == 1 and list[1][1] < list[1][2] and list[1][2] == s then
-      return fmt('%d:%d', list[1][1], e)
+      return intervals_text({{list[1][1], e}})
     end
   end
   local out = {}
@@ -213,28 +389,25 @@ local function with_interval(list, s, e)
   end
   out[#out + 1] = {s, e}
   table.sort(out, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
-  local parts = {}
-  for i = 1, #out do parts[i] = fmt('%d:%d', out[i][1], out[i][2]) end
-  return table.concat(parts, ',')
+  return intervals_text(out)
 end
 
 -- What the ended window is credited with: the session's cumulative bytes minus the
 -- updated windows counted (v2), else the ended window's own bytes (v1); 0 before it.
 local function ended_share(rec)
-  if rec.eh == '' then return 0, 0 end
-  if rec.cd ~= '' then
-    return max(tonumber(rec.cd) - rec.sd, 0), max(tonumber(rec.cu) - rec.su, 0)
-  end
-  return tonumber(rec.ewd), tonumber(rec.ewu)
+  if not is_ended(rec) then return 0, 0 end
+  if rec.ev == '' then return max(rec.ed - rec.sd, 0), max(rec.eu - rec.su, 0) end
+  return rec.ed, rec.eu
 end
 
 -- Credits the ended window's hour with the change of its share (was old_d, old_u), under
 -- the ended event's fleet, account and network (the start of its operator group).
-local function move_ended_share(sim, rec, old_d, old_u)
+local function move_ended_share(sim, entry, old_d, old_u)
+  local rec = entry.rec
   local d, u = ended_share(rec)
   if d == old_d and u == old_u then return end
-  local fleet, account, network = rec.og:match('^([^%^]*)%^([^%^]*)%^([^%^]*)')
-  bump(sim, fleet, account, network, rec.eh, d - old_d, u - old_u)
+  local hour = hour_name(entry.base + ended_window_end(rec))
+  bump(sim, rec.fleet, rec.account, rec.op:match('^[^%^]*'), hour, d - old_d, u - old_u)
 end
 
 local function set(entry, name, value)
@@ -252,30 +425,21 @@ end
 -- come from the highest-priority event that has one.
 local function describe(entry, pri, ended, a)
   local rec = entry.rec
-  local opri = tonumber(rec.opri)
-  if rec.eh == '' and (ended or opri == nil or pri >= opri) then
-    set(entry, 'opri', fmt('%d', pri))
-    set(entry, 'og', a[17])
+  local opri = rec.opri
+  if not is_ended(rec) and (ended or opri == nil or pri >= opri) then
+    set(entry, 'opri', pri)
+    set(entry, 'fleet', a[14])
+    set(entry, 'account', a[15])
+    set(entry, 'op', a[17])
   end
-  if a[18] ~= '' then
-    local lpri = tonumber(rec.lpri)
-    if lpri == nil or pri >= lpri then
-      set(entry, 'lpri', fmt('%d', pri))
-      set(entry, 'loc', a[18])
-    end
+  if a[18] ~= '' and (rec.lpri == nil or pri >= rec.lpri) then
+    set(entry, 'lpri', pri)
+    set(entry, 'loc', a[18])
   end
-  if a[19] ~= '' then
-    local ipri = tonumber(rec.ipri)
-    if ipri == nil or pri >= ipri then
-      set(entry, 'ipri', fmt('%d', pri))
-      set(entry, 'imei', a[19])
-    end
+  if a[19] ~= '' and (rec.ipri == nil or pri >= rec.ipri) then
+    set(entry, 'ipri', pri)
+    set(entry, 'imei', a[19])
   end
-end
-
-local function cumulative(value)
-  if value == '' then return '' end
-  return fmt('%d', value)
 end
 
 -- ---- the batch ----------------------------------------------------------------------------
@@ -284,11 +448,11 @@ local counted, unchanged = 0, 0
 local events = cjson.decode(ARGV[5])
 for i = 1, #events do
   local a = events[i]
-  -- EVENT_FIELDS: 1 kind 2 sim 3 session 4 start_day 5 start 6 win_start 7 win_end 8 hour
-  -- 9 down 10 up 11 cum_down 12 cum_up 13 end 14 fleet 15 account 16 network
-  -- 17 operator group 18 location group 19 imei
+  -- EVENT_FIELDS: 1 kind 2 sim 3 session field 4 start_day 5 start 6 win_start 7 win_end
+  -- 8 hour 9 down 10 up 11 cum_down 12 cum_up 13 end 14 fleet 15 account 16 network
+  -- 17 operator group 18 location group 19 imei 20 session field number (ARGV[6])
   local kind, sim = a[1], a[2]
-  local entry = load_record(P .. ':m:s:' .. sim .. ':' .. a[4], a[3], fmt('%d', a[5]))
+  local entry = load_record(P .. ':m:r:' .. sim .. ':' .. a[4], sim, a[4], a[3], a[20], a[5])
   local rec, base = entry.rec, entry.base
   entry.touched = false
   local counts = false
@@ -305,21 +469,28 @@ for i = 1, #events do
         rec.sd = exact(rec.sd + down, 'session download')
         rec.su = exact(rec.su + up, 'session upload')
         bump(sim, a[14], a[15], a[16], a[8], down, up)
-        move_ended_share(sim, rec, old_d, old_u)
+        move_ended_share(sim, entry, old_d, old_u)
         counts = true
       end
       describe(entry, 2 * we, false, a)
     else
+      local ended = is_ended(rec)
       describe(entry, 2 * we + 1, true, a)
       -- new, or seen before only as a copy without cumulative totals (schema v1)
-      if rec.eh == '' or (rec.cd == '' and a[11] ~= '') then
-        local old_d, old_u = ended_share(rec)
-        if rec.eh == '' then
-          rec.eh, rec.ewd, rec.ewu = a[8], fmt('%d', down), fmt('%d', up)
-          rec['end'] = fmt('%d', a[13] - base)
+      if not ended or (rec.ev == 'w' and a[11] ~= '') then
+        local old_d, old_u
+        if ended then
+          old_d, old_u = ended_share(rec)
+        else
+          old_d, old_u = 0, 0
+          rec['end'] = a[13] - base
         end
-        rec.cd, rec.cu = cumulative(a[11]), cumulative(a[12])
-        move_ended_share(sim, rec, old_d, old_u)
+        if a[11] ~= '' then
+          rec.ed, rec.eu, rec.ev = a[11], a[12], ''
+        else
+          rec.ed, rec.eu, rec.ev = down, up, 'w'
+        end
+        move_ended_share(sim, entry, old_d, old_u)
         counts = true
       end
     end
@@ -329,13 +500,15 @@ for i = 1, #events do
   elseif not entry.touched then
     unchanged = unchanged + 1
   end
-  if (counts or entry.touched) and not entry.queued then
+  if (counts or entry.touched or entry.legacy) and not entry.queued then
     entry.queued = true
     dirty[#dirty + 1] = entry
   end
 end
 
 -- ---- writes -------------------------------------------------------------------------------
+
+shared_buckets()
 
 -- A bucket hash's TTL restarts when it gains a field (a new hour or day), so it expires the
 -- retention after the last period it holds; rewriting a field leaves the TTL alone.
@@ -376,25 +549,105 @@ for i = 1, #bucket_keys do
   if grew then redis.call('EXPIRE', key, bucket_ttl[key]) end
 end
 
--- A session hash's TTL restarts on every change of one of its records. A new hash takes
--- its defaults from the first record written to it.
+-- Session records. A component's first non-empty value written to a hash becomes its
+-- default there; a record's value that differs from it is kept in an entry of the
+-- record's own ("~<code><n>"), so every field stays short. A session hash's TTL restarts
+-- on every change of one of its records.
+local function number(value)
+  if value == nil or value == 0 then return '' end
+  return b36(value)
+end
+
+local function same(text) return text end
+local ENCODE = {start = b36, opri = b36, cov = same, sd = number, su = number,
+  ed = number, eu = number}
+
+local function join(out)
+  local parts = {}
+  for i = 1, NFIELDS do parts[i] = out[RECORD_FIELDS[i]] end
+  while parts[#parts] == '' do parts[#parts] = nil end
+  return table.concat(parts, '|')
+end
+
+local function pack(entry, writes)
+  local rec, hash, read, stored = entry.rec, entry.hash, entry.read, entry.stored
+  local out = {ev = rec.ev, ['end'] = '', lpri = '', ipri = ''}
+  for i = 1, #PLAIN do
+    local name = PLAIN[i]
+    if read and read[name] == rec[name] then
+      out[name] = stored[name]
+    else
+      out[name] = ENCODE[name](rec[name])
+    end
+  end
+  if is_ended(rec) and rec['end'] ~= ended_window_end(rec) then out['end'] = b36(rec['end']) end
+  if rec.loc ~= '' and rec.lpri ~= rec.opri then out.lpri = b36(rec.lpri) end
+  if rec.imei ~= '' and rec.ipri ~= rec.opri then out.ipri = b36(rec.ipri) end
+  for i = 1, #COMPONENTS do
+    local name, value = COMPONENTS[i], rec[COMPONENTS[i]]
+    local slot = entry.slots[name]
+    local own = slot and ('~' .. CODES[i] .. slot)
+    if value == '' or value == hash.defaults[name] or hash.defaults[name] == '' then
+      if value == '' then
+        out[name] = NONE
+      else
+        out[name] = ''
+        if hash.defaults[name] == '' then
+          hash.defaults[name] = value
+          writes.set[#writes.set + 1] = '~' .. CODES[i]
+          writes.set[#writes.set + 1] = value
+        end
+      end
+      if own then writes.gone[#writes.gone + 1] = own end
+      entry.slots[name] = nil
+    else
+      if own == nil then
+        hash.count = hash.count + 1
+        hash.counted = true
+        slot = fmt('%d', hash.count)
+        entry.slots[name] = slot
+        own = '~' .. CODES[i] .. slot
+      end
+      writes.set[#writes.set + 1] = own
+      writes.set[#writes.set + 1] = value
+      out[name] = slot
+    end
+  end
+  local packed = join(out)
+  local slot = entry.slots.cov
+  if #packed > LIMIT and out.cov:find(',', 1, true) then
+    -- Windows arrived out of order: the coverage moves to an entry of the record's own.
+    if slot == nil then
+      hash.count = hash.count + 1
+      hash.counted = true
+      slot = fmt('%d', hash.count)
+      entry.slots.cov = slot
+    end
+    writes.set[#writes.set + 1] = '~' .. COV_CODE .. slot
+    writes.set[#writes.set + 1] = out.cov
+    out.cov = COV_REF .. slot
+    packed = join(out)
+  elseif slot and out.cov:sub(1, 1) ~= COV_REF then
+    writes.gone[#writes.gone + 1] = '~' .. COV_CODE .. slot
+    entry.slots.cov = nil
+  end
+  return packed
+end
+
 local expiring = {}
 for i = 1, #dirty do
   local entry = dirty[i]
-  local rec, hash = entry.rec, entry.hash
-  rec.sd, rec.su = fmt('%d', rec.sd), fmt('%d', rec.su)
-  if hash.defaults == nil then
-    local values = {}
-    hash.defaults = {}
-    for j = 1, #DEFAULTED do
-      values[j] = rec[DEFAULTED[j]]
-      hash.defaults[DEFAULTED[j]] = values[j]
-    end
-    redis.call('HSET', entry.key, entry.sid, pack_record(rec, hash.defaults),
-      DEFAULTS, table.concat(values, '|'))
-  else
-    redis.call('HSET', entry.key, entry.sid, pack_record(rec, hash.defaults))
+  local hash = entry.hash
+  local writes = {set = {}, gone = {}}
+  local packed = pack(entry, writes)
+  if hash.counted then
+    hash.counted = false
+    writes.set[#writes.set + 1] = COUNT
+    writes.set[#writes.set + 1] = fmt('%d', hash.count)
   end
+  redis.call('HSET', entry.key, entry.field, packed, unpack(writes.set))
+  if #writes.gone > 0 then redis.call('HDEL', entry.key, unpack(writes.gone)) end
+  if entry.legacy then redis.call('HDEL', entry.legacy, entry.sid) end
   if not expiring[entry.key] then
     expiring[entry.key] = true
     redis.call('EXPIRE', entry.key, SESSION_TTL)

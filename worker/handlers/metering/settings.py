@@ -26,11 +26,12 @@ class MeteringSettings(BaseModel):
         "at least session_retention_days.",
     )
     session_retention_days: int = Field(
-        30,
+        8,
         ge=1,
         le=3660,
         description="Days a SIM's data-session records of one UTC day (and their duplicate "
-        "detection) live after one last changed; keep it above the stream's retention.",
+        "detection) live after one last changed: at least the stream's retention plus a day "
+        "(checked at start-up; the default covers Kinesis' 7-day extended retention).",
     )
 
     @model_validator(mode="after")

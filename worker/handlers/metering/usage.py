@@ -17,13 +17,12 @@ from typing import Any, Final
 import redis
 
 from worker.handlers.metering.handler import (
-    DEFAULTS_FIELD,
     daily_key,
     hourly_key,
-    session_bytes,
+    legacy_sessions_key,
     sessions_key,
-    unpack_record,
 )
+from worker.handlers.metering.records import StoredSession, read_sessions
 
 SESSION_COLUMNS: Final = (
     "sid",
@@ -75,6 +74,16 @@ def _fields(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
+def _bucket(fields: dict[str, str], period: int) -> tuple[int, int]:
+    """(down, up) of one hour or day of a bucket hash: fields ``P``/``P + 100``, plus the
+    previous layout's ``PPd``/``PPu`` (a hash written across the change holds both)."""
+    legacy = f"{period:02d}"
+    return (
+        int(fields.get(str(period), 0)) + int(fields.get(legacy + "d", 0)),
+        int(fields.get(str(period + 100), 0)) + int(fields.get(legacy + "u", 0)),
+    )
+
+
 def figures(
     client: redis.Redis,
     prefix: str,
@@ -102,20 +111,12 @@ def figures(
         if hourly:
             hours = stored[hourly_key(prefix, dimension, ident, day.strftime("%Y%m%d"))]
             for hour in range(24):
-                hh = f"{hour:02d}"
-                rows.append(
-                    Usage(
-                        f"{day.isoformat()}T{hh}:00Z",
-                        int(hours.get(hh + "d", 0)),
-                        int(hours.get(hh + "u", 0)),
-                    )
-                )
+                down, up = _bucket(hours, hour)
+                rows.append(Usage(f"{day.isoformat()}T{hour:02d}:00Z", down, up))
         else:
             month = stored[daily_key(prefix, dimension, ident, day.strftime("%Y%m"))]
-            dd = day.strftime("%d")
-            rows.append(
-                Usage(day.isoformat(), int(month.get(dd + "d", 0)), int(month.get(dd + "u", 0)))
-            )
+            down, up = _bucket(month, day.day)
+            rows.append(Usage(day.isoformat(), down, up))
     return rows
 
 
@@ -123,35 +124,31 @@ def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def session_resource(sim_sid: str, sid: str, packed: str, defaults: str = "") -> dict[str, Any]:
-    """A stored session record in the shape of the DataSession resource, plus the fleet and
-    the bytes (instead of packet counts). ``operator_country`` is the event's ISO 3166
-    alpha-2 code; location and IMEI are the latest the session's events reported."""
-    rec = unpack_record(packed, defaults)
-    start = int(rec.get("start") or 0)
-    down, up = session_bytes(rec)
-    priorities = [int(rec[name]) for name in ("opri", "lpri", "ipri") if rec.get(name)]
-    end = rec.get("end")
-    lat, lon = rec.get("lat"), rec.get("lon")
+def session_resource(sim_sid: str, session: StoredSession) -> dict[str, Any]:
+    """A stored session in the shape of the DataSession resource, plus the fleet and the
+    bytes (instead of packet counts). ``operator_country`` is the event's ISO 3166 alpha-2
+    code; location and IMEI are the latest the session's events reported."""
+    operator, location = session.operator, session.location
+    lat, lon = location.get("lat"), location.get("lon")
     return {
-        "sid": sid,
+        "sid": session.sid,
         "sim_sid": sim_sid,
-        "account_sid": rec.get("account") or None,
-        "fleet_sid": rec.get("fleet") or None,
-        "radio_link": rec.get("rat") or None,
-        "operator_mcc": rec.get("mcc") or None,
-        "operator_mnc": rec.get("mnc") or None,
-        "operator_country": rec.get("country") or None,
-        "operator_name": rec.get("operator") or None,
-        "cell_id": rec.get("cell") or None,
+        "account_sid": session.account or None,
+        "fleet_sid": session.fleet or None,
+        "radio_link": operator["rat"] or None,
+        "operator_mcc": operator["mcc"] or None,
+        "operator_mnc": operator["mnc"] or None,
+        "operator_country": operator["country"] or None,
+        "operator_name": operator["operator"] or None,
+        "cell_id": location.get("cell") or None,
         "cell_location_estimate": {"lat": float(lat), "lon": float(lon)} if lat and lon else None,
-        "imei": rec.get("imei") or None,
-        "start": _iso(start),
-        "end": _iso(start + int(end)) if end else None,
-        "last_updated": _iso(start + max(priorities) // 2) if priorities else _iso(start),
-        "data_download": down,
-        "data_upload": up,
-        "data_total": down + up,
+        "imei": session.imei or None,
+        "start": _iso(session.start),
+        "end": _iso(session.end) if session.end is not None else None,
+        "last_updated": _iso(session.last_updated),
+        "data_download": session.down,
+        "data_upload": session.up,
+        "data_total": session.down + session.up,
     }
 
 
@@ -159,16 +156,19 @@ def sessions(
     client: redis.Redis, prefix: str, sim_sid: str, first: date, last: date
 ) -> list[dict[str, Any]]:
     """The data sessions of one SIM that started from ``first`` to ``last`` (UTC dates,
-    inclusive), oldest first. One Redis round trip."""
-    pipe = client.pipeline(transaction=False)
-    for day in _days(first, last):
-        pipe.hgetall(sessions_key(prefix, sim_sid, day.strftime("%Y%m%d")))
+    inclusive), oldest first, from both key layouts. One Redis round trip (a transaction,
+    so a record the handler moves between layouts meanwhile is seen once)."""
+    days = list(_days(first, last))
+    pipe = client.pipeline(transaction=True)
+    for day in days:
+        stamp = day.strftime("%Y%m%d")
+        pipe.hgetall(sessions_key(prefix, sim_sid, stamp))
+        pipe.hgetall(legacy_sessions_key(prefix, sim_sid, stamp))
+    replies = pipe.execute()
     found = []
-    for raw in pipe.execute():
-        stored = _fields(raw)
-        defaults = stored.pop(DEFAULTS_FIELD, "")
-        found += [
-            session_resource(sim_sid, sid, packed, defaults) for sid, packed in stored.items()
-        ]
+    for n, day in enumerate(days):
+        midnight = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+        stored = read_sessions(replies[2 * n], replies[2 * n + 1], midnight)
+        found += [session_resource(sim_sid, session) for session in stored]
     found.sort(key=lambda item: (item["start"], item["sid"]))
     return found
