@@ -25,6 +25,7 @@ without loading development tools.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -230,6 +231,55 @@ def test_help_imports_no_command_module() -> None:
         "    worker.cli.main.main(['--help'])\n"
         "from worker.cli.commands import COMMANDS\n"
         "print(sorted(c.module for c in COMMANDS.values() if c.module in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.stdout.decode().strip() == "[]"
+
+
+HEAVY_STACKS: Final = ("aiobotocore", "aiohttp", "botocore", "prometheus_client")
+"""The AWS and HTTP client stacks and the metrics library: only ``run`` and the commands
+that talk to Kinesis or serve HTTP need them."""
+
+
+@pytest.mark.parametrize(
+    "argv", [["usage", "--sim", "HS00", "--stream", "layers"], ["dlq", "list"]], ids=" ".join
+)
+def test_short_commands_load_no_aws_http_or_metrics_stack(redis_url: str, argv: list[str]) -> None:
+    """``usage`` and ``dlq list`` read Redis without importing aiobotocore, aiohttp,
+    botocore or prometheus_client, nor the consumer's app."""
+    code = (
+        "import sys, contextlib, io, worker.cli.main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    status = worker.cli.main.main({argv!r})\n"
+        f"loaded = [m for m in {(*HEAVY_STACKS, 'worker.consumer.app')!r} if m in sys.modules]\n"
+        "print(status, sorted(loaded))\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")},
+        "SUPERSIM_REDIS_URL": redis_url,
+        "SUPERSIM_STREAM_NAME": "layers",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.stdout.decode().strip() == "0 []"
+
+
+def test_error_classification_loads_no_client_library() -> None:
+    """``worker.errors`` classifies redis, aiohttp and botocore errors without importing
+    them: a command that never uses them does not load them to classify its errors."""
+    code = (
+        "import sys, worker.errors\n"
+        "print(sorted(m for m in ('redis', 'aiohttp', 'botocore') if m in sys.modules))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, timeout=60, check=False, cwd=ROOT

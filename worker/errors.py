@@ -7,14 +7,13 @@ connection resets); anything else is permanent for the operation that raised it.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
-from typing import Final
+import sys
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
-import redis.exceptions
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 
 class WorkerError(Exception):
@@ -42,25 +41,10 @@ class ConfigError(WorkerError):
     """Settings or arguments are invalid; the message names the variable and allowed values."""
 
 
-_INFRASTRUCTURE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # a replica during a failover
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.NoPermissionError,  # an ACL change: fix the user, the data is fine
-    redis.exceptions.MovedError,  # pointed at a cluster: the deployment, not the data
-    redis.exceptions.AskError,
-    aiohttp.ClientConnectionError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-    socket.gaierror,  # DNS
-    socket.herror,
-)
+_INFRASTRUCTURE: Final = (ConnectionError, TimeoutError, socket.gaierror, socket.herror)
+"""Standard library failures of the network or of time (``asyncio.TimeoutError`` is
+``TimeoutError``; ``socket.gaierror`` is DNS)."""
+
 _NETWORK_ERRNOS: Final = frozenset(
     {
         errno.ECONNREFUSED,
@@ -113,15 +97,49 @@ def is_infrastructure_failure(exc: BaseException) -> bool:
 
     A handler calling AWS is covered too: botocore's own errors (no endpoint, a timeout,
     missing credentials) and throttling or 5xx replies; a refused request parameter or
-    another 4xx reply may be the record's fault and is not."""
+    another 4xx reply may be the record's fault and is not.
+
+    The classes of redis, aiohttp and botocore are looked at only if their modules are
+    loaded (an exception of theirs cannot exist otherwise), so importing this module loads
+    none of them: commands that never talk to AWS start without the AWS and HTTP stacks."""
     if getattr(exc, "retriable", False) is True or isinstance(exc, _INFRASTRUCTURE):
         return True
     if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
         return True
-    if isinstance(exc, ClientError):
-        return is_aws_transient(exc)
-    if isinstance(exc, BotoCoreError):
-        return not isinstance(exc, ParamValidationError)
-    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
-        _INFRASTRUCTURE_REPLIES
+    if "aiohttp" in sys.modules:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            return True
+    if "botocore.exceptions" in sys.modules:
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+        if isinstance(exc, ClientError):
+            return is_aws_transient(exc)
+        if isinstance(exc, BotoCoreError):
+            return not isinstance(exc, ParamValidationError)
+    if "redis.exceptions" in sys.modules:
+        return _is_redis_outage(exc)
+    return False
+
+
+def _is_redis_outage(exc: BaseException) -> bool:
+    """A redis-py error that says the server or the deployment failed, not a command."""
+    import redis.exceptions as r
+
+    outages = (
+        r.ConnectionError,
+        r.TimeoutError,
+        r.ReadOnlyError,  # a replica during a failover
+        r.ClusterDownError,
+        r.TryAgainError,
+        r.OutOfMemoryError,
+        r.BusyLoadingError,
+        r.MasterDownError,
+        r.NoPermissionError,  # an ACL change: fix the user, the data is fine
+        r.MovedError,  # pointed at a cluster: the deployment, not the data
+        r.AskError,
     )
+    if isinstance(exc, outages):
+        return True
+    return isinstance(exc, r.ResponseError) and str(exc).startswith(_INFRASTRUCTURE_REPLIES)

@@ -18,23 +18,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final
-
-import orjson
-import structlog
+from typing import TYPE_CHECKING, Final
 
 from worker.cli.commands import COMMANDS
-from worker.consumer.app import close_handler, command_settings, services
-from worker.consumer.deadletter import DECODE, DeadLetter, DeadLetterStore
-from worker.errors import ConfigError, DecodeError, WorkerError, is_infrastructure_failure
-from worker.events.decode import decode
-from worker.events.records import ConnectionEvent, KinesisMeta
-from worker.handlers import registry
-from worker.handlers.base import Batch, Handler
-from worker.logs import scrub_text
-from worker.settings import Settings
+from worker.errors import ConfigError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.consumer.deadletter import DeadLetter, DeadLetterStore
+    from worker.handlers.base import Handler
+    from worker.settings import Settings
+
+# Imports are local to the action that needs them: `list` and `delete` read the store with
+# Redis alone, and only `redrive` loads the decoder, the handlers and the consumer's
+# services (pydantic models, every handler's dependencies).
 
 ENTRY_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 """A Redis stream entry id, as the dead-letter store's entries have."""
@@ -59,7 +58,7 @@ class RedriveResult:
     failures: list[RedriveFailure] = field(default_factory=list)
 
 
-HandlerFor = Callable[[str], Handler | None]
+HandlerFor = Callable[[str], "Handler | None"]
 """The handler of a given name for redriving its entries, or None if it is not available."""
 
 
@@ -71,6 +70,8 @@ async def redrive(
 ) -> RedriveResult:
     """Redrive at most ``limit`` entries, oldest first. ``decode_handlers`` are those that
     records which failed to decode go through; None leaves those entries alone."""
+    import structlog
+
     result = RedriveResult()
     log = structlog.get_logger("worker.cli.dlq")
     cursor = "-"
@@ -109,6 +110,12 @@ async def _redrive_one(
     letter: DeadLetter, handler_for: HandlerFor, decode_handlers: Sequence[Handler] | None
 ) -> int | RedriveFailure:
     """1 if handled, 0 if it decodes to an event handlers skip, else why it still fails."""
+    from worker.consumer.deadletter import DECODE
+    from worker.errors import DecodeError, is_infrastructure_failure
+    from worker.events.decode import decode
+    from worker.events.records import ConnectionEvent, KinesisMeta
+    from worker.handlers.base import Batch
+
     meta = KinesisMeta(
         letter.shard_id, letter.sequence_number, letter.partition_key, letter.arrival
     )
@@ -153,17 +160,39 @@ async def _redrive_one(
     return 1
 
 
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[DeadLetterStore]:
+    """The dead-letter store of the stream and group ``settings`` name, over a Redis
+    connection of its own (checked with a PING), closed on exit."""
+    from redis.asyncio import Redis
+
+    from worker import keys
+    from worker.consumer.deadletter import DeadLetterStore
+
+    redis = Redis.from_url(settings.redis_dsn, socket_timeout=10)
+    try:
+        await redis.ping()  # type: ignore[misc]  # redis-py types sync|async
+        key = keys.dead_letters(keys.prefix(settings.stream_name, settings.consumer_group))
+        yield DeadLetterStore(redis, key, settings.dlq_maxlen)
+    finally:
+        await redis.aclose()
+
+
 async def _list(
     settings: Settings, limit: int, as_json: bool, after: str | None, newest: bool
 ) -> int:
+    import orjson
+
+    from worker.logs import scrub_text
+
     if after is not None and not ENTRY_ID.fullmatch(after):
         raise ConfigError(
             f"dlq list --after: not an entry id: {after} (ids look like 1700000000000-0)"
         )
-    async with services(settings.model_copy(update={"handlers": ()})) as svc:
+    async with _store(settings) as store:
         start = "-" if after is None else "(" + after
-        letters = await svc.dead_letters.list(count=limit + 1, start=start, newest=newest)
-        total = await svc.dead_letters.length()
+        letters = await store.list(count=limit + 1, start=start, newest=newest)
+        total = await store.length()
     more, letters = len(letters) > limit, letters[:limit]
     shown = scrub_text if settings.redact_pii else str
     for letter in letters:
@@ -192,6 +221,10 @@ async def _list(
 
 
 async def _redrive(settings: Settings, limit: int) -> int:
+    from worker.consumer.app import close_handler, services
+    from worker.handlers import registry
+    from worker.logs import scrub_text
+
     explicit = "handlers" in settings.model_fields_set
     built: dict[str, Handler] = {}
     async with services(settings) as svc:
@@ -230,14 +263,27 @@ async def _delete(settings: Settings, entry_ids: list[str]) -> int:
             f"dlq delete: not entry ids: {', '.join(malformed)} "
             "(ids look like 1700000000000-0, as `dlq list` shows them)"
         )
-    async with services(settings) as svc:
-        deleted = await svc.dead_letters.delete(wanted)
+    async with _store(settings) as store:
+        deleted = await store.delete(wanted)
     print(f"deleted {deleted} of {len(wanted)} entries")
     return 0 if deleted == len(wanted) else 1
 
 
+def command_settings() -> Settings:
+    """The settings, with logging configured; the stream name is required (the store is
+    per stream and consumer group)."""
+    from worker import logs
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    if not settings.stream_name:
+        raise ConfigError("SUPERSIM_STREAM_NAME: required (the dead-letter store is per stream)")
+    logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
-    settings = command_settings("the dead-letter store")
+    settings = command_settings()
     if args.dlq_command == "list":
         return asyncio.run(_list(settings, args.limit, args.json, args.after, args.newest))
     if args.dlq_command == "delete":

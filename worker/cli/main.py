@@ -76,8 +76,13 @@ def check_environment(args: argparse.Namespace) -> None:
     ``--handlers`` flag adds the sections of the handlers it names)."""
     if args.command in WITHOUT_SETTINGS:
         return
+    import os
+
+    from worker.settings import Settings, split_names, unknown_variables, variable_names
+
+    if not unknown_variables(os.environ, frozenset(variable_names(Settings))):
+        return  # all the consumer's own: no handler (nor its dependencies) need be loaded
     from worker.handlers import registry
-    from worker.settings import split_names
 
     flag = getattr(args, "handlers", None)
     registry.check_environment(handlers=split_names(flag) if isinstance(flag, str) else ())
@@ -106,30 +111,34 @@ def describe_failure(exc: Exception) -> tuple[str, int] | None:
     """What to tell and the exit status for a failure a user can act on; None for any other
     exception (a bug: it propagates with its traceback).
 
-    The error classes are imported here, not at start-up: they load botocore, aiohttp and
-    redis, which a command that raised one of them has loaded already."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
+    botocore's and redis' error classes are looked at only if their modules are loaded: an
+    exception of theirs cannot exist otherwise, and a command that never used them (a
+    settings error, ``usage``) does not load them just to say so."""
     from worker.errors import ConfigError, WorkerError
 
     if isinstance(exc, ConfigError):
         return str(exc), 2
-    if isinstance(exc, NoCredentialsError):
-        return (
-            "no AWS credentials found (set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with a role)",
-            2,
-        )
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return (
-            f"Kinesis refused {exc.operation_name}: "
-            f"{error.get('Code', 'error')}: {error.get('Message', exc)}",
-            1,
-        )
-    if isinstance(exc, RedisConnectionError):
-        return f"cannot reach Redis: {exc}", 1
+    if "botocore.exceptions" in sys.modules:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
+            return (
+                "no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with a role)",
+                2,
+            )
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            return (
+                f"Kinesis refused {exc.operation_name}: "
+                f"{error.get('Code', 'error')}: {error.get('Message', exc)}",
+                1,
+            )
+    if "redis.exceptions" in sys.modules:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        if isinstance(exc, RedisConnectionError):
+            return f"cannot reach Redis: {exc}", 1
     if isinstance(exc, WorkerError):  # an operation stopped part-way, e.g. a redrive by an outage
         return str(exc), 1
     return None

@@ -23,16 +23,16 @@ import io
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-import orjson
-import redis
-
-from worker import keys
 from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError
-from worker.handlers.metering.usage import SESSION_COLUMNS, Usage, figures, sessions
-from worker.settings import load_settings
+
+if TYPE_CHECKING:
+    from worker.handlers.metering.usage import Usage
+
+# Redis, orjson, the settings and the metering reader are imported where they are used,
+# so `usage --help` and a malformed command line load none of them.
 
 DEFAULT_DAYS: Final = 30
 MAX_DAYS: Final = 3660
@@ -90,6 +90,8 @@ def render_figures(
 ) -> str:
     down, up = sum(r.down for r in rows), sum(r.up for r in rows)
     if fmt == "json":
+        import orjson
+
         document = {
             "dimension": dimension,
             "id": ident,
@@ -109,7 +111,11 @@ def render_figures(
 
 
 def render_sessions(found: Sequence[dict[str, Any]], fmt: str) -> str:
+    from worker.handlers.metering.usage import SESSION_COLUMNS
+
     if fmt == "json":
+        import orjson
+
         return orjson.dumps(list(found), option=orjson.OPT_INDENT_2).decode() + "\n"
 
     def flat(item: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +189,12 @@ def _range(args: argparse.Namespace, today: date) -> tuple[date, date]:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print the requested figures or sessions; 0 on success."""
+    import redis
+
+    from worker import keys
+    from worker.handlers.metering.usage import figures, sessions
+    from worker.settings import load_settings
+
     overrides: dict[str, str] = {}
     if args.stream:
         overrides["stream_name"] = args.stream

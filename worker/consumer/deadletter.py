@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
-from redis.asyncio import Redis
 
 from worker.errors import RetriableError
-from worker.metrics import Metrics
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from worker.metrics import Metrics
 
 WARN_FILL: Final = 0.8
 DECODE: Final = "decode"
@@ -73,7 +76,10 @@ class DeadLetter:
 
 
 class DeadLetterStore:
-    def __init__(self, redis: Redis, key: str, maxlen: int, metrics: Metrics) -> None:
+    """The store of one stream and consumer group. ``metrics`` counts what ``add`` does;
+    without it (the ``dlq`` commands, which only read and delete) nothing is counted."""
+
+    def __init__(self, redis: Redis, key: str, maxlen: int, metrics: Metrics | None = None) -> None:
         self._redis = redis
         self.key = key
         self.maxlen = maxlen
@@ -92,9 +98,10 @@ class DeadLetterStore:
         # An empty store takes any batch, so one batch bigger than the capacity cannot wait
         # for ever.
         if length and length + len(letters) > self.maxlen:
-            self._metrics.incr("dead_letter_store_full")
-            self._metrics.gauge("dead_letter_length", length)
-            self._metrics.dead_letter_length.set(length)
+            if self._metrics is not None:
+                self._metrics.incr("dead_letter_store_full")
+                self._metrics.gauge("dead_letter_length", length)
+                self._metrics.dead_letter_length.set(length)
             self._log.error(
                 "dead_letter_store_full",
                 length=length,
@@ -113,9 +120,10 @@ class DeadLetterStore:
                 pipe.xadd(self.key, letter.fields())  # type: ignore[arg-type]
             results = await pipe.execute()
         length += len(results)
-        self._metrics.incr("dead_letters", len(letters))
-        self._metrics.gauge("dead_letter_length", length)
-        self._metrics.dead_letter_length.set(length)
+        if self._metrics is not None:
+            self._metrics.incr("dead_letters", len(letters))
+            self._metrics.gauge("dead_letter_length", length)
+            self._metrics.dead_letter_length.set(length)
         for letter in letters:
             self._log.warning(
                 "dead_lettered",
@@ -126,7 +134,8 @@ class DeadLetterStore:
                 exception=letter.exception or None,
             )
         if length >= self.maxlen * WARN_FILL:
-            self._metrics.incr("dead_letter_fill_warnings")
+            if self._metrics is not None:
+                self._metrics.incr("dead_letter_fill_warnings")
             self._log.warning(
                 "dead_letter_store_filling",
                 length=length,

@@ -57,6 +57,7 @@ class Polling:
         last_call = 0.0
         failures = 0
         while not feed.stopping.is_set():
+            await feed.room()  # fetch only what the read-ahead can take
             pause = self.min_interval - (time.monotonic() - last_call)
             if pause > 0:
                 await asyncio.sleep(pause)
@@ -95,10 +96,13 @@ class Polling:
                 )
                 for r in response.get("Records", [])
             ]
-            if records:
-                start = StartPosition.after(records[-1].sequence_number)
             behind = response.get("MillisBehindLatest")
             next_iterator = response.get("NextShardIterator")
+            # The reply's records are in ``records`` now: no second reference to them may
+            # outlive this batch (it would keep a handled batch's data until the next reply).
+            del response
+            if records:
+                start = StartPosition.after(records[-1].sequence_number)
             if next_iterator is None:
                 await confirm_closed(feed.kinesis, feed.stream, shard)
             await deliver(Fetched(records, behind, ended=next_iterator is None))

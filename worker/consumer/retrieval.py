@@ -12,7 +12,10 @@ retrieval runs. The contract, the same for both:
 - ``ended`` on the last batch of a shard read to its end, and only once Kinesis lists the
   shard closed (``confirm_closed``): the reader then checkpoints ``SHARD_END``;
 - it returns when ``ShardFeed.stopping`` is set, and raises what it cannot retry itself
-  (the reader is then restarted from its checkpoint).
+  (the reader is then restarted from its checkpoint);
+- one that fetches on demand (polling) waits for ``ShardFeed.room`` before each fetch, so
+  a fetched batch never waits outside the reader's bounded read-ahead: what a shard holds
+  in memory is at most the read-ahead and the batch being handled, whatever the backlog.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ Deliver = Callable[[Fetched], Awaitable[None]]
 """Hands a batch to the reader; waits while the reader's read-ahead queue is full."""
 
 
+async def _always_room() -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ShardFeed:
     """What a retrieval needs to fetch one shard for its reader."""
@@ -64,6 +71,8 @@ class ShardFeed:
     answered: Callable[[], None]
     """Called whenever Kinesis answers (for the reader's health)."""
     log: structlog.typing.FilteringBoundLogger
+    room: Callable[[], Awaitable[None]] = _always_room
+    """Returns once the reader's read-ahead can take a batch without waiting."""
 
 
 class Retrieval(Protocol):

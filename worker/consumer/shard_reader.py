@@ -1,7 +1,9 @@
 """One shard's reader: a prefetching retrieval feeding the batch processor.
 
-The reader owns one background fetch task that reads ahead into a bounded queue (so
-memory stays flat under any backlog) while the current batch is handled. What fetches is
+The reader owns one background fetch task that reads ahead into a bounded queue while the
+current batch is handled. A polling fetcher asks for the next batch only once the queue has
+room for it, so a shard holds at most ``prefetch`` batches waiting and the one being
+handled: memory stays flat under any backlog. What fetches is
 a ``Retrieval`` (``worker.consumer.retrieval``): GetRecords polling by default, or
 SubscribeToShard with enhanced fan-out; the reader does not know which. Each delivers the
 shard's records in order, in batches, with Kinesis' ``MillisBehindLatest``, and says when
@@ -112,6 +114,8 @@ class ShardReader:
         self._backoff = backoff or Backoff(base=0.2, cap=10.0)
         self._retrieval: Retrieval = retrieval or Polling()
         self._stopping = asyncio.Event()
+        self._taken = asyncio.Event()
+        """Set whenever the reader takes a batch from its read-ahead (room for another)."""
         self._metrics = processor.metrics
         self._log = structlog.get_logger("worker.consumer.shard_reader").bind(
             shard_id=self.shard_id
@@ -164,6 +168,7 @@ class ShardReader:
         """The next fetched item, or ``_STOPPED`` as soon as a stop is asked for (the fetcher
         may be in a slow call or a backoff sleep; it is cancelled on the way out)."""
         if not queue.empty():
+            self._taken.set()
             return queue.get_nowait()
         getter = asyncio.ensure_future(queue.get())
         stopper = asyncio.ensure_future(self._stopping.wait())
@@ -174,6 +179,7 @@ class ShardReader:
                 waiter.cancel()
             await asyncio.gather(getter, stopper, return_exceptions=True)
         if getter.done() and not getter.cancelled():
+            self._taken.set()
             return getter.result()
         return _STOPPED
 
@@ -228,6 +234,12 @@ class ShardReader:
             await queue.put(fetched)
             ended = fetched.ended
 
+        async def room() -> None:
+            # One fetcher per queue: room found here is still there when it delivers.
+            while queue.full():
+                self._taken.clear()
+                await self._taken.wait()
+
         feed = ShardFeed(
             kinesis=self._kinesis,
             stream=self._stream,
@@ -240,6 +252,7 @@ class ShardReader:
             backoff=self._backoff,
             answered=self._answered,
             log=self._log,
+            room=room,
         )
         try:
             await self._retrieval.fetch(feed, deliver)
