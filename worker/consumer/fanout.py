@@ -302,9 +302,12 @@ class _Subscription:
                     return "renewal"
                 try:
                     async with asyncio.timeout(remaining):
+                        # Take only what the reader's read-ahead has room for: what arrives
+                        # meanwhile is merged into this batch instead of queued behind it.
+                        await self._feed.room()
                         taken = await ahead.take()
                 except TimeoutError:
-                    return "renewal"  # only ``take`` was cut short: nothing was taken
+                    return "renewal"  # only ``room`` or ``take`` was cut short: nothing taken
                 if isinstance(taken, _End):
                     if taken.error is not None:
                         raise taken.error

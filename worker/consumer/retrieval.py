@@ -16,6 +16,8 @@ retrieval runs. The contract, the same for both:
 - one that fetches on demand (polling) waits for ``ShardFeed.room`` before each fetch, so
   a fetched batch never waits outside the reader's bounded read-ahead: what a shard holds
   in memory is at most the read-ahead and the batch being handled, whatever the backlog.
+  One that is pushed (fan-out) waits for it too before it hands over a batch, and holds at
+  most about one batch limit of received events meanwhile (merged into that batch).
 """
 
 from __future__ import annotations
