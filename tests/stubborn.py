@@ -9,13 +9,18 @@ Named by import path (``stubborn:create``). It records like ``recording`` does a
 
 ``entered`` is set when a batch starts, ``left`` when ``handle`` returns; ``swallowed``
 counts the cancellations it ignored.
+
+``stubborn:swallowing`` is the same handler with ``swallow`` on and never released, for a
+worker process; it touches the file named by ``STUBBORN_ENTERED`` when a batch starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from recording import RecordingHandler
@@ -49,6 +54,8 @@ class StubbornHandler(RecordingHandler):
 
     async def handle(self, batch: Batch) -> None:
         switches.entered.set()
+        if marker := os.environ.get("STUBBORN_ENTERED"):
+            Path(marker).touch()  # noqa: ASYNC240 - once, a test's marker
         if switches.swallow:
             while not switches.released.is_set():
                 try:
@@ -69,4 +76,10 @@ class StubbornHandler(RecordingHandler):
 
 
 def create(context: HandlerContext[Any]) -> StubbornHandler:
+    return StubbornHandler(context)
+
+
+def swallowing(context: HandlerContext[Any]) -> StubbornHandler:
+    """The handler with every cancellation ignored, for good (see the module's docstring)."""
+    switches.swallow = True
     return StubbornHandler(context)

@@ -6,14 +6,18 @@ listener hook that hangs is cut off at SUPERSIM_HANDLER_TIMEOUT."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
+from pathlib import Path
 
+import orjson
 import stubborn
 from kinesis_support import create_stream, events, put, worker_settings
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 from test_observability import get, samples, until
+from test_process import start_worker, worker_env
 
 from worker import keys
 from worker.consumer.app import run_worker
@@ -117,3 +121,47 @@ async def test_a_hung_assignment_hook_is_cut_off_and_counted(
     assert [(labels["handler"], value) for labels, value in timeouts] == [("stubborn", 1.0)]
     cut = [entry for entry in logs if entry["event"] == "shard_listener_timeout"]
     assert [(entry["handler"], entry["shards"]) for entry in cut] == [("stubborn", [SHARD])]
+
+
+async def test_a_worker_process_exits_though_a_handler_ignores_its_cancellation_for_good(
+    kinesalite_endpoint: str, redis_url: str, tmp_path: Path
+) -> None:
+    """``run`` as a process: SIGTERM while the handler swallows every cancellation and never
+    returns. The shutdown abandons the reader and releases its lease; the process then
+    exits 0 instead of waiting for that task forever, and says which task it left."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, events(5))
+    entered = tmp_path / "entered"
+    env = worker_env(
+        kinesalite_endpoint,
+        redis_url,
+        stream,
+        SUPERSIM_SHUTDOWN_TIMEOUT="1",
+        STUBBORN_ENTERED=str(entered),
+    )
+    env["SUPERSIM_HANDLERS"] = "stubborn:swallowing"
+    process = start_worker(env)
+    try:
+        deadline = time.monotonic() + 60
+        while not entered.exists():
+            assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the handler never got a batch"
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        # Without a bounded exit the process never ends: the wait below would time out.
+        returncode = await asyncio.to_thread(process.wait, 60)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert returncode == 0, stderr.decode()[-2000:]
+    lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+    events_logged = [line.get("event") for line in lines]
+    assert "shard_reader_abandoned" in events_logged
+    assert "tasks_left_at_exit" in events_logged
+    client = Redis.from_url(redis_url)
+    try:
+        held = await client.exists(keys.lease(keys.prefix(stream, "supersim-worker"), SHARD))
+    finally:
+        await client.aclose()
+    assert held == 0, "the abandoned shard's lease was released"

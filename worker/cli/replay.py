@@ -30,6 +30,7 @@ import structlog
 from worker import logs
 from worker.cli.commands import COMMANDS
 from worker.cli.decode import iter_records
+from worker.cli.runner import run_until_done
 from worker.consumer import kinesis
 from worker.consumer.app import run_worker, tune_gc
 from worker.errors import ConfigError
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             "replay_starting", records=len(records), endpoint=endpoint, shards=args.shards
         )
         tune_gc()
-        summary = asyncio.run(replay(settings, records, args.shards))
+        summary = run_until_done(replay(settings, records, args.shards))
     print(f"replayed {summary.records} records in {summary.seconds:.2f} s")
     for kind, count in summary.kinds.items():
         print(f"  {kind:<24} {count}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from worker import logs
 from worker.cli.commands import COMMANDS
+from worker.cli.runner import run_until_done
 from worker.consumer.app import run_worker, tune_gc
 from worker.errors import ConfigError
 from worker.settings import load_settings, utc_timestamp
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     at = utc_timestamp(args.at_timestamp) if args.at_timestamp else None
     logs.configure(settings.log_format.value, settings.log_level.value, settings.redact_pii)
     tune_gc()
-    summary = asyncio.run(
+    summary = run_until_done(
         run_worker(
             settings,
             from_start=args.from_start,
