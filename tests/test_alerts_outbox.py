@@ -109,7 +109,7 @@ async def test_claim_of_a_crashed_worker_is_delivered_by_another_once(redis: Red
         Settlement(c.entry, Outcome.DONE, stream_fields=("id", alert["id"]))
         for c in applied.claimed
     ]
-    assert await crashed.outbox.settle(late, now_ms=0) == (0, 0, 0, 0)
+    assert await crashed.outbox.settle(late, now_ms=0) == (0, 0, 0, 0, 0)
     assert len(await redis.xrange(STREAM)) == 1
     await close_all([crashed, survivor])
 
@@ -296,3 +296,77 @@ async def test_a_round_that_fails_while_a_claim_was_asked_does_not_stop_claims(
     assert len({a["id"] for a in opened}) == len(sims)
     assert len({a["id"] for a in resolved}) == len(sims)
     await close_all([worker])
+
+
+class HeldStreamSink:
+    """The stream sink of ``worker``, holding each send until ``unblock`` is set."""
+
+    name = "stream"
+    remote = False
+
+    def __init__(self, worker: AlertHandler) -> None:
+        self._inner = worker.sinks["stream"]
+        self.sending = asyncio.Event()
+        self.unblock = asyncio.Event()
+        worker.sinks["stream"] = worker.dispatcher._sinks["stream"] = self
+
+    async def send(self, alert: Alert) -> SendResult:
+        self.sending.set()
+        await self.unblock.wait()
+        return await self._inner.send(alert)
+
+    async def close(self) -> None:
+        return None
+
+
+QUIET = at(110 + 300 + 60 + 1)
+"""Event time past ``storm()``'s quiet end by the grace: the storm resolves."""
+
+
+@pytest.mark.parametrize("settled_first", ["opening", "waiting resolution"])
+async def test_a_resolution_follows_its_opening_sent_by_another_replica_at_once(
+    redis: Redis, settled_first: str
+) -> None:
+    """One replica is sending an alert's opening when another claims its resolution, which
+    must wait for it: the resolution goes out as soon as the opening is delivered, with no
+    further batch, tick or clock change (it used to wait until the first replica's claim
+    ran out: 70 s at default settings). Whichever of the two settles first."""
+    clock = Clock(at(3600))
+    sending, waiting = handler("rejections", redis, clock), handler("rejections", redis, clock)
+    held = HeldStreamSink(sending)
+    await feed([sending], storm(), shard="s0")
+    await sending.tick(OPENED)  # the opening is claimed here and held in the stream sink
+    await asyncio.wait_for(held.sending.wait(), 5)
+    if settled_first == "opening":
+        await waiting.tick(QUIET)  # resolves; its resolution is claimed there and waits
+        await asyncio.wait_for(waiting.flush(), 5)
+        assert await stream_alerts(redis) == []
+        held.unblock.set()
+    else:
+        looked = waiting.outbox.pending_among
+
+        async def opening_delivered_after_the_look(entries: Any) -> Any:
+            waiting.outbox.pending_among = looked  # type: ignore[method-assign]
+            found = await looked(entries)
+            assert found  # the opening is pending: the resolution waits
+            delivered = asyncio.Event()
+            settle = sending.outbox.settle
+
+            async def settling(*args: Any) -> Any:
+                try:
+                    return await settle(*args)
+                finally:
+                    delivered.set()
+
+            sending.outbox.settle = settling  # type: ignore[method-assign]
+            held.unblock.set()
+            await asyncio.wait_for(delivered.wait(), 5)
+            sending.outbox.settle = settle  # type: ignore[method-assign]
+            return found
+
+        waiting.outbox.pending_among = opening_delivered_after_the_look  # type: ignore[method-assign]
+        await waiting.tick(QUIET)
+    await asyncio.wait_for(asyncio.gather(sending.flush(), waiting.flush()), 5)
+    assert [a["status"] for a in await stream_alerts(redis)] == ["open", "resolved"]
+    assert await sending.outbox.pending() == 0
+    await close_all([sending, waiting])

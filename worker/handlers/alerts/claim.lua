@@ -4,7 +4,9 @@ them until the lease ends. Included by episodes.lua (a batch claims in the same 
 and by the dispatcher's own claims (Outbox.claim).
 
 claim_due(P, now, limit, lease) -> flat {entry, payload, tries, ...}: at most 'limit' of
-the entries due by 'now' (wall ms), each then due again only at now + lease.
+the entries due by 'now' (wall ms), each then due again only at now + lease. A claimed
+resolution no longer waits for its opening in P:wait (outbox.lua): its claim stands until
+it is settled or runs out.
 ]==]
 
 local function claim_due(prefix, now, limit, lease)
@@ -16,6 +18,7 @@ local function claim_due(prefix, now, limit, lease)
     local payload = redis.call('HGET', outbox, entry)
     if payload then
       redis.call('ZADD', due_key, now + lease, entry)
+      redis.call('HDEL', prefix .. ':wait', entry)
       claimed[#claimed + 1] = entry
       claimed[#claimed + 1] = payload
       claimed[#claimed + 1] = redis.call('HGET', tries, entry) or '0'

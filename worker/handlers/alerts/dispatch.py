@@ -13,12 +13,15 @@ an entry again while it is being sent. A full round claims the next one itself, 
 backlog drains without waiting for the next batch or tick. A batch or tick that finds the
 dispatcher busy claims nothing; once its transitions are written (``release``) it asks for
 a claim, which the task makes after its current round, so nothing written waits for the
-next batch or tick. A shutdown mid-round
+next batch or tick. A resolution whose opening is still pending (claimed by another
+replica, or failing) is not tried; it is due again once its opening leaves the outbox, and
+the round that settles that (this replica's or another's) claims again, so it follows its
+opening at once instead of when the other replica's claim runs out. A shutdown mid-round
 settles what the round had already delivered; a process that dies mid-round leaves its
-claims to expire and be claimed again, so every entry is delivered
-at least once and, through the stream sink's atomic append and the webhook's idempotency
-key, observed once. The task is owned here: ``close`` waits for it (bounded), cancels
-it, and its failures surface on the next ``submit`` or ``flush``.
+claims to expire and be claimed again, so every entry is delivered at least once and,
+through the stream sink's atomic append and the webhook's idempotency key, observed once.
+The task is owned here: ``close`` waits for it (bounded), cancels it, and its failures
+surface on the next ``submit`` or ``flush``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class Dispatcher:
         """A claim is queued: a batch or tick wrote transitions while it could not claim."""
         self._claiming = False
         """The task's own claim is under way (no reservation is given meanwhile)."""
+        self._released = 0
+        """Resolutions the current round's settlements made due (their opening went out)."""
         self._queue: asyncio.Queue[ClaimedEntry | None] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -181,26 +186,30 @@ class Dispatcher:
                 # At once, whatever happens to this round: an ask from now on queues a new
                 # claim (never left set by a failed round, which would stop claims for good).
                 self._claim_asked = False
+            self._released = 0
             try:
                 tried = await self._deliver(round_) if round_ else 0
-                if (len(round_) >= self._round and tried) or asked:
-                    # One claim at a time: a batch or tick holding a reservation claims in
-                    # its own script; ours follows it.
-                    await self._unreserved.wait()
+                claim = (len(round_) >= self._round and tried) or asked or self._released
+                # Settled: any claim, ours or a batch's, may take them again from now on (one
+                # released to wait for its opening, or just due again, must not be skipped
+                # as still queued here while its new claim runs out).
+                self._queued.difference_update(entry.entry for entry in round_)
+                if claim:
+                    # One claim at a time: none is reserved from here on, and a batch or tick
+                    # holding a reservation claims in its own script; ours follows it.
                     self._claiming = True
-                    try:
-                        await self._claim_next()
-                    finally:
-                        self._claiming = False
+                    await self._unreserved.wait()
+                    await self._claim_next()
             finally:
-                for entry in round_:
-                    self._queued.discard(entry.entry)
+                self._claiming = False
+                self._queued.difference_update(entry.entry for entry in round_)
                 for _ in items:
                     self._queue.task_done()
 
     async def _claim_next(self) -> int:
-        """After a full round, or when asked, claim the next one (queued before this round
-        is marked done, so ``flush`` waits for it too)."""
+        """After a full round, when asked, or when the round released resolutions that
+        waited for their opening, claim the next one (queued before this round is marked
+        done, so ``flush`` waits for it too)."""
         try:
             claimed = await self._outbox.claim(
                 round(self._clock() * 1000), self._round, self._lease_ms
@@ -271,6 +280,7 @@ class Dispatcher:
                 note="deliveries are repeated when their claims expire",
             )
             return tried
+        self._released += settled.released
         if settled.held:
             self._log.error(
                 "alert_dead_store_full",
@@ -293,7 +303,8 @@ class Dispatcher:
         if sink is None or not sink.remote:
             return settlement
         try:
-            await self._outbox.settle([settlement], round(self._clock() * 1000))
+            settled = await self._outbox.settle([settlement], round(self._clock() * 1000))
+            self._released += settled.released
         except RedisError as exc:
             self._log.warning(
                 "alert_settle_failed",
@@ -313,7 +324,8 @@ class Dispatcher:
         delivered, so a receiver never sees an alert resolved before it opened:
         ``opening`` is that send when it is in the same round, else ``opening_due`` is
         when the outbox's opening is due next (None once it has left the outbox). A
-        waiting resolution is due again just after its opening."""
+        waiting resolution is due again just after its opening, or at once when the
+        opening leaves the outbox, whoever delivers it (``outbox.lua``)."""
         if entry.opening_entry is not None:
             if opening is not None:
                 sent = await asyncio.shield(opening)

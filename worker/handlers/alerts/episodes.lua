@@ -44,6 +44,8 @@ Per handler:
   P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
   P:due    zset   entry -> wall ms when it may be (re)claimed
   P:tries  hash   entry -> failed delivery rounds
+  P:wait   hash   resolution entry -> 1 while it waits for its opening's delivery
+                  (outbox.lua); due again as soon as the opening leaves the outbox
   (and the event-time keys of event_time.lua, which runs first: LOW, WARM)
 
 Equal event times: a hit at t comes before a clear at t (the clear ends the hits up to and

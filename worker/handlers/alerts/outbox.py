@@ -6,9 +6,12 @@ dispatcher settles them here with ``outbox.lua``: delivered entries are removed 
 Redis stream sink's entry is appended to the stream in that same step), failed ones are
 due again later, hopeless ones move to ``<prefix>:dead`` with their reason. That store
 has a cap: when it is full, hopeless entries stay in the outbox and are tried again
-later instead (nothing is dropped to make room). ``requeue`` sends dead entries back to
-the outbox for the next round (``supersim-worker alerts redrive``); ``delete_dead`` is the
-one way an alert leaves without being delivered.
+later instead (nothing is dropped to make room). A resolution that was not tried because
+its opening was still pending (claimed by another replica, or failing) waits in
+``<prefix>:wait``: due again just after its opening, and at once when the opening is
+delivered or dead, not when another replica's claim on it runs out. ``requeue`` sends
+dead entries back to the outbox for the next round (``supersim-worker alerts redrive``);
+``delete_dead`` is the one way an alert leaves without being delivered.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ class Settled(NamedTuple):
     dead: int
     held: int
     """Hopeless entries kept in the outbox because the dead store is full."""
+    released: int
+    """Resolutions that waited for their opening, due now that it left the outbox."""
 
 
 class Outbox:
@@ -154,7 +159,7 @@ class Outbox:
     async def settle(self, results: Sequence[Settlement], now_ms: int) -> Settled:
         """Apply a round's results in one round trip."""
         if not results:
-            return Settled(0, 0, 0, 0)
+            return Settled(0, 0, 0, 0, 0)
         request = {
             "now": now_ms,
             "maxlen": self._maxlen,
