@@ -26,12 +26,13 @@ from structlog.testing import capture_logs
 
 from worker.devtools.simulator import SimulationOptions, generate
 from worker.devtools.simulator.catalog import NETWORKS
-from worker.errors import is_infrastructure_failure
+from worker.errors import ConfigError, is_infrastructure_failure
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
 from worker.handlers import registry
 from worker.handlers.base import Batch, HandlerContext, StreamFacts
 from worker.handlers.metering.handler import (
+    LAYOUT,
     MeteringHandler,
     create,
     encode,
@@ -891,6 +892,24 @@ async def test_start_warns_when_sessions_do_not_outlive_the_stream_by_a_day(
     if warned:
         assert found[0]["needed_days"] == -(-(cast(int, stream_hours) + 24) // 24)
     assert MeteringSettings().session_retention_days == 8
+
+
+async def test_start_records_its_layout_and_refuses_a_newer_one(
+    client: redis.asyncio.Redis,
+) -> None:
+    """A release records the layout it writes; one finding data of a newer layout refuses
+    to start (it would misread it and count events again) and says what to run."""
+    target = handler(client)
+    facts = StreamFacts(stream_name="s", retention_hours=24)
+    await target.start(facts)
+    layout_key = f"{PREFIX}:m:layout"
+    assert int(await client.get(layout_key)) == LAYOUT
+    await client.set(layout_key, LAYOUT + 1)
+    with pytest.raises(
+        ConfigError, match=r"newer release \(layout 3; this release reads up to 2\)"
+    ):
+        await target.start(facts)
+    assert int(await client.get(layout_key)) == LAYOUT + 1, "left as the newer release wrote it"
 
 
 async def test_factory_reads_settings_metering_or_uses_defaults(

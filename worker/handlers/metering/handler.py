@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import structlog
 
+from worker.errors import ConfigError
 from worker.events.records import ConnectionEvent, EventKind
 from worker.handlers.base import Batch, HandlerContext, Plugin, StreamFacts
 from worker.handlers.metering import records
@@ -95,6 +96,12 @@ DAY: Final = 86_400
 SESSION_MARGIN_HOURS: Final = 24
 """How much longer than the stream's retention session records must live (start-up check):
 room for a duplicate written after its first copy, and for the consumer's lag."""
+
+LAYOUT: Final = 2
+"""The Redis layout this release writes, recorded at ``<prefix>:m:layout``: 1 the session
+hashes ``P:m:s:``, 2 the packed SIM-day hashes ``P:m:r:`` (``records.py``). A release
+refuses to start on data of a newer layout, which it would misread and count again; the
+layout-1 releases did not check, so a rollback across layout 2 is not supported."""
 
 DIMENSIONS: Final = {"sim": "s", "fleet": "f", "account": "a", "network": "n"}
 """Dimension name -> its letter in bucket keys."""
@@ -334,8 +341,10 @@ class MeteringHandler:
         if not encoded:
             return
         # A copy identical to an event earlier in the batch (a duplicate delivery, the same
-        # event in both vendors' envelopes) changes nothing the first did not: the script
-        # never sees it.
+        # event in both vendors' envelopes) counts no byte the first did not: the script
+        # never sees it. (Of descriptive fields tied in priority, such as the cell of two
+        # copies of one window, the record keeps the last one written; dropping the copy
+        # can change which, never a figure.)
         distinct = list(dict.fromkeys(encoded))
         result: Any = await self._script(
             keys=[self._route_key], args=[*self._head, orjson.dumps(distinct), sids]
@@ -353,9 +362,20 @@ class MeteringHandler:
         )
 
     async def start(self, stream: StreamFacts) -> None:
-        """Warn when metering does not keep its session records for the stream's retention
-        plus ``SESSION_MARGIN_HOURS``: a replay or backfill reaching further back, or a
-        duplicate written that much later, would count those windows again."""
+        """Refuse data written by a newer layout (``LAYOUT``), then record this one; warn
+        when metering does not keep its session records for the stream's retention plus
+        ``SESSION_MARGIN_HOURS``: a replay or backfill reaching further back, or a duplicate
+        written that much later, would count those windows again."""
+        layout_key = f"{self._prefix}:m:layout"
+        found = await self._redis.get(layout_key)
+        if found is not None and int(found) > LAYOUT:
+            raise ConfigError(
+                f"metering: {layout_key} says its data was written by a newer release "
+                f"(layout {int(found)}; this release reads up to {LAYOUT}): run that release "
+                "or a newer one; an older one would count events again"
+            )
+        if found is None or int(found) < LAYOUT:
+            await self._redis.set(layout_key, LAYOUT)
         hours, days = stream.retention_hours, self.settings.session_retention_days
         if hours is not None and hours + SESSION_MARGIN_HOURS > days * 24:
             self._log.warning(
