@@ -31,15 +31,8 @@ from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
 from worker.handlers import registry
 from worker.handlers.base import Batch, HandlerContext, StreamFacts
-from worker.handlers.metering.handler import (
-    LAYOUT,
-    MeteringHandler,
-    create,
-    encode,
-    hourly_key,
-    legacy_sessions_key,
-    sessions_key,
-)
+from worker.handlers.metering.handler import LAYOUT, MeteringHandler, create, encode
+from worker.handlers.metering.keys import hourly_key, legacy_sessions_key, sessions_key
 from worker.handlers.metering.settings import MeteringSettings
 from worker.handlers.metering.usage import figures, sessions
 

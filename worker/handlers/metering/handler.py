@@ -103,8 +103,6 @@ hashes ``P:m:s:``, 2 the packed SIM-day hashes ``P:m:r:`` (``records.py``). A re
 refuses to start on data of a newer layout, which it would misread and count again; the
 layout-1 releases did not check, so a rollback across layout 2 is not supported."""
 
-DIMENSIONS: Final = {"sim": "s", "fleet": "f", "account": "a", "network": "n"}
-"""Dimension name -> its letter in bucket keys."""
 
 EVENT_FIELDS: Final = (
     "kind",
@@ -138,26 +136,6 @@ _KIND_CODES: Final = {
     EventKind.DATA_SESSION_ENDED: "e",
 }
 _HOUR_CACHE_MAX: Final = 50_000
-
-
-def hourly_key(prefix: str, dimension: str, ident: str, day: str) -> str:
-    """Hash of one UTC day (``YYYYMMDD``) of hourly buckets."""
-    return f"{prefix}:m:h:{DIMENSIONS[dimension]}:{ident}:{day}"
-
-
-def daily_key(prefix: str, dimension: str, ident: str, month: str) -> str:
-    """Hash of one UTC month (``YYYYMM``) of daily buckets."""
-    return f"{prefix}:m:d:{DIMENSIONS[dimension]}:{ident}:{month}"
-
-
-def sessions_key(prefix: str, sim_sid: str, day: str) -> str:
-    """Hash of the sessions of one SIM that started on one UTC day (``YYYYMMDD``)."""
-    return f"{prefix}:m:r:{sim_sid}:{day}"
-
-
-def legacy_sessions_key(prefix: str, sim_sid: str, day: str) -> str:
-    """The same hash in the previous layout (read, and emptied as its sessions change)."""
-    return f"{prefix}:m:s:{sim_sid}:{day}"
 
 
 def network_key(iso_country: str | None, mcc: str | None, mnc: str | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import redis
 
-from worker.handlers.metering.handler import (
+from worker.handlers.metering.keys import (
     daily_key,
     hourly_key,
     legacy_sessions_key,
