@@ -7,8 +7,8 @@ Named by import path (``stubborn:create``). It records like ``recording`` does a
   ``CancelledError`` and carrying on) until ``released`` is set;
 - ``hang_on_assign`` / ``hang_on_revoke``: the hook waits an hour (cancellable).
 
-``entered`` is set when a batch starts, ``left`` when ``handle`` returns; ``swallowed``
-counts the cancellations it ignored.
+``entered`` is set when a batch starts, ``left`` when ``handle`` returns, ``assigning``
+when ``on_shards_assigned`` is called; ``swallowed`` counts the cancellations it ignored.
 
 ``stubborn:swallowing`` is the same handler with ``swallow`` on and never released, for a
 worker process; it touches the file named by ``STUBBORN_ENTERED`` when a batch starts.
@@ -36,6 +36,7 @@ class Switches:
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     left: asyncio.Event = field(default_factory=asyncio.Event)
+    assigning: asyncio.Event = field(default_factory=asyncio.Event)
     swallowed: int = 0
 
 
@@ -67,6 +68,7 @@ class StubbornHandler(RecordingHandler):
         await super().handle(batch)
 
     async def on_shards_assigned(self, shards: Sequence[str]) -> None:
+        switches.assigning.set()
         if switches.hang_on_assign:
             await asyncio.sleep(3600)
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import generate_latest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
+from test_observability import samples
 
 from worker import keys
 from worker.consumer.balance import plan
 from worker.consumer.lease_keeper import LeaseKeeper
-from worker.consumer.leases import LeaseManager, LeaseState, Renewal
+from worker.consumer.leases import Lease, LeaseManager, LeaseState, Renewal
+from worker.metrics import Metrics
 
 SHARDS = [f"s{i}" for i in range(8)]
 PREFIX = keys.prefix("stream", "group")
@@ -161,3 +164,132 @@ async def test_the_keeper_heartbeats_until_the_replica_leaves(redis: Redis) -> N
         for _ in range(5):
             await asyncio.sleep(0.1)
             assert await live() == set()
+
+
+async def test_a_thief_whose_rounds_stopped_holds_no_shard_back(redis: Redis) -> None:
+    """A thief that still heartbeats but no longer runs its balancing rounds (ListShards
+    failing, a hung listener hook) reserves nothing: once its crashed owner's lease has
+    expired, the shard waits for the thief while its rounds refresh the request, and is
+    free to any replica a lease TTL after the last one."""
+    owner, thief, other = [LeaseManager(redis, PREFIX, name, ttl_seconds=1.0) for name in "atb"]
+    for manager in (owner, thief, other):
+        await manager.heartbeat()
+    assert await owner.acquire("s") is not None
+    assert await thief.request_steal("s", "a", bound_ms=60_000)
+    for _ in range(4):  # the owner crashed: its lease expires meanwhile
+        await asyncio.sleep(0.3)
+        await thief.heartbeat()
+        assert (await thief.snapshot(["s"], refresh=True))["s"].thief == "t"
+    assert (await other.snapshot(["s"]))["s"].owner is None
+    assert await other.acquire("s") is None, "reserved while the thief's rounds run"
+    for _ in range(4):  # the thief heartbeats, but its rounds no longer run
+        await asyncio.sleep(0.3)
+        await thief.heartbeat()
+    assert "t" in (await other.heartbeat(alive=False)).expiry_ms
+    assert (await other.snapshot(["s"]))["s"].thief is None, "void: not refreshed"
+    assert await other.acquire("s") is not None
+
+
+async def test_an_owner_keeps_a_shard_asked_for_by_a_thief_whose_rounds_stopped(
+    redis: Redis,
+) -> None:
+    """The owner is asked to hand a shard over only while the thief's rounds refresh the
+    request: once they stop (the thief still heartbeating), its renewals keep the lease
+    and the request is removed."""
+    owner, thief = [LeaseManager(redis, PREFIX, name, ttl_seconds=1.0) for name in "at"]
+    await thief.heartbeat()
+    held = await owner.acquire("s")
+    assert held is not None
+    assert await thief.request_steal("s", "a", bound_ms=60_000)
+    found = []
+    for _ in range(6):
+        found.append(await owner.renew(held))
+        await asyncio.sleep(0.3)
+        await thief.heartbeat()
+    assert found[0] is Renewal.HAND_OVER
+    assert found[-1] is Renewal.KEPT
+    assert await redis.exists(keys.steal(PREFIX, "s")) == 0
+
+
+async def test_a_lease_released_for_its_thief_waits_for_it_a_ttl_at_most(redis: Redis) -> None:
+    """Released for a steal request, the lease is reserved for a lease TTL at most: a
+    thief that runs its rounds but does not claim it by then loses it to any replica."""
+    owner, thief, other = [LeaseManager(redis, PREFIX, name, ttl_seconds=1.0) for name in "atb"]
+    await thief.heartbeat()
+    held = await owner.acquire("s")
+    assert held is not None
+    assert await thief.request_steal("s", "a", bound_ms=60_000)
+    assert await owner.renew(held) is Renewal.HAND_OVER
+    assert await owner.release(held)
+    assert 0 < await redis.pttl(keys.steal(PREFIX, "s")) <= 1000
+    assert await other.acquire("s") is None
+    for _ in range(4):
+        await asyncio.sleep(0.3)
+        await thief.heartbeat()
+        await thief.snapshot(["s"], refresh=True)
+    assert await other.acquire("s") is not None
+
+
+async def test_a_steal_request_stands_for_the_owners_bound_when_longer(redis: Redis) -> None:
+    """The owner stores its steal bound with the lease: a thief with a shorter one (other
+    settings or handlers, during a rolling change) cannot have the owner's renewals
+    refused before the owner's own bound is up. With both short, they are refused, and the
+    request then lasts two TTLs at most."""
+    owner, thief = [LeaseManager(redis, PREFIX, name, ttl_seconds=5.0) for name in "at"]
+    await thief.heartbeat()
+    owner.steal_bound_ms = 60_000
+    held = await owner.acquire("s")
+    assert held is not None
+    assert await thief.request_steal("s", "a", bound_ms=100)
+    await asyncio.sleep(0.3)
+    assert await owner.renew(held) is Renewal.HAND_OVER
+    owner.steal_bound_ms = 100
+    held = await owner.acquire("r")
+    assert held is not None
+    assert await thief.request_steal("r", "a", bound_ms=100)
+    await asyncio.sleep(0.3)
+    assert await owner.renew(held) is Renewal.LOST
+    assert 0 < await redis.pttl(keys.steal(PREFIX, "r")) <= 10_000
+
+
+class HeldRenewals(LeaseManager):
+    """Real renewals; the test holds up the first shard's until it lets it go (Redis
+    latency, many shards)."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis, PREFIX, "a", ttl_seconds=5)
+        self.entered = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def renew(self, lease: Lease, millis_behind: int | None = None) -> Renewal:
+        if lease.shard_id == "s0":
+            self.entered.set()
+            await self.proceed.wait()
+        return await super().renew(lease, millis_behind)
+
+
+async def test_a_lease_given_back_during_a_renewal_round_is_not_reported_lost(
+    redis: Redis,
+) -> None:
+    """A lease given back while the keeper's renewal round awaits another lease's renewal
+    is not renewed afterwards by that round: no ``lease_lost``, no lost count, no
+    ``on_lost`` of the reader that gave it back."""
+    manager = HeldRenewals(redis)
+    metrics = Metrics()
+    lost: list[str] = []
+    with capture_logs() as logs:
+        async with LeaseKeeper(manager, renew_interval=0.05, metrics=metrics) as keeper:
+            held = {}
+            for sid in ("s0", "s1"):
+                taken = await keeper.acquire(sid)
+                assert taken is not None
+                held[sid] = taken
+                keeper.keep(taken, on_lost=lambda sid=sid: lost.append(sid), on_hand_over=print)
+            await asyncio.wait_for(manager.entered.wait(), 5)
+            await keeper.give_back(held["s1"])  # its reader stopped after its checkpoint
+            manager.proceed.set()
+            await asyncio.sleep(0.3)  # more rounds
+    assert lost == []
+    assert not [entry for entry in logs if entry["event"] == "lease_lost"]
+    found = samples(generate_latest(metrics.registry).decode())
+    assert sum(v for _, v in found.get("supersim_leases_lost_total", [])) == 0

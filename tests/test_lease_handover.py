@@ -1,12 +1,13 @@
 """Leases moving between real replica processes (kinesalite, one redis-server), where
 timing matters: a steal request never takes a shard from an owner still handling a slow
 batch, a replica whose ListShards fails stays in the live set (its heartbeat is the lease
-keeper's, not the balancing round's), and the lease and lag metrics each replica serves
-follow its shards as they move or end."""
+keeper's, not the balancing round's) and still takes the shard it asked for, and the lease
+and lag metrics each replica serves follow its shards as they move or end."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +29,8 @@ SHUTDOWN = 2
 OLD_BOUND = 2 * TTL + SHUTDOWN
 """The steal bound before it covered a batch: two TTLs and the shutdown timeout."""
 SETTLE = 60.0
+FAILOVER = 10.0
+"""Seconds from a kill until its shards are held again (crash failover, at a 4 s TTL)."""
 
 Scrape = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -167,6 +170,53 @@ async def test_a_replica_whose_list_shards_fails_stays_live_and_keeps_its_shard(
             assert state.thief is None, state
             await asyncio.sleep(0.2)
         assert len(other.events("lease_steal_requested")) == asked_before, "no steal request"
+    finally:
+        await proxy.stop()
+
+
+async def test_a_shard_asked_for_by_a_replica_whose_list_shards_fails_is_read_after_a_crash(
+    group: Group, tmp_path: Path
+) -> None:
+    """A replica asks the busiest one for a shard, then its ListShards starts failing, and
+    the owner, still in its batch, is killed: the shard is not left reserved for a thief
+    that never takes it (it balances on with the shards it last listed, and a request its
+    rounds stop refreshing is void), and every shard is held again within the failover
+    bound."""
+    proxy = await FaultProxy(group.kinesalite).start()
+    try:
+        group.env.update(SUPERSIM_DISCOVERY_INTERVAL="1")
+        await group.create(3)
+        owner = group.start()
+        await group.wait_balanced([3], SETTLE)
+        group.start()
+        await group.wait_balanced([2, 1], SETTLE)
+        async with Trickle(group) as trickle:
+            await trickle.wait_resumed(group.open_shards, time.monotonic(), within=SETTLE)
+            mine = await group.held_by(owner)
+            assert len(mine) == 2
+            (tmp_path / str(owner.pid)).touch()  # the owner cannot hand a shard over
+
+            async def held() -> bool:
+                return all((tmp_path / f"{owner.pid}.{sid}.held").exists() for sid in mine)
+
+            await group.wait_for(held, 30, "the owner's batches held")
+            thief = group.start(SUPERSIM_ENDPOINT_URL=proxy.url)
+
+            async def asked() -> str | None:
+                leases = await group.leases()
+                return next((s for s, st in leases.items() if thief.owns(st.thief)), None)
+
+            shard = await until(asked, SETTLE, "the new replica asked for a shard")
+            assert shard in mine
+            proxy.faults.fail_first["ListShards"] = proxy.calls["ListShards"] + 1_000_000
+
+            async def failing() -> bool:
+                return bool(thief.events("discovery_failed"))
+
+            await group.wait_for(failing, 30, "the thief's ListShards failing")
+            owner.signal(signal.SIGKILL)
+            await owner.wait(30)
+            await group.wait_balanced([2, 1], FAILOVER)
     finally:
         await proxy.stop()
 

@@ -8,7 +8,8 @@ shards, closed parents not read to their end yet, and children whose parents are
 1. takes the leases its own steal requests were answered with (released for it), then
    free leases (no owner: never taken, released, or expired) up to the target, in shard
    order, skipping those another live replica's steal request reserves (a request by a
-   replica no longer live is void); the other free ones are spares, taken in order in
+   replica no longer live is void, and so is one its replica's rounds stopped refreshing:
+   the lease snapshot leaves it out); the other free ones are spares, taken in order in
    place of any that another replica takes first;
 2. if still below the target, asks the most-loaded live replica for one shard (a steal
    request), when that replica holds more than the target, or holds the target while this

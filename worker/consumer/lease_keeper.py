@@ -237,25 +237,36 @@ class LeaseKeeper(OwnedTask):
         while True:
             await self._heartbeat()
             await asyncio.sleep(self._interval)
-            for sid, kept in list(self._kept.items()):
-                asked = time.monotonic()
-                try:
-                    renewal = await self._leases.renew(kept.lease, kept.lag())
-                except Exception as exc:
-                    self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
-                    continue
-                if renewal is Renewal.LOST:
-                    self._log.warning("lease_lost", shard_id=sid)
-                    self._disarm(kept)
-                    if not kept.lost:
-                        kept.lost = True
-                        self._metrics.leases_lost.inc()
-                    kept.on_lost()
-                    continue
-                if self._kept.get(sid) is kept:
-                    self._confirmed(kept, asked)
-                if renewal is Renewal.HAND_OVER:
-                    if not kept.asked:
-                        kept.asked = True
-                        self._log.info("lease_handing_over", shard_id=sid)
-                    kept.on_hand_over()
+            # Every lease at once: a round then takes the event-loop turns of one round trip
+            # whatever the number of leases. On a busy loop (shards decoding big batches on a
+            # loaded machine) a turn can take a good part of a second, and renewing one
+            # lease after the other took long enough for the last ones to go unconfirmed.
+            async with asyncio.TaskGroup() as renewals:
+                for sid, kept in list(self._kept.items()):
+                    renewals.create_task(self._renew(sid, kept), name=f"renew-{sid}")
+
+    async def _renew(self, sid: str, kept: _Kept) -> None:
+        if self._kept.get(sid) is not kept:
+            return  # given back (or kept anew) since the round began
+        asked = time.monotonic()
+        try:
+            renewal = await self._leases.renew(kept.lease, kept.lag())
+        except Exception as exc:
+            self._log.warning("lease_renew_failed", shard_id=sid, error=str(exc))
+            return
+        if self._kept.get(sid) is not kept:
+            return  # given back during the call: what it found is not news
+        if renewal is Renewal.LOST:
+            self._log.warning("lease_lost", shard_id=sid)
+            self._disarm(kept)
+            if not kept.lost:
+                kept.lost = True
+                self._metrics.leases_lost.inc()
+            kept.on_lost()
+            return
+        self._confirmed(kept, asked)
+        if renewal is Renewal.HAND_OVER:
+            if not kept.asked:
+                kept.asked = True
+                self._log.info("lease_handing_over", shard_id=sid)
+            kept.on_hand_over()

@@ -10,15 +10,22 @@ replica id → heartbeat expiry in Redis server milliseconds), renewed with thei
 the live replicas are known from one read, without scanning the keyspace.
 
 Stealing: a replica below its share asks for a lease with a *steal request*
-(``keys.steal``: the thief and when it asked). The owner sees it on its next renewal,
-finishes its batch, checkpoints and releases; while the request stands only the thief may
-take the lease, as long as it lives (a request by a replica that left the live set is
-void: the owner keeps reading, and anyone may take the lease once free). An owner that
-does not answer within the request's bound (which the thief sets to cover the slowest
-batch the owner may legitimately be handling: ``worker.consumer.supervisor.steal_bound``)
-has its renewals refused, so the lease expires and is taken as after a crash (its late
-writes are fenced off). All reads a balancing
-round needs are one script call: O(shards).
+(``keys.steal``: the thief, when the owner must have answered by, and until when the
+thief's balancing rounds vouch for it). The owner sees it on its next renewal, finishes its
+batch, checkpoints and releases; while the request stands only the thief may take the
+lease, as long as it lives *and runs its balancing rounds*: each round refreshes its
+standing requests (``snapshot(..., refresh=True)``), and a request not refreshed for a
+lease TTL, or by a replica that left the live set, is void (the owner keeps reading, and
+anyone may take the lease once free), so a replica that heartbeats but cannot balance
+(stuck in a listener hook) holds no shard back for long. Once the lease is released, or
+its renewal refused, the request lasts at most about a TTL more: the thief claims it at
+its next round or loses it. An owner that does not answer within the request's bound has
+its renewals refused, so the lease expires and is taken as after a crash (its late writes
+are fenced off). The bound covers the slowest batch the owner may legitimately be handling
+(``worker.consumer.supervisor.steal_bound``): the larger of the thief's and the owner's
+own, which the owner stores in the lease hash when it takes it (replicas with different
+settings or handlers agree on the longer one). All reads a balancing round needs are one
+script call: O(shards).
 """
 
 from __future__ import annotations
@@ -32,65 +39,98 @@ from redis.asyncio import Redis
 
 from worker import keys
 
-_ACQUIRE: Final = """
--- KEYS: lease, fence, steal request, replicas. ARGV: owner, ttl ms.
+_NOW: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_STANDS: Final = """
+-- Whether a steal request ({thief, until, fresh} from HMGET) holds: its thief is live and
+-- its balancing rounds still refresh it (a request without 'fresh' is an older version's).
+local function stands(asked, replicas, now)
+  if not asked[1] then return false end
+  local beat = redis.call('ZSCORE', replicas, asked[1])
+  if not beat or tonumber(beat) <= now then return false end
+  return not asked[3] or tonumber(asked[3]) > now
+end
+"""
+
+_ACQUIRE: Final = (
+    _NOW
+    + _STANDS
+    + """
+-- KEYS: lease, fence, steal request, replicas. ARGV: owner, ttl ms, owner's steal bound ms.
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner and owner ~= ARGV[1] then return {0, owner} end
-local thief = redis.call('HGET', KEYS[3], 'thief')
-if thief and thief ~= ARGV[1] then
-  -- reserved for the thief, while it lives: a dead replica's request is void
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local beat = redis.call('ZSCORE', KEYS[4], thief)
-  if beat and tonumber(beat) > now then return {0, thief} end
+local asked = redis.call('HMGET', KEYS[3], 'thief', 'until', 'fresh')
+if asked[1] and asked[1] ~= ARGV[1] and stands(asked, KEYS[4], now) then
+  return {0, asked[1]}  -- reserved for the thief
 end
 redis.call('DEL', KEYS[3])
 local token = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'bound', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, tostring(token)}
 """
+)
 
-_RENEW: Final = """
+_RENEW: Final = (
+    _NOW
+    + _STANDS
+    + """
 -- KEYS: lease, steal request, lag hash, replicas. ARGV: owner, token, ttl ms, shard, lag
 -- ('' if none).
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
-local asked = redis.call('HMGET', KEYS[2], 'thief', 'until')
+local asked = redis.call('HMGET', KEYS[2], 'thief', 'until', 'fresh')
 if asked[1] then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local beat = redis.call('ZSCORE', KEYS[4], asked[1])
-  if beat and tonumber(beat) > now then
-    if now > tonumber(asked[2]) then return 0 end  -- the owner did not answer in time
+  if stands(asked, KEYS[4], now) then
+    if now > tonumber(asked[2]) then
+      -- the owner did not answer in time: the lease expires within a TTL, and the thief
+      -- must claim it within one more
+      if redis.call('PTTL', KEYS[2]) > 2 * tonumber(ARGV[3]) then
+        redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[3]))
+      end
+      return 0
+    end
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     return 2
   end
-  redis.call('DEL', KEYS[2])  -- the thief is gone: its request is void, keep reading
+  redis.call('DEL', KEYS[2])  -- the thief is gone or stuck: its request is void, keep reading
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 _RELEASE: Final = """
+-- KEYS: lease, steal request. ARGV: owner, token, ttl ms.
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
+-- released for a thief: it claims the lease at its next round, or the reservation lapses
+if redis.call('PTTL', KEYS[2]) > tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
 return 1
 """
 
-_STEAL: Final = """
--- KEYS: lease, steal request. ARGV: victim, thief, bound ms.
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+_STEAL: Final = (
+    _NOW
+    + """
+-- KEYS: lease, steal request. ARGV: victim, thief, thief's bound ms, thief's ttl ms.
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'bound')
+if cur[1] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[2], 'thief', ARGV[2], 'until', now + tonumber(ARGV[3]))
+-- the longer of the two bounds: the owner knows the slowest batch it may be handling
+local bound = math.max(tonumber(ARGV[3]), tonumber(cur[2] or 0) or 0)
+redis.call('HSET', KEYS[2], 'thief', ARGV[2], 'until', now + bound, 'fresh', now + tonumber(ARGV[4]))
 -- kept past the bound by a lease TTL: the lease expires in between, and the thief takes it
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2 + 10000)
+redis.call('PEXPIRE', KEYS[2], bound * 2 + 10000)
 return 1
 """
+)
 
 _HEARTBEAT: Final = """
 -- KEYS: replicas. ARGV: replica ('' to only read), ttl ms. Returns {now ms, id, expiry, ...}
@@ -103,18 +143,30 @@ for _, v in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')) do out[#o
 return out
 """
 
-_SNAPSHOT: Final = """
--- KEYS: per shard its lease then its steal request. Returns per shard owner, token, pttl, thief.
+_SNAPSHOT: Final = (
+    _NOW
+    + """
+-- KEYS: per shard its lease then its steal request. ARGV: this replica ('' to only read),
+-- ttl ms. Returns per shard owner, token, pttl, thief (a request void for staleness left
+-- out); this replica's own requests are refreshed for a TTL (its balancing round runs).
 local out = {}
 for i = 1, #KEYS, 2 do
   local cur = redis.call('HMGET', KEYS[i], 'owner', 'token')
   out[#out + 1] = cur[1] or ''
   out[#out + 1] = cur[2] or ''
   out[#out + 1] = redis.call('PTTL', KEYS[i])
-  out[#out + 1] = redis.call('HGET', KEYS[i + 1], 'thief') or ''
+  local asked = redis.call('HMGET', KEYS[i + 1], 'thief', 'fresh')
+  local thief = asked[1]
+  if thief and thief == ARGV[1] then
+    redis.call('HSET', KEYS[i + 1], 'fresh', now + tonumber(ARGV[2]))
+  elseif thief and asked[2] and tonumber(asked[2]) <= now then
+    thief = false
+  end
+  out[#out + 1] = thief or ''
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +210,10 @@ class LeaseManager:
         self._prefix = key_prefix
         self.owner = owner
         self.ttl_ms = int(ttl_seconds * 1000)
+        self.steal_bound_ms = 0
+        """Stored with each lease taken: a steal request for it stands at least this long
+        (the slowest batch this replica may legitimately be handling; the supervisor sets
+        it), whatever the thief's own settings say."""
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -175,7 +231,7 @@ class LeaseManager:
                 keys.steal(self._prefix, shard_id),
                 keys.replicas(self._prefix),
             ],
-            args=[self.owner, self.ttl_ms],
+            args=[self.owner, self.ttl_ms, self.steal_bound_ms],
         )
         if not ok:
             return None
@@ -203,19 +259,27 @@ class LeaseManager:
         return Renewal(int(found))
 
     async def release(self, lease: Lease) -> bool:
+        """Give the lease back (False if no longer ours); a steal request standing for it
+        then lasts at most a TTL more, for the thief to claim it."""
         return bool(
             await self._release(
-                keys=[keys.lease(self._prefix, lease.shard_id)], args=[lease.owner, lease.token]
+                keys=[
+                    keys.lease(self._prefix, lease.shard_id),
+                    keys.steal(self._prefix, lease.shard_id),
+                ],
+                args=[lease.owner, lease.token, self.ttl_ms],
             )
         )
 
     async def request_steal(self, shard_id: str, victim: str, bound_ms: int) -> bool:
-        """Ask ``victim`` to hand the shard over (True if asked now; False if it no longer
-        holds it or a request already stands)."""
+        """Ask ``victim`` to hand the shard over within ``bound_ms`` (or the bound the
+        victim stored with its lease, if longer): True if asked now; False if it no longer
+        holds it or a request already stands. The request holds while this replica's
+        balancing rounds refresh it (``snapshot``)."""
         return bool(
             await self._steal(
                 keys=[keys.lease(self._prefix, shard_id), keys.steal(self._prefix, shard_id)],
-                args=[victim, self.owner, bound_ms],
+                args=[victim, self.owner, bound_ms, self.ttl_ms],
             )
         )
 
@@ -232,14 +296,18 @@ class LeaseManager:
         """Remove this replica from the live set (a graceful stop)."""
         await self._redis.zrem(keys.replicas(self._prefix), self.owner)
 
-    async def snapshot(self, shard_ids: Sequence[str]) -> dict[str, LeaseState]:
-        """Every listed shard's lease and steal request, in one call."""
+    async def snapshot(
+        self, shard_ids: Sequence[str], *, refresh: bool = False
+    ) -> dict[str, LeaseState]:
+        """Every listed shard's lease and steal request, in one call (a request whose
+        thief's rounds stopped refreshing it is void, left out). ``refresh``: this is this
+        replica's balancing round, which keeps its own standing requests for a TTL more."""
         if not shard_ids:
             return {}
         names: list[str] = []
         for sid in shard_ids:
             names += [keys.lease(self._prefix, sid), keys.steal(self._prefix, sid)]
-        raw = await self._snapshot(keys=names, args=[])
+        raw = await self._snapshot(keys=names, args=[self.owner if refresh else "", self.ttl_ms])
         return snapshot_states(shard_ids, raw)
 
     async def holder(self, shard_id: str) -> str | None:

@@ -1,18 +1,22 @@
 """The supervisor: discovers shards and owns one reader task per shard.
 
-It lists the stream's shards (every ``discovery_interval``, and at once when a shard
-ends), and every ``BALANCE_INTERVAL`` runs a balancing round: it reads the group's leases
-and live replicas (two cheap Redis calls, O(shards)), and takes or asks for leases so that
-each replica reads about as many shards as the others (see ``worker.consumer.balance``).
-This replica's own heartbeat is the lease keeper's, with the renewals: it never waits on
-Kinesis, so a ListShards outage does not make the peers take this replica for dead. A round also runs as soon as another replica's lease or
-heartbeat lapses (read in the last round), so a crashed replica's shards are taken the
-moment its leases expire. It starts, reaps and restarts the readers. It takes each
-shard's lease through the ``LeaseKeeper`` (``worker.consumer.lease_keeper``), which renews
-the leases of running readers, stops a reader whose lease is lost and hands over one
-another replica asked for; where each reader starts comes from ``StartPositions``
-(``worker.consumer.positions``). Handlers that are ``ShardListener``s hear when a shard
-starts and stops being read here, each call bounded by ``handler_timeout``.
+It lists the stream's shards (every ``discovery_interval``, and at once when a shard ends),
+and every ``BALANCE_INTERVAL`` runs a balancing round: it reads the group's leases and live
+replicas (two cheap Redis calls, O(shards)), and takes or asks for leases so that each
+replica reads about as many shards as the others (see ``worker.consumer.balance``); when
+ListShards fails, with the shards last listed (leases need Redis alone), so its steal
+requests stay refreshed and it takes what is handed over to it. This replica's own
+heartbeat is the lease keeper's, with the renewals: it never waits on Kinesis, so a
+ListShards outage does not make the peers take this replica for dead. A round also runs as
+soon as another replica's lease or heartbeat lapses (read in the last round), so a crashed
+replica's shards are taken the moment its leases expire. It starts, reaps and restarts the
+readers. It takes each shard's lease through the ``LeaseKeeper``
+(``worker.consumer.lease_keeper``), which renews the leases of running readers, stops a
+reader whose lease is lost and hands over one another replica asked for; where each reader
+starts comes from ``StartPositions`` (``worker.consumer.positions``). Handlers that are
+``ShardListener``s hear when a shard starts and stops being read here, each call bounded by
+``handler_timeout`` (once a stop is asked for, by what is left of ``shutdown_timeout``); a
+lease is renewed from the moment it is taken, also while ``on_shards_assigned`` runs.
 
 Ordering guarantee: a child shard (after a split or merge) starts only when every parent
 is at ``SHARD_END`` or no longer exists (trimmed), so per partition key nothing is read
@@ -22,12 +26,12 @@ next balancing round), so children start within a second or two of their last pa
 ending, whichever replica has room for them.
 
 Reader failures are logged and the reader is restarted with backoff from its last
-checkpoint; the process keeps running. ``stop()`` stops reading, lets each in-flight
-batch finish (bounded by ``shutdown_timeout``), checkpoints, releases the leases and
-leaves the live set, so the other replicas take the shards within a balancing round. A
-reader still running at the bound is cancelled and given ``ABANDON_GRACE`` to end; one
-that ignores its cancellation (a handler swallowing it) is abandoned, so it never holds
-up the releases.
+checkpoint; the process keeps running. ``stop()`` stops reading; the shutdown leaves the
+live set at once (this replica's steal requests are then void), lets each in-flight batch
+finish (bounded by ``shutdown_timeout``), checkpoints and releases the leases, so the other
+replicas take the shards within a balancing round. A reader still running at the bound is
+cancelled and given ``ABANDON_GRACE`` to end; one that ignores its cancellation (a handler
+swallowing it) is abandoned, so it never holds up the releases.
 
 A shard's lag series (``supersim_shard_millis_behind_latest``,
 ``supersim_shard_iterator_age_seconds``) is removed once this replica no longer reads it:
@@ -43,6 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
@@ -131,6 +136,7 @@ class Supervisor:
             leases, renew_interval=settings.lease_ttl / 4, metrics=self._metrics
         )
         self._steal_bound_ms = round(steal_bound(settings, len(processor.handlers)) * 1000)
+        leases.steal_bound_ms = self._steal_bound_ms  # stored with each lease taken
         self._listeners = list(listeners)
         self._strays: set[asyncio.Future[None]] = set()
         """Listener hook calls that ignored their cancellation (see ``_tell``)."""
@@ -206,18 +212,28 @@ class Supervisor:
         every shard is at its tip."""
         await self._reap()
         now = time.monotonic()
+        listed = True
         if (
             self._relist
             or self._listed_at is None
             or now - self._listed_at >= self._settings.discovery_interval
         ):
-            shards = await self._list_unless_stopped()
-            if shards is None:
-                return False
-            self._shards = {shard.shard_id: shard for shard in shards}
-            self._listed_at, self._relist = now, False
+            try:
+                shards = await self._list_unless_stopped()
+            except Exception as exc:
+                if not self._shards or not _worth_retrying(exc):
+                    raise
+                # Leases need Redis alone: balance with the shards last listed, so this
+                # replica still takes what is handed over to it and keeps its requests.
+                self._log.warning("discovery_failed", error=f"{type(exc).__name__}: {exc}")
+                listed = False  # nor can it tell whether every shard is at its tip
+            else:
+                if shards is None:
+                    return False
+                self._shards = {shard.shard_id: shard for shard in shards}
+                self._listed_at, self._relist = now, False
         await self._balance()
-        return self._until_caught_up and await self.all_caught_up()
+        return listed and self._until_caught_up and await self.all_caught_up()
 
     async def _list_unless_stopped(self) -> list[ShardInfo] | None:
         """The stream's shards, or None if a stop comes first: a slow ListShards is then
@@ -264,7 +280,7 @@ class Supervisor:
             if all(self._parent_done(p, checkpoints) for p in shard.parents):
                 leasable.append(sid)
         replicas = await self._lease_store.heartbeat(alive=False)  # the keeper heartbeats
-        states = await self._lease_store.snapshot(leasable)
+        states = await self._lease_store.snapshot(leasable, refresh=True)  # keeps our requests
         for sid in self._lag_series - self._running.keys():
             owner = states[sid].owner if sid in states else None
             if owner not in (None, self.replica_id):  # read elsewhere now
@@ -383,17 +399,22 @@ class Supervisor:
             prefetch=settings.prefetch_batches,
             progress=progress,
         )
-        await self._assigned(sid)
-        self._lag_series.add(sid)
-        task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
-        task.add_done_callback(lambda _: self._wake.set())
-        self._running[sid] = _Running(reader, task)
+        # Renewed from now, before the listeners hear of it: a hook may take up to
+        # ``handler_timeout``, longer than the lease lasts unrenewed. A lease lost or asked
+        # for meanwhile stops the reader before it reads anything.
         self._leases.keep(
             reader.lease,
             on_lost=reader.stop,
             on_hand_over=reader.stop,
             lag=lambda: progress.millis_behind,
         )
+        await self._assigned(sid)
+        if self._stopping.is_set():
+            reader.stop()  # stop() came during the hook, before this reader was listed
+        self._lag_series.add(sid)
+        task = asyncio.create_task(reader.run(), name=f"shard-{sid}")
+        task.add_done_callback(lambda _: self._wake.set())
+        self._running[sid] = _Running(reader, task)
         self._log.info(
             "shard_started",
             shard_id=sid,
@@ -405,7 +426,9 @@ class Supervisor:
         )
 
     async def _reap(self) -> None:
-        """Collect finished readers: ended shards, lost leases, failures (restart later)."""
+        """Collect finished readers: ended shards, lost leases, failures (restart later).
+        The listeners then hear of them all at once (their hooks run concurrently)."""
+        revoked: dict[str, bool] = {}
         for sid, running in list(self._running.items()):
             if not running.task.done():
                 continue
@@ -424,7 +447,7 @@ class Supervisor:
                 self._log.warning("lease_lost", shard_id=sid, error=str(failure))
                 self._leases.lost(running.reader.lease)  # not ours: stop renewing it
                 self._drop_lag(sid)
-                await self._revoked({sid: False})
+                revoked[sid] = False
                 continue
             if failure is not None:
                 failures = self._failures.get(sid, 0) + 1
@@ -448,7 +471,9 @@ class Supervisor:
                 if ended:
                     self._shard_ended(sid)
             await self._leases.give_back(running.reader.lease)
-            await self._revoked({sid: ended})
+            revoked[sid] = ended
+        if revoked:
+            await self._revoked(revoked)
 
     async def all_caught_up(self) -> bool:
         """True when every shard still in the stream is ended, or at its tip: read by us,
@@ -474,6 +499,15 @@ class Supervisor:
         checkpoint is refused and the shard is read again elsewhere from the last one."""
         began = self._stop_requested if self._stop_requested is not None else time.monotonic()
         deadline = began + self._settings.shutdown_timeout
+        # Leave the live set first. This replica's steal requests are void at once: a shard
+        # released for it is free for the others, not reserved for a replica that will never
+        # take it. The others aim for their share without it, but ask only live replicas
+        # for shards: its own leases stay renewed (renewals do not depend on the heartbeat)
+        # and are released below, each after its reader's last checkpoint.
+        try:
+            await asyncio.wait_for(self._leases.leave(), 1.0)
+        except Exception as exc:  # the heartbeat expires by itself anyway
+            self._log.warning("replica_leave_failed", error=f"{type(exc).__name__}: {exc}")
         running = list(self._running.values())
         for item in running:
             item.reader.stop()
@@ -506,12 +540,6 @@ class Supervisor:
                     error=repr(task.exception()),
                 )
         self._running.clear()
-        # Leave the live set first: the others then aim for their share without this
-        # replica, and take all its shards in the round after the releases below.
-        try:
-            await asyncio.wait_for(self._leases.leave(), 1.0)
-        except Exception as exc:  # the heartbeat expires by itself anyway
-            self._log.warning("replica_leave_failed", error=f"{type(exc).__name__}: {exc}")
         await self._leases.give_back_all([item.reader.lease for item in running], deadline=deadline)
         for item in running:
             self._drop_lag(item.reader.shard_id)
@@ -562,19 +590,29 @@ class Supervisor:
         limit: float | None = None,
     ) -> None:
         """Await one ``ShardListener`` hook call, for at most ``limit`` seconds (by default
-        ``handler_timeout``); a failure or a timeout is logged, never raised (reading goes
-        on). A timed-out call is cancelled (counted in ``supersim_handler_timeouts_total``);
-        if it ignores that for ``ABANDON_GRACE`` it is left to end on its own."""
+        ``handler_timeout``, cut to what is left of the shutdown budget once a stop is asked
+        for: a stop never waits out a hook's whole timeout); a failure or a timeout is
+        logged, never raised (reading goes on). A timed-out call is cancelled (counted in
+        ``supersim_handler_timeouts_total``); if it ignores that for ``ABANDON_GRACE`` it is
+        left to end on its own."""
         name = getattr(listener, "name", type(listener).__name__)
-        limit = self._settings.handler_timeout if limit is None else limit
+        began = time.monotonic()
         hook: asyncio.Future[None] = asyncio.ensure_future(call)
         try:
-            done, _ = await asyncio.wait({hook}, timeout=limit)
+            if limit is None:
+                limit = self._settings.handler_timeout
+                await self._until_done_or_stopped(hook, limit)
+                if not hook.done() and self._stop_requested is not None:
+                    budget = self._stop_requested + self._settings.shutdown_timeout
+                    limit = min(limit, budget - began)
+                    await asyncio.wait({hook}, timeout=max(0.0, began + limit - time.monotonic()))
+            else:
+                await asyncio.wait({hook}, timeout=limit)
         except asyncio.CancelledError:
             hook.cancel()
             self._keep_stray(hook)
             raise
-        if not done:
+        if not hook.done():
             hook.cancel()
             await asyncio.wait({hook}, timeout=ABANDON_GRACE)
             self._metrics.handler_timeouts.labels(handler=name).inc()
@@ -582,7 +620,7 @@ class Supervisor:
                 "shard_listener_timeout",
                 shards=list(shards),
                 handler=name,
-                seconds=limit,
+                seconds=round(max(0.0, limit), 2),
                 abandoned=not hook.done(),
             )
             self._keep_stray(hook)
@@ -596,6 +634,16 @@ class Supervisor:
             self._log.warning(
                 "shard_listener_failed", shards=list(shards), handler=name, error=error
             )
+
+    async def _until_done_or_stopped(self, hook: asyncio.Future[None], limit: float) -> None:
+        """Wait ``limit`` seconds at most for ``hook``, less if a stop is asked for."""
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
+        waiting: set[asyncio.Future[Any]] = {hook, stopped}
+        try:
+            await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await asyncio.gather(stopped, return_exceptions=True)
 
     def _keep_stray(self, hook: asyncio.Future[None]) -> None:
         """Keep a hook call that has not ended yet until it does, then collect its outcome

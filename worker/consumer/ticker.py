@@ -11,15 +11,17 @@ Each call is bounded by ``timeout`` (``SUPERSIM_HANDLER_TIMEOUT``). A call that 
 times out is logged (``handler_periodic_call_failed``) and counted in
 ``supersim_handler_failures_total{handler}``; it never stops the ticker, and never costs
 the other handlers their readings: a handler whose ``gauges()`` failed keeps its last
-readings (none if it never answered) until it answers again. One task, owned by the
-``Ticker`` context.
+readings (none if it never answered) until it answers again. A call cut off at its timeout
+that ignores its cancellation for ``ABANDON_GRACE`` is left to end on its own (kept until
+it does): the ticker goes on, skipping that handler's calls while it runs. One task, owned
+by the ``Ticker`` context.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -31,6 +33,8 @@ T = TypeVar("T")
 
 GAUGE_EVERY = 5
 """Read the gauges every this many rounds."""
+ABANDON_GRACE = 1.0
+"""Seconds a call cut off at its timeout is given to end once cancelled."""
 
 
 class _Failed:
@@ -59,6 +63,8 @@ class Ticker(OwnedTask):
         self._interval = interval
         self._timeout = timeout
         self._last: dict[int, Sequence[Gauge]] = {}
+        self._strays: dict[int, asyncio.Future[Any]] = {}
+        """Per handler (``id``): its call cut off and abandoned, until it ends."""
         """Per handler (its index in ``_gauges``): the readings it last reported."""
         self._log = structlog.get_logger("worker.consumer.ticker")
 
@@ -112,21 +118,61 @@ class Ticker(OwnedTask):
 
     async def _call(self, handler: Handler, method: Callable[[], Awaitable[T]]) -> T | _Failed:
         """``method()`` within the timeout, or ``_FAILED`` (logged and counted) if it
-        raised, timed out or raised ``CancelledError`` without this task being cancelled."""
+        raised, timed out or raised ``CancelledError`` without this task being cancelled,
+        or if the handler's call abandoned earlier still runs."""
+        if id(handler) in self._strays:
+            return self._failed(handler, method, "its call abandoned earlier still runs")
         try:
-            async with asyncio.timeout(self._timeout):
-                return await method()
-        except (Exception, asyncio.CancelledError) as exc:
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
-                raise  # the ticker itself is stopping
-            self._metrics.handler_failures.labels(handler=handler.name).inc()
-            self._log.warning(
-                "handler_periodic_call_failed",
-                handler=handler.name,
-                method=method.__name__,
-                error=f"{type(exc).__name__}: {exc}"
-                if not isinstance(exc, TimeoutError)
-                else f"took longer than {self._timeout:g} s (SUPERSIM_HANDLER_TIMEOUT)",
+            call: asyncio.Future[T] = asyncio.ensure_future(method())
+        except Exception as exc:  # not even a call to wait for
+            return self._failed(handler, method, f"{type(exc).__name__}: {exc}")
+        try:
+            await asyncio.wait({call}, timeout=self._timeout)
+        except asyncio.CancelledError:  # the ticker itself is stopping
+            call.cancel()
+            self._keep_stray(handler, call)
+            raise
+        if not call.done():
+            call.cancel()
+            await asyncio.wait({call}, timeout=ABANDON_GRACE)
+            self._keep_stray(handler, call)
+            return self._failed(
+                handler,
+                method,
+                f"took longer than {self._timeout:g} s (SUPERSIM_HANDLER_TIMEOUT)",
+                abandoned=not call.done(),
             )
-            return _FAILED
+        if call.cancelled():
+            return self._failed(handler, method, "CancelledError: the call raised it")
+        if (error := call.exception()) is not None:
+            return self._failed(handler, method, f"{type(error).__name__}: {error}")
+        return call.result()
+
+    def _failed(
+        self, handler: Handler, method: Callable[[], object], error: str, *, abandoned: bool = False
+    ) -> _Failed:
+        self._metrics.handler_failures.labels(handler=handler.name).inc()
+        self._log.warning(
+            "handler_periodic_call_failed",
+            handler=handler.name,
+            method=getattr(method, "__name__", repr(method)),
+            error=error,
+            **({"abandoned": True} if abandoned else {}),
+        )
+        return _FAILED
+
+    def _keep_stray(self, handler: Handler, call: asyncio.Future[Any]) -> None:
+        """Keep a call that has not ended until it does, then collect its outcome."""
+        if call.done():
+            if not call.cancelled():
+                call.exception()
+            return
+        self._strays[id(handler)] = call
+
+        def collect(ended: asyncio.Future[Any]) -> None:
+            if self._strays.get(id(handler)) is ended:
+                del self._strays[id(handler)]
+            if not ended.cancelled():
+                ended.exception()
+
+        call.add_done_callback(collect)
