@@ -4,12 +4,14 @@ hash tag, ``{sw:<stream>:<group>}``, so Lua scripts touching several of them sta
 =====================================  =======  ============================================
 key                                    type     holds
 =====================================  =======  ============================================
-``{sw:S:G}:lease:<shard>``             hash     owner, token (fencing); expires with its TTL
+``{sw:S:G}:lease:<shard>``             hash     owner, token (fencing), bound (owner's steal
+                                               bound, ms); expires with its TTL
 ``{sw:S:G}:fence:<shard>``             string   fencing counter, +1 on every lease take
 ``{sw:S:G}:checkpoints``               hash     shard id -> last handled sequence / SHARD_END
 ``{sw:S:G}:dlq``                       stream   dead-lettered records with their reasons
 ``{sw:S:G}:tip:<shard>``               string   present while the shard's reader is at its tip
-``{sw:S:G}:steal:<shard>``             hash     thief, until: another replica asked for it
+``{sw:S:G}:steal:<shard>``             hash     thief, until, fresh: another replica asked for
+                                               it (void once ``fresh`` passes)
 ``{sw:S:G}:replicas``                  zset     live replica id -> heartbeat expiry (ms)
 ``{sw:S:G}:lag``                       hash     shard id -> last MillisBehindLatest seen
 =====================================  =======  ============================================
