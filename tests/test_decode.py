@@ -932,6 +932,21 @@ def test_fast_constructor_builds_the_same_event() -> None:
         built.kind = EventKind.ATTACHMENT_FAILED  # type: ignore[misc]
 
 
+def test_fast_meta_constructor_builds_the_same_meta() -> None:
+    """The pipeline's slot-setting ``KinesisMeta`` constructor makes a meta equal to the
+    dataclass's own, as frozen."""
+    from worker.events.records import new_kinesis_meta
+
+    arrival = datetime(2026, 12, 6, 13, 0, tzinfo=UTC)
+    for args in [("s", "1", "pk", arrival), ("s", "2", "", None)]:
+        built = new_kinesis_meta(*args)
+        assert built == KinesisMeta(*args)
+        assert repr(built) == repr(KinesisMeta(*args))
+        assert hash(built) == hash(KinesisMeta(*args))
+    with pytest.raises(AttributeError):
+        built.shard_id = "other"  # type: ignore[misc]
+
+
 def test_unknown_field_replacing_a_missing_one_is_still_kept() -> None:
     """Unknown fields are noticed by count: one added where an optional one is absent."""
     event = make_event()

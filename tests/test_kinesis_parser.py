@@ -3,6 +3,8 @@ Kinesis servers (a closed parent's last read, with ChildShards, included) and on
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import uuid
 from typing import Any
@@ -16,7 +18,12 @@ from hypothesis import strategies as st
 from kinesis_support import create_stream, kinesis_client, put, wait_active, worker_settings
 
 from worker.consumer import kinesis
-from worker.consumer.kinesis_parser import KinesisJSONParser, KinesisParserFactory
+from worker.consumer.kinesis_parser import (
+    KinesisJSONParser,
+    KinesisParserFactory,
+    parse_get_records,
+    parse_get_records_async,
+)
 
 MAX_HASH = 2**128 - 1
 OUTPUT = (
@@ -158,3 +165,61 @@ def test_any_body_parses_as_botocore_parses_it(body: Any) -> None:
 @pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b"null", b'{"Records": {}}'])
 def test_odd_bodies_parse_as_botocore_parses_them(raw: bytes) -> None:
     assert parse(fast_parser(), raw) == parse(botocore_parser(), raw)
+
+
+def parse_in_chunks(raw: bytes, chunk: int) -> tuple[str, Any]:
+    try:
+        return "ok", asyncio.run(parse_get_records_async(raw, kinesis.utc_timestamp, chunk))
+    except Exception as exc:
+        return "error", type(exc).__name__
+
+
+def parse_whole(raw: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", parse_get_records(raw, kinesis.utc_timestamp)
+    except Exception as exc:
+        return "error", type(exc).__name__
+
+
+@settings(max_examples=200, deadline=None)
+@given(BODY)
+def test_a_body_parsed_in_chunks_parses_as_in_one_go(body: Any) -> None:
+    """Parsed a few records at a time, a body gives what it gives parsed whole (or is left
+    to botocore the same way)."""
+    raw = orjson.dumps(body)
+    assert parse_in_chunks(raw, 2) == parse_whole(raw)
+
+
+async def test_a_large_reply_lets_other_tasks_run_between_chunks() -> None:
+    """The worker's client parses a GetRecords reply a chunk of records at a time, the event
+    loop running other tasks in between, and gives the same response as botocore."""
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    records = [
+        {
+            "SequenceNumber": str(n),
+            "Data": base64.b64encode(b"%d" % n).decode(),
+            "PartitionKey": "k",
+            "ApproximateArrivalTimestamp": 1_765_000_000.0 + n // 3,
+        }
+        for n in range(25)
+    ]
+    raw = orjson.dumps({"Records": records, "NextShardIterator": "i", "MillisBehindLatest": 0})
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    try:
+        started = turns
+        parsed = await parse_get_records_async(raw, kinesis.utc_timestamp, chunk=10)
+        taken = turns - started
+    finally:
+        other.cancel()
+    assert taken >= 2  # three chunks: two turns for the other task
+    assert parsed == botocore_parser()._handle_json_body(raw, OUTPUT)
+    reply = {"body": raw, "headers": {}, "status_code": 200}
+    assert await fast_parser().parse(reply, OUTPUT) == await botocore_parser().parse(reply, OUTPUT)

@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import Callable
 
+import orjson
 import pytest
 import redis.exceptions
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -21,6 +22,7 @@ from worker.backoff import Backoff
 from worker.consumer.deadletter import DeadLetter, DeadLetterStore, DeadLetterStoreFull
 from worker.consumer.pipeline import (
     BROKEN_HANDLER_RECORDS,
+    DECODE_CHUNK,
     BatchProcessor,
     HandlerUnavailable,
     RawRecord,
@@ -136,6 +138,48 @@ async def test_full_store_refuses_instead_of_dropping_the_oldest(redis: Redis) -
         await dlq.add([letter(100)])
     kept = await dlq.list(count=1000)
     assert [item.sequence_number for item in kept] == [str(n) for n in range(100)]
+
+
+async def test_decoding_a_large_batch_lets_other_tasks_run_between_chunks(redis: Redis) -> None:
+    """A batch is decoded ``DECODE_CHUNK`` records at a time, the event loop running other
+    tasks (a lease renewal) in between; the handler still gets every event, in order."""
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []
+    handler = Failing(lambda _: False, lambda: ValueError("never"))
+    original = handler.handle
+
+    async def handle(batch: Batch) -> None:
+        seen.append(turns)
+        await original(batch)
+
+    handler.handle = handle  # type: ignore[method-assign]
+    kinds = ["attachment.accepted", "data-session.updated"] * (3 * DECODE_CHUNK // 2) + [
+        "attachment.failed"
+    ]
+    batch = records(kinds)
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    try:
+        started = turns
+        outcome = await processor(handler, store(redis)).process(SHARD, batch)
+    finally:
+        other.cancel()
+    assert seen[0] - started >= 3  # four chunks: three turns for the other task
+    assert outcome.handled == len(kinds) == 3 * DECODE_CHUNK + 1
+    expected = [orjson.loads(record.data)["data"]["event_sid"] for record in batch]
+    assert handler.handled == expected
+    assert outcome.kinds == {
+        "attachment.accepted": 3 * DECODE_CHUNK // 2,
+        "data-session.updated": 3 * DECODE_CHUNK // 2,
+        "attachment.failed": 1,
+    }
 
 
 async def test_empty_store_takes_a_batch_bigger_than_its_capacity(redis: Redis) -> None:

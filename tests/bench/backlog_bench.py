@@ -13,10 +13,18 @@ Read-ahead is bounded per shard (``SUPERSIM_PREFETCH_BATCHES`` batches queued, o
 handed over, one being handled), so the peak should not depend on how much waits: the
 goal (issue 14) is a 1M backlog's peak within 20 % of a 100k backlog's. With
 ``BACKLOG_BENCH_BASELINE`` set, another version's worker reads each backlog too.
+
+The ``leases`` variant (not part of ``make bench``) drains one backlog at the default lease
+TTL while busy processes load the machine, and counts the records read again after leases
+were lost, with the longest stalls of the worker's event loop (``loop_probe.py``)::
+
+    PYTHONPATH=tests python tests/bench/backlog_bench.py leases [--records N] [--ttl 8]
+        [--burners 8] [--rounds 2] [--baseline DIR [--baseline-only]]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
@@ -27,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from events import KINDS, make_record
@@ -136,12 +144,28 @@ def _trouble(log_path: Path) -> Counter[str]:
 def measure(total: int, env: dict[str, str], cwd: Path) -> tuple[float, float, float]:
     """Run the worker of the tree at ``cwd`` over the backlog until it has read it all:
     (wall seconds, peak RSS MiB, RSS MiB once a quarter of ``total`` was handled)."""
+    wall, peak, quarter, handled, trouble = _drain(total, env, cwd)
+    if handled != total:
+        raise SystemExit(
+            f"worker handled {handled} events of {total} records; its warnings and errors: "
+            f"{dict(trouble)}"
+        )
+    return wall, peak, quarter
+
+
+def _drain(
+    total: int, env: dict[str, str], cwd: Path, argv: list[str] | None = None
+) -> tuple[float, float, float, int, Counter[str]]:
+    """Run the worker (``argv`` before its ``run`` arguments: ``python -m worker`` unless
+    given) until it stops: (wall seconds, peak RSS MiB, RSS MiB once a quarter of ``total``
+    was handled, events handled, warnings and errors logged by event)."""
+    command = argv or [sys.executable, "-m", "worker"]
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "worker.log"
         with log_path.open("wb") as log:
             started = time.perf_counter()
             child = subprocess.Popen(
-                [sys.executable, "-m", "worker", "run", "--from-start", "--until-caught-up"],
+                [*command, "run", "--from-start", "--until-caught-up"],
                 env=env,
                 cwd=cwd,
                 stdout=subprocess.DEVNULL,
@@ -163,12 +187,8 @@ def measure(total: int, env: dict[str, str], cwd: Path) -> tuple[float, float, f
         if child.returncode != 0:
             raise SystemExit(f"worker failed:\n{log_path.read_text()[-3000:]}")
         handled, trouble = _handled(log_path), _trouble(log_path)
-    if handled != total:
-        raise SystemExit(
-            f"worker handled {handled} events of {total} records; its warnings and errors: "
-            f"{dict(trouble)}"
-        )
-    return wall, usage.ru_maxrss / 1024, quarter or float("nan")  # ru_maxrss: KiB on Linux
+    # ru_maxrss: KiB on Linux
+    return wall, usage.ru_maxrss / 1024, quarter or float("nan"), handled, trouble
 
 
 def drain(total: int, trees: dict[str, Path]) -> list[Drain]:
@@ -184,26 +204,128 @@ def drain(total: int, trees: dict[str, Path]) -> list[Drain]:
         put_seconds = time.perf_counter() - started
         drains = []
         for name, tree in trees.items():
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")},
-                "SUPERSIM_STREAM_NAME": stream,
-                "SUPERSIM_CONSUMER_GROUP": f"backlog-{name.replace(' ', '-')}",
-                "SUPERSIM_ENDPOINT_URL": kinesalite.url,
-                "SUPERSIM_REDIS_URL": redis.url,
-                "SUPERSIM_HANDLERS": "log",
-                "SUPERSIM_LOG_FORMAT": "json",
-                "SUPERSIM_BATCH_LIMIT": "10000",
-                "SUPERSIM_IDLE_INTERVAL": "0.2",
-                # A loaded machine can hold the event loop past a renewal while 10,000-record
-                # batches are decoded; a longer lease keeps every record read exactly once.
-                "SUPERSIM_LEASE_TTL": "30",
-            }
+            # A lease longer than the default: this benchmark measures memory, whatever the
+            # machine's load does to the event loop (``leases`` measures that).
+            env = _env(stream, f"backlog-{name.replace(' ', '-')}", kinesalite.url, redis.url, 30)
             wall, peak, quarter = measure(total, env, tree)
             drains.append(Drain(name, total, put_seconds, wall, peak, quarter))
     finally:
         kinesalite.stop()
         redis.stop()
     return drains
+
+
+def _env(stream: str, group: str, endpoint: str, redis_url: str, ttl: int) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")},
+        "SUPERSIM_STREAM_NAME": stream,
+        "SUPERSIM_CONSUMER_GROUP": group,
+        "SUPERSIM_ENDPOINT_URL": endpoint,
+        "SUPERSIM_REDIS_URL": redis_url,
+        "SUPERSIM_HANDLERS": "log",
+        "SUPERSIM_LOG_FORMAT": "json",
+        "SUPERSIM_BATCH_LIMIT": "10000",
+        "SUPERSIM_IDLE_INTERVAL": "0.2",
+        "SUPERSIM_LEASE_TTL": str(ttl),
+    }
+
+
+# --- leases under load: ``python backlog_bench.py leases`` -------------------------------------
+
+LEASE_EVENTS: Final = ("lease_unconfirmed", "lease_lost", "shard_reader_failed")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDrain:
+    tree: str
+    wall_seconds: float
+    handled: int
+    trouble: Counter[str]
+    stalls: dict[str, Any]
+    """What ``loop_probe.py`` wrote: callbacks over each bound, the longest ones."""
+
+
+def leases(total: int, trees: dict[str, Path], ttl: int, burners: int, rounds: int) -> str:
+    """Drain one backlog of ``total`` records ``rounds`` times with each tree's worker (in
+    turn, the order alternating, each drain a consumer group of its own) at lease TTL
+    ``ttl``, while ``burners`` busy processes load the machine, the worker's event loop
+    watched by ``loop_probe.py``; a markdown table of records read again, lease warnings
+    and the longest loop stalls."""
+    kinesalite = start_kinesalite()
+    redis = start_redis()
+    burning: list[subprocess.Popen[bytes]] = []
+    drains: list[LeaseDrain] = []
+    try:
+        stream = "leases"
+        asyncio.run(create_stream(kinesalite.url, stream, shards=SHARDS))
+        asyncio.run(fill(kinesalite.url, stream, total))
+        busy = [sys.executable, "-c", "while True: pass"]
+        burning += [subprocess.Popen(busy) for _ in range(burners)]
+        names = list(trees)
+        for number in range(rounds):
+            for name in names if number % 2 == 0 else names[::-1]:
+                tree = trees[name]
+                group = f"leases-{number}-{name.replace(' ', '-')}"
+                env = _env(stream, group, kinesalite.url, redis.url, ttl)
+                env["PYTHONPATH"] = str(tree)
+                with tempfile.TemporaryDirectory() as tmp:
+                    stalls_path = Path(tmp) / "stalls.json"
+                    argv = [sys.executable, str(Path(__file__).with_name("loop_probe.py"))]
+                    print(f"round {number + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
+                    wall, _, _, handled, trouble = _drain(
+                        total, env, tree, [*argv, str(stalls_path)]
+                    )
+                    stalls = orjson.loads(stalls_path.read_bytes())
+                drains.append(LeaseDrain(name, wall, handled, trouble, stalls))
+    finally:
+        for process in burning:
+            process.kill()
+            process.wait()
+        kinesalite.stop()
+        redis.stop()
+    rows = "".join(
+        f"| {d.tree} | {d.wall_seconds:.1f} | {d.handled - total:,} "
+        f"({(d.handled - total) / total:.1%}) "
+        + "".join(f"| {d.trouble[event]} " for event in LEASE_EVENTS)
+        + f"| {d.stalls['longest'][0][0] if d.stalls['longest'] else 0:.2f} "
+        f"| {d.stalls['over']['0.25']} | {d.stalls['over']['1.0']} |\n"
+        for d in drains
+    )
+    heads = "".join(f"| `{event}` " for event in LEASE_EVENTS)
+    longest = "".join(
+        f"- {d.tree}: "
+        + "; ".join(f"{s:.2f} s {what}" for s, what in d.stalls["longest"][:3])
+        + f"; {d.stalls.get('full_collections', '?')} full garbage collections, the longest "
+        f"{d.stalls.get('longest_full_collection', float('nan')):.2f} s\n"
+        for d in drains
+    )
+    return (
+        f"{total:,} records on {SHARDS} shards, `SUPERSIM_LEASE_TTL={ttl}` (renewed every "
+        f"{ttl / 4:g} s), `SUPERSIM_BATCH_LIMIT=10000`, {burners} busy processes beside it.\n\n"
+        f"| worker | drain wall s | records read again {heads}| longest loop stall s "
+        "| stalls ≥ 0.25 s | stalls ≥ 1 s |\n"
+        f"|---|---:|---:{'|---:' * len(LEASE_EVENTS)}|---:|---:|---:|\n{rows}\n"
+        f"Longest callbacks:\n\n{longest}"
+    )
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="Leases under load while a backlog drains.")
+    parser.add_argument("command", choices=["leases"])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--ttl", type=int, default=8)
+    parser.add_argument("--burners", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="a directory holding another `worker`")
+    parser.add_argument("--baseline-only", action="store_true", help="only the baseline")
+    parser.add_argument("--this", type=Path, default=REPO, help="this tree's `worker` (a copy)")
+    args = parser.parse_args()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    trees = {} if args.baseline_only else {"this tree": args.this.resolve()}
+    if args.baseline:
+        trees = {"baseline": args.baseline.resolve(), **trees}
+    print(leases(args.records, trees, args.ttl, args.burners, args.rounds))
 
 
 def run(quick: bool = False) -> str:
@@ -247,3 +369,7 @@ def run(quick: bool = False) -> str:
         f"**Peak RSS {large:,} / {small:,} = {ratio:.2f}** (goal ≤ {GOAL:.2f}: {verdict})."
         f"{others}\n"
     )
+
+
+if __name__ == "__main__":
+    _main()

@@ -59,7 +59,11 @@ ROUNDS = 3
 CHILD_TIMEOUT = 600.0
 BENCH_DIR = Path(__file__).resolve().parent
 PEER_REQUIREMENTS = ("async-kinesis[redis]==3.0.1", "orjson", "hiredis")
-OURS, PEER = "ours", "peer"
+OURS, PEER, BASELINE = "ours", "peer", "baseline"
+BASELINE_VARIABLE = "PEER_BENCH_BASELINE"
+"""Names a directory holding another version's ``worker`` package (an unpacked
+``git archive``): its worker then reads the full stream too in every round, for
+before/after figures from one run (not the idle case)."""
 
 
 # --- the peer's virtualenv --------------------------------------------------------------------
@@ -298,11 +302,20 @@ def _measure(
         argv += [kinesalite.url, stream, str(expected)]
         return run_child(argv, env, expected, client, kinesalite)
 
+    def baseline(stream: str, expected: int, tag: str) -> Run:
+        env = our_env(base_env, stream, kinesalite.url, redis_server.url, f"{tag}b")
+        env["PYTHONPATH"] = os.environ[BASELINE_VARIABLE]
+        argv = [sys.executable, str(BENCH_DIR / "worker_probe.py")]
+        argv += ["run", "--from-start", "--until-caught-up"]
+        return run_child(argv, env, expected, client, kinesalite)
+
     consumers: dict[str, Callable[[str, int, str], Run]] = {OURS: ours, PEER: peer}
+    if os.environ.get(BASELINE_VARIABLE):
+        consumers[BASELINE] = baseline
     results = []
     try:
         for number in range(rounds):
-            order = (OURS, PEER) if number % 2 == 0 else (PEER, OURS)
+            order = tuple(consumers) if number % 2 == 0 else tuple(reversed(consumers))
             figures = {}
             for name in order:
                 consume = consumers[name]
@@ -310,7 +323,11 @@ def _measure(
                 print(f"round {number + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
                 startup = consume(streams["empty"], 0, f"{tag}e")
                 full = consume(streams["full"], count, f"{tag}f")
-                idle = consume(streams["idle"], idle_count, f"{tag}i") if not number else None
+                idle = (
+                    consume(streams["idle"], idle_count, f"{tag}i")
+                    if not number and name != BASELINE
+                    else None
+                )
                 figures[name] = Figures(startup, full, idle)
             results.append(figures)
     finally:
@@ -374,6 +391,23 @@ def _report(
     )
     ratio = _median(ratios)
     goal = "met" if ratio <= 1 / 3 else "not met"
+    before = ""
+    if BASELINE in results[0]:
+        pairs = [
+            (r[BASELINE].steady_us(r[BASELINE].full), r[OURS].steady_us(r[OURS].full))
+            for r in results
+        ]
+
+        def steady(f: Figures) -> float:
+            return f.steady_us(f.full)
+
+        before = (
+            f"Before and after in the same rounds (`{BASELINE_VARIABLE}`: another version's "
+            "worker read the full stream too), steady-state CPU µs per record, before against "
+            "after: "
+            + "; ".join(f"{old:.1f} against {new:.1f} ({new / old:.2f})" for old, new in pairs)
+            + f". Median before / peer: {med(BASELINE, steady) / med(PEER, steady):.2f}.\n\n"
+        )
     size = sum(len(r) for r in records) / count
     return (
         f"{count:,} simulator records (`--sims {options.sims} --hours {options.hours} "
@@ -393,5 +427,6 @@ def _report(
         "| figure | ours | async-kinesis | ours / peer |\n|---|---:|---:|---:|\n"
         f"{table}\n"
         f"Steady-state CPU per record, ours against the peer's, per round: {per_round}.\n\n"
+        f"{before}"
         f"**Ours / peer = {ratio:.2f}** in steady state (goal ≤ 0.33: {goal}).\n"
     )

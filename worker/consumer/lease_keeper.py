@@ -2,16 +2,17 @@
 
 The supervisor takes a shard's lease here, hands it to ``keep`` once the shard's reader
 runs, and gives it back here when the reader is done. While kept, the lease is renewed
-every ``renew_interval`` (the supervisor uses a quarter of the lease TTL) by one background
-task, owned by the ``LeaseKeeper`` context (started on entry, cancelled and awaited on
-exit); each renewal also records the shard's lag for ``status``. A lease found lost
-(expired and taken by another replica, or a steal request left unanswered) is logged and
-reported through its ``on_lost`` callback, which stops the shard's reader; the lease stays
-kept, and is reported again each round, until the supervisor forgets it or gives it back
-(when the reader has ended). A lease another replica asked for is reported through
-``on_hand_over`` (the reader finishes its batch, checkpoints and stops; the lease is then
-given back and the thief takes it). A renewal that fails (Redis unreachable) is logged and
-tried again next round, until the lease's TTL is up (below).
+every ``renew_interval`` (the supervisor uses a quarter of the lease TTL), all leases at
+once, by one background task, owned by the ``LeaseKeeper`` context (started on entry,
+cancelled and awaited on exit); each renewal also records the shard's lag for
+``status``. A lease found lost (expired and taken by another replica, or a steal request
+left unanswered) is logged and reported through its ``on_lost`` callback, which stops the
+shard's reader; the lease stays kept, and is reported again each round, until the
+supervisor forgets it or gives it back (when the reader has ended). A lease another
+replica asked for is reported through ``on_hand_over`` (the reader finishes its batch,
+checkpoints and stops; the lease is then given back and the thief takes it). A renewal
+that fails (Redis unreachable) is logged and tried again next round, until the lease's
+TTL is up (below).
 
 A lease is also watched on this process's clock: one not confirmed by a renewal for a whole
 TTL may have expired in Redis and been taken, so its reader is stopped (through

@@ -31,6 +31,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
+from typing import Final, NamedTuple
 
 import structlog
 
@@ -38,20 +40,24 @@ from worker.backoff import Backoff
 from worker.consumer.deadletter import DECODE, DeadLetter, DeadLetterStore
 from worker.errors import DecodeError, RetriableError, is_infrastructure_failure
 from worker.events.decode import decode
-from worker.events.records import ConnectionEvent, KinesisMeta, SinkTestEvent
+from worker.events.records import ConnectionEvent, SinkTestEvent, new_kinesis_meta
 from worker.handlers.base import Batch, Handler
 from worker.metrics import Metrics
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """A record as GetRecords returned it."""
+class RawRecord(NamedTuple):
+    """A record as GetRecords returned it. A named tuple: immutable like a frozen
+    dataclass, built in a tenth of the time (thousands of them per batch)."""
 
     data: bytes
     sequence_number: str
     partition_key: str
     arrival: datetime | None = None
 
+
+DECODE_CHUNK: Final = 500
+"""Records decoded between two turns of the event loop (about 10 ms of CPU here)."""
+_KIND: Final = attrgetter("kind")
 
 BROKEN_HANDLER_BATCH = 8
 """A handler failing on every event of a batch at least this big is broken, not the data."""
@@ -113,38 +119,46 @@ class BatchProcessor:
         failed, with which exception type. Keyed by record, so that a batch retried for
         another reason (a full dead-letter store, a Redis blip) does not count twice."""
 
-    def decode_all(
+    async def decode_all(
         self, shard_id: str, records: Sequence[RawRecord], outcome: BatchOutcome
     ) -> tuple[list[ConnectionEvent], list[DeadLetter]]:
+        """Decode a batch, ``DECODE_CHUNK`` records between two turns of the event loop:
+        a 10,000-record batch decoded in one go would hold the loop for a quarter of a
+        second (seconds on a loaded machine), and every shard's lease renewal with it."""
         events: list[ConnectionEvent] = []
         letters: list[DeadLetter] = []
-        for record in records:
-            meta = KinesisMeta(
-                shard_id, record.sequence_number, record.partition_key, record.arrival
-            )
-            try:
-                event = decode(record.data, meta)
-            except DecodeError as exc:
-                letters.append(_letter(record, shard_id, exc.reason, DECODE, exc))
-                self._metrics.decode_errors.labels(reason=_reason(exc)).inc()
-                continue
-            if isinstance(event, ConnectionEvent):
-                events.append(event)
-                outcome.kinds[event.kind.value] += 1
-            elif isinstance(event, SinkTestEvent):
-                outcome.skipped["sink_test"] += 1
-            else:
-                outcome.skipped["other_type"] += 1
+        for at in range(0, len(records), DECODE_CHUNK):
+            if at:
+                await asyncio.sleep(0)
+            for record in records[at : at + DECODE_CHUNK]:
+                data, sequence_number, partition_key, arrival = record
+                try:
+                    event = decode(
+                        data, new_kinesis_meta(shard_id, sequence_number, partition_key, arrival)
+                    )
+                except DecodeError as exc:
+                    letters.append(_letter(record, shard_id, exc.reason, DECODE, exc))
+                    self._metrics.decode_errors.labels(reason=_reason(exc)).inc()
+                    continue
+                if event.__class__ is ConnectionEvent:
+                    events.append(event)
+                elif isinstance(event, SinkTestEvent):
+                    outcome.skipped["sink_test"] += 1
+                else:
+                    outcome.skipped["other_type"] += 1
+        for kind, count in Counter(map(_KIND, events)).items():
+            outcome.kinds[kind.value] += count
         return events, letters
 
     async def process(self, shard_id: str, records: Sequence[RawRecord]) -> BatchOutcome:
         """Handle one batch completely; returns when it may be checkpointed."""
         outcome = BatchOutcome(records=len(records))
-        events, letters = self.decode_all(shard_id, records, outcome)
+        events, letters = await self.decode_all(shard_id, records, outcome)
         poisoned: dict[tuple[str, str], DeadLetter] = {}
         """One entry per record and handler failing on it: a redrive re-runs each."""
+        raw: dict[str, RawRecord] = {}
+        """The batch's records by sequence number, once a handler has failed on one."""
         if events:
-            raw = {record.sequence_number: record for record in records}
             batch = Batch(shard_id, events)
             for handler in self.handlers:
                 failed = await self._run(handler, batch, self._attempts)
@@ -159,6 +173,8 @@ class BatchProcessor:
                         f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
                         failed[0][1],
                     )
+                if failed and not raw:
+                    raw = {record.sequence_number: record for record in records}
                 for event, exc in failed:
                     assert event.meta is not None  # events from records always carry it
                     record = raw[event.meta.sequence_number]

@@ -89,12 +89,12 @@ class Polling:
             feed.answered()
             records = [
                 RawRecord(
-                    data=r["Data"],
-                    sequence_number=r["SequenceNumber"],
-                    partition_key=r.get("PartitionKey", ""),
-                    arrival=r.get("ApproximateArrivalTimestamp"),
+                    r["Data"],
+                    r["SequenceNumber"],
+                    r.get("PartitionKey", ""),
+                    r.get("ApproximateArrivalTimestamp"),
                 )
-                for r in response.get("Records", [])
+                for r in response.get("Records", ())
             ]
             behind = response.get("MillisBehindLatest")
             next_iterator = response.get("NextShardIterator")

@@ -13,8 +13,8 @@ models' ``model_extra``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Final, Literal
@@ -231,6 +231,35 @@ class KinesisMeta:
     sequence_number: str
     partition_key: str
     arrival: datetime | None = None
+
+
+def _kinesis_meta_builder() -> Callable[[str, str, str, datetime | None], KinesisMeta]:
+    """A constructor for ``KinesisMeta`` that sets its slots directly, as ``decode`` builds
+    ``ConnectionEvent``: a frozen dataclass's ``__init__`` goes through
+    ``object.__setattr__`` for every field, the slots' own descriptors take half the time.
+    A test checks both build equal instances."""
+    setters = [KinesisMeta.__dict__[field.name].__set__ for field in fields(KinesisMeta)]
+    if len(setters) != 4:  # pragma: no cover - guards an edit of KinesisMeta
+        raise RuntimeError("KinesisMeta's fields changed: update _kinesis_meta_builder")
+    set_shard, set_sequence, set_key, set_arrival = setters
+    new = object.__new__
+
+    def build(
+        shard_id: str, sequence_number: str, partition_key: str, arrival: datetime | None
+    ) -> KinesisMeta:
+        meta: KinesisMeta = new(KinesisMeta)
+        set_shard(meta, shard_id)
+        set_sequence(meta, sequence_number)
+        set_key(meta, partition_key)
+        set_arrival(meta, arrival)
+        return meta
+
+    return build
+
+
+new_kinesis_meta: Final = _kinesis_meta_builder()
+"""``KinesisMeta(shard_id, sequence_number, partition_key, arrival)``, built faster (once
+per record)."""
 
 
 @dataclass(frozen=True, slots=True)
