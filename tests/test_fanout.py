@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis
 import structlog
+import test_end_to_end as end_to_end
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 from botocore.parsers import EventStreamJSONParser
 from botocore.session import get_session as botocore_session
@@ -53,9 +54,8 @@ from worker.consumer.deadletter import DeadLetterStore
 from worker.consumer.polling import Polling
 from worker.consumer.positions import TRIM_HORIZON
 from worker.consumer.retrieval import Fetched, ShardFeed
-from worker.devtools.simulator import SimulationOptions, generate
+from worker.devtools.simulator import generate
 from worker.errors import ConfigError
-from worker.handlers.metering.usage import figures
 from worker.metrics import Metrics
 from worker.settings import FanOutFallback
 
@@ -282,64 +282,51 @@ def assert_once_in_order(handled: list[tuple[str, str, str]], expected: list[byt
         assert sequences == sorted(sequences), shard
 
 
-def usage_per_sim_day(redis_url: str, prefix: str, truth: dict[str, Any]) -> dict[str, Any]:
-    days = sorted({day for per_day in truth["usage"]["per_sim_day"].values() for day in per_day})
-    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
-    found: dict[str, dict[str, dict[str, int]]] = {}
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for sim in truth["sims"]:
-            for row in figures(client, prefix, "sim", sim, first, last):
-                if row.total:
-                    found.setdefault(sim, {})[row.period] = {
-                        "down": row.down,
-                        "up": row.up,
-                        "total": row.total,
-                    }
-    finally:
-        client.close()
-    return found
-
-
-async def test_fanout_meters_exactly_and_dead_letters_corrupt_records(
+async def test_fanout_meters_exactly_alerts_once_and_dead_letters_corrupt_records(
     fanout: FanOutServer, redis_url: str
 ) -> None:
-    """Through SubscribeToShard only (no GetRecords), a simulated fleet's usage is metered
-    exactly per SIM and day, and corrupt records are dead-lettered."""
-    options = SimulationOptions(
-        sims=60,
-        hours=3,
-        seed=1515,
-        fleets=2,
-        duplicate_share=0.1,
-        shuffle_window=60,
-        kore_share=0.3,
-        data_as_string_share=0.2,
-        test_events=2,
-    )
-    records, truth = generate(options)
+    """Through SubscribeToShard only (no GetRecords), everything the polling end-to-end test
+    checks holds for its simulated fleet: usage metered exactly per SIM and day, one alert
+    (and one resolution) per injected episode, neither changed by a full replay; and the
+    corrupt records among the fleet's are dead-lettered."""
+    records, truth = generate(end_to_end.OPTIONS)
     corrupt = [b"not json at all", b'{"type": "com.twilio.iot.supersim.connection.x"}']
     stream = stream_name()
-    await create_stream(fanout.url, stream, shards=2)
+    shards = 4
+    await create_stream(fanout.url, stream, shards=shards)
     await put(fanout.url, stream, records[:300] + corrupt + records[300:])
-    settings = fanout_settings(fanout, redis_url, stream, handlers=("metering",), batch_limit=200)
-    summary = await run_worker(settings, until_caught_up=True, install_signals=False)
-    assert summary.caught_up
+    settings = fanout_settings(
+        fanout, redis_url, stream, handlers=end_to_end.HANDLERS, batch_limit=200
+    )
     prefix = keys.prefix(stream, GROUP)
-    expected = {
-        sim: {day: dict(values) for day, values in per_day.items()}
-        for sim, per_day in truth["usage"]["per_sim_day"].items()
-    }
-    assert usage_per_sim_day(redis_url, prefix, truth) == expected
-    client = Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
     try:
-        letters = await DeadLetterStore(client, keys.dead_letters(prefix), 1000, Metrics()).list()
+        await end_to_end.run_until_alerted(settings, client, prefix, truth, workers=1)
+        expected = end_to_end.check_exact(client, prefix, truth)
+        first_alerts = end_to_end.alerts(client, prefix)
+        assert sum(fanout.subscriptions.values()) == shards
+        store = Redis.from_url(redis_url)
+        try:
+            dlq = DeadLetterStore(store, keys.dead_letters(prefix), 1000, Metrics())
+            letters = await dlq.list()
+        finally:
+            await store.aclose()
+        assert sorted(letter.raw for letter in letters) == sorted(corrupt)
+        assert {letter.handler for letter in letters} == {"decode"}
+
+        replay = await run_worker(
+            settings,
+            from_start=True,
+            until_caught_up=True,
+            install_signals=False,
+            sections=end_to_end.SECTIONS,
+        )
+        assert replay.caught_up
+        assert end_to_end.usage_per_sim_day(client, prefix, truth) == expected
+        assert end_to_end.alerts(client, prefix) == first_alerts
     finally:
-        await client.aclose()
-    assert sorted(letter.raw for letter in letters) == sorted(corrupt)
-    assert {letter.handler for letter in letters} == {"decode"}
+        client.close()
     assert fanout.calls["GetRecords"] == 0
-    assert sum(fanout.subscriptions.values()) == 2
 
 
 async def test_at_timestamp_and_latest_starts_subscribe_where_polling_would_read(
