@@ -106,10 +106,12 @@ async def test_claim_of_a_crashed_worker_is_delivered_by_another_once(redis: Red
     (alert,) = await stream_alerts(redis)
 
     late = [
-        Settlement(c.entry, Outcome.DONE, stream_fields=("id", alert["id"]))
+        Settlement(c.entry, Outcome.DONE, c.fence, stream_fields=("id", alert["id"]))
         for c in applied.claimed
     ]
-    assert await crashed.outbox.settle(late, now_ms=0) == (0, 0, 0, 0, 0)
+    settled = await crashed.outbox.settle(late, now_ms=0)
+    assert settled[:5] == (0, 0, 0, 0, 0)
+    assert sorted(settled.stale) == sorted(c.entry for c in applied.claimed)
     assert len(await redis.xrange(STREAM)) == 1
     await close_all([crashed, survivor])
 
@@ -343,10 +345,10 @@ async def test_a_resolution_follows_its_opening_sent_by_another_replica_at_once(
         assert await stream_alerts(redis) == []
         held.unblock.set()
     else:
-        looked = waiting.outbox.pending_among
+        looked = waiting.outbox.undelivered_among
 
         async def opening_delivered_after_the_look(entries: Any) -> Any:
-            waiting.outbox.pending_among = looked  # type: ignore[method-assign]
+            waiting.outbox.undelivered_among = looked  # type: ignore[method-assign]
             found = await looked(entries)
             assert found  # the opening is pending: the resolution waits
             delivered = asyncio.Event()
@@ -364,7 +366,7 @@ async def test_a_resolution_follows_its_opening_sent_by_another_replica_at_once(
             sending.outbox.settle = settle  # type: ignore[method-assign]
             return found
 
-        waiting.outbox.pending_among = opening_delivered_after_the_look  # type: ignore[method-assign]
+        waiting.outbox.undelivered_among = opening_delivered_after_the_look  # type: ignore[method-assign]
         await waiting.tick(QUIET)
     await asyncio.wait_for(asyncio.gather(sending.flush(), waiting.flush()), 5)
     assert [a["status"] for a in await stream_alerts(redis)] == ["open", "resolved"]

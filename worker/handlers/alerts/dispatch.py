@@ -14,14 +14,19 @@ backlog drains without waiting for the next batch or tick. A batch or tick that 
 dispatcher busy claims nothing; once its transitions are written (``release``) it asks for
 a claim, which the task makes after its current round, so nothing written waits for the
 next batch or tick. A resolution whose opening is still pending (claimed by another
-replica, or failing) is not tried; it is due again once its opening leaves the outbox, and
+replica, or failing) is not tried; it is due again once its opening is delivered, and
 the round that settles that (this replica's or another's) claims again, so it follows its
-opening at once instead of when the other replica's claim runs out. A shutdown mid-round
-settles what the round had already delivered; a process that dies mid-round leaves its
-claims to expire and be claimed again, so every entry is delivered at least once and,
-through the stream sink's atomic append and the webhook's idempotency key, observed once.
-The task is owned here: ``close`` waits for it (bounded), cancels it, and its failures
-surface on the next ``submit`` or ``flush``.
+opening at once instead of when the other replica's claim runs out. A resolution whose
+opening was given up is given up with it (``outbox.lua``). Within a round, openings are
+sent and settled before resolutions, so a local sink (the stream's append happens as the
+round settles) gets them in that order too. Each settlement carries its claim's fence and
+is ignored if another replica claimed the entry since (``alert_settlement_stale``). A
+shutdown mid-round settles what the round had already delivered, and a closing
+dispatcher claims nothing more; a process that dies mid-round leaves its claims to expire
+and be claimed again, so every entry is delivered at least once and, through the stream
+sink's atomic append and the webhook's idempotency key, observed once. The task is owned
+here: ``close`` waits for it (bounded), cancels it, and its failures surface on the next
+``submit`` or ``flush``.
 """
 
 from __future__ import annotations
@@ -40,10 +45,37 @@ from redis.exceptions import RedisError
 
 from worker.handlers.alerts.episodes import Transition
 from worker.handlers.alerts.model import Alert
-from worker.handlers.alerts.outbox import ClaimedEntry, Outbox, Outcome, Settlement
+from worker.handlers.alerts.outbox import (
+    ORPHANED,
+    ClaimedEntry,
+    Outbox,
+    Outcome,
+    Settled,
+    Settlement,
+)
 from worker.handlers.alerts.sinks import AlertSink
 
 Render = Callable[[Transition], Alert]
+
+
+def _openings_first(entries: Sequence[ClaimedEntry]) -> list[ClaimedEntry]:
+    """The entries in claim order, but a resolution claimed with its opening just after
+    that opening: so it waits for that send, and is settled after it (a local sink, such as
+    the stream, delivers as the round settles)."""
+    in_round = {entry.entry for entry in entries}
+    placed: set[str] = set()
+    deferred: dict[str, ClaimedEntry] = {}
+    ordered: list[ClaimedEntry] = []
+    for entry in entries:
+        opening = entry.opening_entry
+        if opening is not None and opening in in_round and opening not in placed:
+            deferred[opening] = entry
+            continue
+        ordered.append(entry)
+        placed.add(entry.entry)
+        if (follower := deferred.pop(entry.entry, None)) is not None:
+            ordered.append(follower)
+    return ordered
 
 
 class RetryPolicy:
@@ -194,7 +226,7 @@ class Dispatcher:
                 # released to wait for its opening, or just due again, must not be skipped
                 # as still queued here while its new claim runs out).
                 self._queued.difference_update(entry.entry for entry in round_)
-                if claim:
+                if claim and not self._closed:
                     # One claim at a time: none is reserved from here on, and a batch or tick
                     # holding a reservation claims in its own script; ours follows it.
                     self._claiming = True
@@ -209,7 +241,10 @@ class Dispatcher:
     async def _claim_next(self) -> int:
         """After a full round, when asked, or when the round released resolutions that
         waited for their opening, claim the next one (queued before this round is marked
-        done, so ``flush`` waits for it too)."""
+        done, so ``flush`` waits for it too). A closing dispatcher claims nothing: what it
+        claimed might sit claimed for a whole lease once the grace runs out."""
+        if self._closed:
+            return 0
         try:
             claimed = await self._outbox.claim(
                 round(self._clock() * 1000), self._round, self._lease_ms
@@ -232,23 +267,22 @@ class Dispatcher:
             if (opening := entry.opening_entry) is not None and opening not in in_round
         ]
         try:
-            pending = await self._outbox.pending_among(earlier)
+            undelivered = await self._outbox.undelivered_among(earlier)
         except RedisError as exc:
             self._log.warning("alert_round_skipped", error=f"{type(exc).__name__}: {exc}")
             return 0  # nothing sent: delivered when the claims run out
         sends: dict[str, asyncio.Future[Settlement]] = {}
-        # Openings first, so that a resolution claimed with its opening waits for that send.
-        for entry in sorted(entries, key=lambda claimed: claimed.opening_entry is not None):
+        for entry in _openings_first(entries):
             opening = entry.opening_entry
             sends[entry.entry] = asyncio.ensure_future(
                 self._one(
                     entry,
                     sends.get(opening) if opening else None,
-                    pending.get(opening) if opening else None,
+                    undelivered.get(opening) if opening else None,
                 )
             )
         try:
-            gathered = await asyncio.gather(*(sends[entry.entry] for entry in entries))
+            gathered = await asyncio.gather(*sends.values())
             for result in gathered:
                 self.deliveries[(result.entry.split("|", 1)[0], result.outcome.value)] += 1
             results = [result for result in gathered if not result.settled]
@@ -280,7 +314,16 @@ class Dispatcher:
                 note="deliveries are repeated when their claims expire",
             )
             return tried
+        self._account(settled)
+        return tried
+
+    def _account(self, settled: Settled) -> None:
+        """Note what a settlement did: resolutions it made due (the round claims again),
+        resolutions given up with their opening, hopeless entries held, results ignored as
+        stale."""
         self._released += settled.released
+        for entry in settled.orphans:
+            self._log.error("alert_delivery_dead", entry=entry, reason=ORPHANED)
         if settled.held:
             self._log.error(
                 "alert_dead_store_full",
@@ -288,7 +331,14 @@ class Dispatcher:
                 note="undeliverable alerts stay pending and are tried again later; "
                 "inspect them with `supersim-worker alerts dead`, then redrive or delete",
             )
-        return tried
+        for entry in settled.stale:
+            self.deliveries[(entry.split("|", 1)[0], "stale")] += 1
+        if settled.stale:
+            self._log.warning(
+                "alert_settlement_stale",
+                entries=list(settled.stale),
+                note="their claim ran out and another replica claimed them: that one settles them",
+            )
 
     async def _one(
         self,
@@ -304,7 +354,7 @@ class Dispatcher:
             return settlement
         try:
             settled = await self._outbox.settle([settlement], round(self._clock() * 1000))
-            self._released += settled.released
+            self._account(settled)
         except RedisError as exc:
             self._log.warning(
                 "alert_settle_failed",
@@ -323,9 +373,10 @@ class Dispatcher:
         """How the entry's delivery went. A resolution is sent only once its opening is
         delivered, so a receiver never sees an alert resolved before it opened:
         ``opening`` is that send when it is in the same round, else ``opening_due`` is
-        when the outbox's opening is due next (None once it has left the outbox). A
-        waiting resolution is due again just after its opening, or at once when the
-        opening leaves the outbox, whoever delivers it (``outbox.lua``)."""
+        when the outbox's opening is due next (0 if it was given up, None once it was
+        delivered). A waiting resolution is due again just after its opening, at once when
+        the opening is delivered, whoever delivers it, and given up with it if the opening
+        is given up (``outbox.lua``)."""
         if entry.opening_entry is not None:
             if opening is not None:
                 sent = await asyncio.shield(opening)
@@ -334,19 +385,25 @@ class Dispatcher:
                 waits_for = opening_due
             if waits_for is not None:
                 due = max(waits_for, round(self._clock() * 1000)) + 1
-                return Settlement(entry.entry, Outcome.WAIT, due_ms=due)
+                return Settlement(entry.entry, Outcome.WAIT, entry.fence, due_ms=due)
         sink = self._sinks.get(entry.sink)
         if sink is None:
-            return Settlement(entry.entry, Outcome.DEAD, reason=f"sink {entry.sink} is not enabled")
+            return Settlement(
+                entry.entry, Outcome.DEAD, entry.fence, reason=f"sink {entry.sink} is not enabled"
+            )
         try:
             transition = Transition.parse(entry.payload)
             alert = self._render(transition)
         except (ValueError, KeyError, TypeError) as exc:
-            return Settlement(entry.entry, Outcome.DEAD, reason=f"cannot render: {exc}")
+            return Settlement(
+                entry.entry, Outcome.DEAD, entry.fence, reason=f"cannot render: {exc}"
+            )
         async with self._limit:
             result = await sink.send(alert)
         if result.delivered:
-            return Settlement(entry.entry, Outcome.DONE, stream_fields=result.stream_fields)
+            return Settlement(
+                entry.entry, Outcome.DONE, entry.fence, stream_fields=result.stream_fields
+            )
         now_ms = round(self._clock() * 1000)
         fields = {
             "alert_id": alert.id,
@@ -357,12 +414,12 @@ class Dispatcher:
         }
         if not result.retriable:
             self._log.error("alert_delivery_dead", **fields)
-            return Settlement(entry.entry, Outcome.DEAD, reason=result.reason)
+            return Settlement(entry.entry, Outcome.DEAD, entry.fence, reason=result.reason)
         since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
         if self._retry.expired(now_ms, since):
             reason = f"undelivered for longer than the maximum age (last: {result.reason})"
             self._log.error("alert_delivery_dead", **(fields | {"reason": reason}))
-            return Settlement(entry.entry, Outcome.DEAD, reason=reason)
+            return Settlement(entry.entry, Outcome.DEAD, entry.fence, reason=reason)
         due = self._retry.next_due(now_ms, entry.tries)
         self._log.warning("alert_delivery_deferred", retry_in_s=(due - now_ms) / 1000, **fields)
-        return Settlement(entry.entry, Outcome.RETRY, due_ms=due, reason=result.reason)
+        return Settlement(entry.entry, Outcome.RETRY, entry.fence, due_ms=due, reason=result.reason)

@@ -42,10 +42,14 @@ Per handler:
   P:active hash   'K\tgroup\tS' -> ts the episode opened (gauges)
   P:pend   zset   'K\tS' -> event time of its earliest stored event not walked yet
   P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
-  P:due    zset   entry -> wall ms when it may be (re)claimed
+  P:due    zset   entry -> wall ms when it may be (re)claimed; while claimed, the claim's
+                  expiry, which fences its settlement (claim.lua, outbox.lua)
   P:tries  hash   entry -> failed delivery rounds
   P:wait   hash   resolution entry -> 1 while it waits for its opening's delivery
-                  (outbox.lua); due again as soon as the opening leaves the outbox
+                  (outbox.lua); due again as soon as the opening is delivered, given up
+                  with it if the opening is given up
+  P:dead   hash   entry -> {payload, reason, at}: given up on (outbox.lua, outbox.py)
+  P:requeued hash entry -> wall ms it was last put back from P:dead (outbox.py)
   (and the event-time keys of event_time.lua, which runs first: LOW, WARM)
 
 Equal event times: a hit at t comes before a clear at t (the clear ends the hits up to and

@@ -9,9 +9,13 @@ has a cap: when it is full, hopeless entries stay in the outbox and are tried ag
 later instead (nothing is dropped to make room). A resolution that was not tried because
 its opening was still pending (claimed by another replica, or failing) waits in
 ``<prefix>:wait``: due again just after its opening, and at once when the opening is
-delivered or dead, not when another replica's claim on it runs out. ``requeue`` sends
-dead entries back to the outbox for the next round (``supersim-worker alerts redrive``);
-``delete_dead`` is the one way an alert leaves without being delivered.
+delivered, not when another replica's claim on it runs out; when its opening is given up,
+so is the resolution (no sink gets a resolution without its opening). Settlements are
+fenced: each carries the expiry its claim set as the entry's due score, and one whose
+claim ran out and was taken by another replica is ignored (stale). ``requeue`` sends dead
+entries back to the outbox for the next round (``supersim-worker alerts redrive``), an
+opening's resolution with it; ``delete_dead`` is the one way an alert leaves without
+being delivered.
 """
 
 from __future__ import annotations
@@ -36,22 +40,34 @@ CLAIM: Final = (
 """Claim due entries outside a batch (the dispatcher's next round)."""
 REQUEUE: Final = """
 local P = KEYS[1]
+local function back(entry)
+  local letter = redis.call('HGET', P .. ':dead', entry)
+  if not letter then return 0 end
+  redis.call('HSETNX', P .. ':outbox', entry, cjson.decode(letter).payload)
+  redis.call('ZADD', P .. ':due', 0, entry)
+  redis.call('HDEL', P .. ':tries', entry)
+  redis.call('HSET', P .. ':requeued', entry, ARGV[1])
+  redis.call('HDEL', P .. ':dead', entry)
+  return 1
+end
 local moved = 0
+for i = 2, #ARGV do moved = moved + back(ARGV[i]) end
 for i = 2, #ARGV do
-  local letter = redis.call('HGET', P .. ':dead', ARGV[i])
-  if letter then
-    redis.call('HSETNX', P .. ':outbox', ARGV[i], cjson.decode(letter).payload)
-    redis.call('ZADD', P .. ':due', 0, ARGV[i])
-    redis.call('HDEL', P .. ':tries', ARGV[i])
-    redis.call('HSET', P .. ':requeued', ARGV[i], ARGV[1])
-    redis.call('HDEL', P .. ':dead', ARGV[i])
-    moved = moved + 1
+  local head = string.match(ARGV[i], '^(.*)|open$')
+  if head and redis.call('HEXISTS', P .. ':outbox', ARGV[i]) == 1 then
+    back(head .. '|resolved')
   end
 end
 return moved
 """
 """Dead entries (ARGV[2:]) back into the outbox, due at once (whatever a replica's clock
-says) with no failed rounds; ARGV[1] (wall ms) is when, from which its age counts anew."""
+says) with no failed rounds; ARGV[1] (wall ms) is when, from which its age counts anew.
+An opening's resolution, given up with it (outbox.lua), comes back with it and waits for it
+again; only the entries named are counted."""
+
+
+ORPHANED: Final = "its opening is undeliverable"
+"""Why a resolution is given up with its opening (``outbox.lua``)."""
 
 
 def _text(value: bytes | str) -> str:
@@ -67,6 +83,10 @@ class ClaimedEntry:
     payload: str
     tries: int
     """Earlier failed rounds."""
+    fence: int
+    """When this claim runs out (wall ms): the entry's due score while the claim holds it,
+    carried by its settlement so that one arriving after another replica claimed the
+    entry again is ignored (``outbox.lua``)."""
 
     @property
     def sink(self) -> str:
@@ -81,8 +101,8 @@ class ClaimedEntry:
     @classmethod
     def from_reply(cls, flat: Sequence[bytes | str]) -> list[ClaimedEntry]:
         return [
-            cls(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
+            cls(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            for i in range(0, len(flat), 4)
         ]
 
 
@@ -100,6 +120,8 @@ class Settlement:
 
     entry: str
     outcome: Outcome
+    fence: int
+    """The claim's ``ClaimedEntry.fence``: the settlement acts only while that claim holds."""
     stream_fields: tuple[str, ...] = ()
     """For the stream sink: the entry to append, written only if the entry is still there."""
     due_ms: int = 0
@@ -110,6 +132,7 @@ class Settlement:
     def as_json(self) -> dict[str, Any]:
         return {
             "e": self.entry,
+            "f": self.fence,
             "o": self.outcome.value,
             "x": list(self.stream_fields),
             "due": self.due_ms,
@@ -126,7 +149,12 @@ class Settled(NamedTuple):
     held: int
     """Hopeless entries kept in the outbox because the dead store is full."""
     released: int
-    """Resolutions that waited for their opening, due now that it left the outbox."""
+    """Resolutions that waited for their opening, due now that it was delivered."""
+    stale: tuple[str, ...] = ()
+    """Entries whose results were ignored: their claim had run out and another replica had
+    claimed them again (or settled them)."""
+    orphans: tuple[str, ...] = ()
+    """Resolutions given up because their opening was (``ORPHANED``)."""
 
 
 class Outbox:
@@ -165,12 +193,22 @@ class Outbox:
             "maxlen": self._maxlen,
             "deadmax": self._dead_maxlen,
             "hold": self._hold_ms,
+            "orphaned": ORPHANED,
             "results": [r.as_json() for r in results],
         }
         reply = await self._script(
             keys=[self._prefix, self._stream_key], args=[orjson.dumps(request)]
         )
-        return Settled(*(int(count) for count in reply))
+        done, retried, dead, held, released, stale, orphans = reply
+        return Settled(
+            int(done),
+            int(retried),
+            int(dead),
+            int(held),
+            int(released),
+            tuple(_text(entry) for entry in stale),
+            tuple(_text(entry) for entry in orphans),
+        )
 
     async def claim(self, now_ms: int, limit: int, lease_ms: int) -> list[ClaimedEntry]:
         """Claim up to ``limit`` due entries for ``lease_ms``: one round trip."""
@@ -178,20 +216,23 @@ class Outbox:
         reply = await self._claim(keys=[self._prefix], args=[orjson.dumps(request)])
         return ClaimedEntry.from_reply(reply)
 
-    async def pending_among(self, entries: Sequence[str]) -> dict[str, int]:
-        """Those of ``entries`` still in the outbox (not yet delivered nor dead), with the
-        wall ms when each is due next: one round trip."""
+    async def undelivered_among(self, entries: Sequence[str]) -> dict[str, int]:
+        """Those of ``entries`` not delivered: still in the outbox, with the wall ms when
+        each is due next, or given up (in the dead store, 0): one round trip."""
         if not entries:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in entries:
                 pipe.zscore(f"{self._prefix}:due", entry)
                 pipe.hexists(f"{self._prefix}:outbox", entry)
+                pipe.hexists(f"{self._prefix}:dead", entry)
             found = await pipe.execute()
         return {
-            entry: int(due or 0)
-            for entry, due, there in zip(entries, found[::2], found[1::2], strict=True)
-            if there
+            entry: int(due or 0) if pending else 0
+            for entry, due, pending, dead in zip(
+                entries, found[::3], found[1::3], found[2::3], strict=True
+            )
+            if pending or dead
         }
 
     async def pending(self) -> int:
