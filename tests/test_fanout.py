@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +41,8 @@ from kinesis_support import (
 )
 from recording import seen, wait_handled
 from redis.asyncio import Redis
+from test_process import start_worker
+from test_process import worker_env as process_env
 
 from worker import keys
 from worker.backoff import Backoff
@@ -541,30 +541,8 @@ async def test_merged_batches_resume_with_no_gap_and_no_repeat_across_renewals(
 
 
 def worker_env(url: str, redis_url: str, stream: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")}
-    env.update(
-        PYTHONPATH=str(TESTS),
-        SUPERSIM_STREAM_NAME=stream,
-        SUPERSIM_ENDPOINT_URL=url,
-        SUPERSIM_REDIS_URL=redis_url,
-        SUPERSIM_HANDLERS="recording:create",
-        SUPERSIM_INITIAL_POSITION="TRIM_HORIZON",
-        SUPERSIM_IDLE_INTERVAL="0.2",
-        SUPERSIM_LEASE_TTL="5",
-        SUPERSIM_LOG_FORMAT="json",
-        SUPERSIM_RETRIEVAL="fanout",
-        **extra,
-    )
-    return env
-
-
-def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker", "run", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    """The process tests' worker environment, reading with fan-out."""
+    return process_env(url, redis_url, stream, SUPERSIM_RETRIEVAL="fanout", **extra)
 
 
 async def test_kill_9_then_restart_subscribes_from_the_checkpoints(

@@ -55,7 +55,6 @@ from worker.consumer.pipeline import RawRecord
 from worker.consumer.polling import Polling
 from worker.consumer.positions import LATEST_MARGIN, StartPosition
 from worker.consumer.retrieval import (
-    MAX_FETCH_FAILURES,
     Deliver,
     Fetched,
     Retrieval,
@@ -252,11 +251,9 @@ class _Subscription:
                 elif not is_retriable(exc):
                     raise
                 failures += 1
-                if failures > MAX_FETCH_FAILURES:
-                    raise RetriableError(
-                        f"SubscribeToShard failed {failures} times in a row: {exc}"
-                    ) from exc
-                await retry_pause(feed, "subscribe_to_shard_retry", failures, exc)
+                await retry_pause(
+                    feed, "subscribe_to_shard_retry", failures, exc, "SubscribeToShard"
+                )
                 continue
             in_use = 0
             subscribed += 1
@@ -279,11 +276,7 @@ class _Subscription:
                     raise
                 reason = "dropped"
                 failures = 1 if self._received else failures + 1
-                if failures > MAX_FETCH_FAILURES:
-                    raise RetriableError(
-                        f"subscriptions failed {failures} times in a row: {exc}"
-                    ) from exc
-                await retry_pause(feed, "subscription_dropped", failures, exc)
+                await retry_pause(feed, "subscription_dropped", failures, exc, "subscriptions")
                 continue
             finally:
                 events.close()

@@ -22,14 +22,12 @@ from worker.consumer.kinesis import EXPIRED_ITERATOR, error_code, is_retriable
 from worker.consumer.pipeline import RawRecord
 from worker.consumer.positions import LATEST_MARGIN, StartPosition
 from worker.consumer.retrieval import (
-    MAX_FETCH_FAILURES,
     Deliver,
     Fetched,
     ShardFeed,
     confirm_closed,
     retry_pause,
 )
-from worker.errors import RetriableError
 
 MAX_CALLS_PER_SECOND: Final = 5.0
 """Kinesis allows 5 GetRecords calls per second per shard (for all its consumers)."""
@@ -79,11 +77,7 @@ class Polling:
                     metrics.get_records_throttled.labels(shard=shard).inc()
                 metrics.get_records_retries.labels(shard=shard).inc()
                 failures += 1
-                if failures > MAX_FETCH_FAILURES:
-                    raise RetriableError(
-                        f"GetRecords failed {failures} times in a row: {exc}"
-                    ) from exc
-                await retry_pause(feed, "get_records_retry", failures, exc)
+                await retry_pause(feed, "get_records_retry", failures, exc, "GetRecords")
                 continue
             failures = 0
             feed.answered()
@@ -123,9 +117,9 @@ async def _iterator(feed: ShardFeed, start: StartPosition) -> str:
             )
         except Exception as exc:
             failures += 1
-            if not is_retriable(exc) or failures > MAX_FETCH_FAILURES:
+            if not is_retriable(exc):
                 raise
-            await retry_pause(feed, "get_shard_iterator_retry", failures, exc)
+            await retry_pause(feed, "get_shard_iterator_retry", failures, exc, "GetShardIterator")
             continue
         iterator: str = response["ShardIterator"]
         return iterator

@@ -101,8 +101,14 @@ async def confirm_closed(kinesis: KinesisClient, stream: str, shard_id: str) -> 
             )
 
 
-async def retry_pause(feed: ShardFeed, event: str, failures: int, exc: BaseException) -> None:
-    """Log a retried Kinesis call (``event``) and wait its jittered backoff."""
+async def retry_pause(
+    feed: ShardFeed, event: str, failures: int, exc: BaseException, what: str
+) -> None:
+    """Log a retried Kinesis call (``event``) and wait its jittered backoff; past
+    ``MAX_FETCH_FAILURES`` in a row, give up with a ``RetriableError`` naming ``what``
+    failed (the reader is then restarted from its checkpoint)."""
+    if failures > MAX_FETCH_FAILURES:
+        raise RetriableError(f"{what} failed {failures} times in a row: {exc}") from exc
     delay = feed.backoff.delay(failures)
     feed.log.warning(
         event,
