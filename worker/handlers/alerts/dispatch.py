@@ -6,10 +6,14 @@ settles the round in the outbox (one more round trip per round, not per batch). 
 or failing webhook therefore never holds up the shard.
 
 Guarantees: an entry is claimed by one replica at a time (lease). A replica claims only
-what one round can deliver within a lease: at most ``concurrency`` entries, and only while
-nothing it claimed earlier is still queued or in flight (``reserve``); each send is bounded
-by the webhook's ``round_seconds``, shorter than the lease, so no other replica can claim
-an entry again while it is being sent. A full round claims the next one itself, so a
+what one round can deliver within a lease: at most ``concurrency`` entries in all, only
+while nothing it claimed earlier is still queued or in flight (``reserve``), and its own
+claim only for the room left in the next round; each send is bounded by the webhook's
+``round_seconds``, shorter than the lease. And an entry is sent only while its claim still
+has that long to run, plus a margin (``SEND_MARGIN_MS``): one that waited too long (a
+stalled process, a delivery task that had to be restarted) is handed back at once instead
+(due now, not counted as a failed round), so no other replica can claim an entry again
+while it is being sent. A full round claims the next one itself, so a
 backlog drains without waiting for the next batch or tick. A batch or tick that finds the
 dispatcher busy claims nothing; once its transitions are written (``release``) it asks for
 a claim, which the task makes after its current round, so nothing written waits for the
@@ -25,8 +29,11 @@ shutdown mid-round settles what the round had already delivered, and a closing
 dispatcher claims nothing more; a process that dies mid-round leaves its claims to expire
 and be claimed again, so every entry is delivered at least once and, through the stream
 sink's atomic append and the webhook's idempotency key, observed once. The task is owned
-here: ``close`` waits for it (bounded), cancels it, and its failures surface on the next
-``submit`` or ``flush``.
+here: ``close`` waits for it (bounded), cancels it. A Redis error while a round is
+under way never cuts the round's other sends short (they are settled, or repeated after
+their claim); a sink that raises (a bug) leaves its entry claimed, the rest of the round
+goes on, and the error surfaces on the next ``submit`` or ``flush``; a task that died is
+started again by the next ``release``.
 """
 
 from __future__ import annotations
@@ -56,6 +63,13 @@ from worker.handlers.alerts.outbox import (
 from worker.handlers.alerts.sinks import AlertSink
 
 Render = Callable[[Transition], Alert]
+
+SEND_MARGIN_MS = 5_000
+"""A send starts only if its claim still runs at least this long after the send's own
+bound: room for clocks that differ between replicas and for settling the result."""
+CANCELLED_SETTLE_S = 2.0
+"""How long a round cut short by a shutdown tries to settle what it delivered; past that
+(Redis unreachable) those deliveries are repeated after their claim."""
 
 
 def _openings_first(entries: Sequence[ClaimedEntry]) -> list[ClaimedEntry]:
@@ -107,9 +121,12 @@ class Dispatcher:
         render: Render,
         retry: RetryPolicy,
         lease_ms: int,
+        send_ms: int = 0,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
     ) -> None:
+        """``send_ms`` bounds one send (the webhook's ``round_seconds``): an entry is sent
+        only while its claim runs ``send_ms + SEND_MARGIN_MS`` longer."""
         self._outbox = outbox
         self._sinks = dict(sinks)
         self._render = render
@@ -118,6 +135,7 @@ class Dispatcher:
         self._limit = asyncio.Semaphore(concurrency)
         self._round = concurrency
         self._lease_ms = lease_ms
+        self._send_ms = send_ms
         self._reserved = False
         self._unreserved = asyncio.Event()
         self._unreserved.set()
@@ -126,10 +144,13 @@ class Dispatcher:
         self._claiming = False
         """The task's own claim is under way (no reservation is given meanwhile)."""
         self._released = 0
-        """Resolutions the current round's settlements made due (their opening went out)."""
+        """Resolutions the current round's settlements made due (their opening went out),
+        and entries it handed back unsent (their claim was running out): claim again."""
         self._queue: asyncio.Queue[ClaimedEntry | None] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        """A sink's or the task's error, raised once by the next ``check``."""
         self._closed = False
         self.deliveries: Counter[tuple[str, str]] = Counter()
         """Delivery rounds by (sink, outcome), for the metrics."""
@@ -168,8 +189,18 @@ class Dispatcher:
         if not limit and not self._claim_asked:
             self._claim_asked = True
             self._queue.put_nowait(None)
+        self._reap()
         if self._task is None and not self._queue.empty():
             self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
+
+    def _reap(self) -> None:
+        """Forget a task that ended, keeping its error for ``check``: what it left queued
+        goes to the next task."""
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self._failure = self._failure or exc
 
     async def flush(self) -> None:
         """Wait until everything submitted so far has been delivered or settled."""
@@ -196,22 +227,29 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._queue.join()), grace)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # it failed before: say so, and let the sinks close
+            self._log.error("alert_dispatcher_failed", error=f"{type(exc).__name__}: {exc}")
 
     def check(self) -> None:
-        """Raise if the delivery task failed (once; the next submit starts a new one)."""
-        task = self._task
-        if task is not None and task.done():
-            self._task = None
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                raise RuntimeError("the alert dispatcher failed") from exc
+        """Raise if a sink or the delivery task failed since the last check (once; a
+        dead task is started again by the next ``release``)."""
+        self._reap()
+        exc, self._failure = self._failure, None
+        if exc is not None:
+            raise RuntimeError("the alert dispatcher failed") from exc
 
     async def _run(self) -> None:
         while True:
             items = [await self._queue.get()]
-            while not self._queue.empty():
-                items.append(self._queue.get_nowait())
+            entries = int(items[0] is not None)
+            while not self._queue.empty() and entries < self._round:
+                item = self._queue.get_nowait()
+                items.append(item)
+                entries += item is not None
             round_ = [item for item in items if item is not None]
             asked = len(round_) < len(items)
             if asked:
@@ -245,10 +283,16 @@ class Dispatcher:
         claimed might sit claimed for a whole lease once the grace runs out."""
         if self._closed:
             return 0
+        room = self._round - len(self._queued)
+        if room <= 0:
+            # A batch's claim filled the next round meanwhile: claim after that one, so
+            # no round holds more than one round's worth (each sized for a lease).
+            if not self._claim_asked:
+                self._claim_asked = True
+                self._queue.put_nowait(None)
+            return 0
         try:
-            claimed = await self._outbox.claim(
-                round(self._clock() * 1000), self._round, self._lease_ms
-            )
+            claimed = await self._outbox.claim(round(self._clock() * 1000), room, self._lease_ms)
         except RedisError as exc:
             self._log.warning("alert_claim_failed", error=f"{type(exc).__name__}: {exc}")
             return 0  # the next batch or tick claims them
@@ -282,7 +326,22 @@ class Dispatcher:
                 )
             )
         try:
-            gathered = await asyncio.gather(*sends.values())
+            outcomes = await asyncio.gather(*sends.values(), return_exceptions=True)
+            gathered: list[Settlement] = []
+            for entry_id, outcome in zip(sends, outcomes, strict=True):
+                if isinstance(outcome, Settlement):
+                    gathered.append(outcome)
+                    continue
+                # A bug (sinks report failures as results): the entry stays claimed and is
+                # tried again after its claim, the others are settled; check() raises it.
+                self._log.error(
+                    "alert_delivery_error",
+                    entry=entry_id,
+                    error=f"{type(outcome).__name__}: {outcome}",
+                    note="tried again when its claim expires",
+                )
+                if not isinstance(outcome, asyncio.CancelledError):
+                    self._failure = self._failure or outcome
             for result in gathered:
                 self.deliveries[(result.entry.split("|", 1)[0], result.outcome.value)] += 1
             results = [result for result in gathered if not result.settled]
@@ -297,8 +356,9 @@ class Dispatcher:
                 if not (result := send.result()).settled
             ]
             if finished:
-                with contextlib.suppress(RedisError):
-                    await self._outbox.settle(finished, round(self._clock() * 1000))
+                with contextlib.suppress(RedisError, TimeoutError):
+                    settling = self._outbox.settle(finished, round(self._clock() * 1000))
+                    await asyncio.wait_for(settling, CANCELLED_SETTLE_S)
             raise
         finally:
             for send in sends.values():
@@ -399,6 +459,13 @@ class Dispatcher:
                 entry.entry, Outcome.DEAD, entry.fence, reason=f"cannot render: {exc}"
             )
         async with self._limit:
+            now_ms = round(self._clock() * 1000)
+            if now_ms + self._send_ms + SEND_MARGIN_MS > entry.fence:
+                # Its claim could run out while it is sent, and another replica claim it:
+                # hand it back, due at once (ours or another replica's next claim takes it).
+                self._released += 1
+                self._log.warning("alert_claim_running_out", entry=entry.entry)
+                return Settlement(entry.entry, Outcome.WAIT, entry.fence, due_ms=now_ms)
             result = await sink.send(alert)
         if result.delivered:
             return Settlement(
@@ -415,7 +482,11 @@ class Dispatcher:
         if not result.retriable:
             self._log.error("alert_delivery_dead", **fields)
             return Settlement(entry.entry, Outcome.DEAD, entry.fence, reason=result.reason)
-        since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
+        try:
+            since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
+        except RedisError as exc:  # an outage: not given up on for its age this round
+            self._log.warning("alert_age_unknown", entry=entry.entry, error=f"{exc}")
+            since = now_ms
         if self._retry.expired(now_ms, since):
             reason = f"undelivered for longer than the maximum age (last: {result.reason})"
             self._log.error("alert_delivery_dead", **(fields | {"reason": reason}))

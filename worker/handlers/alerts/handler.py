@@ -88,6 +88,7 @@ class AlertHandler(ABC):
             render=self.render,
             retry=RetryPolicy(webhook.retry_base, webhook.retry_cap, webhook.max_age),
             lease_ms=lease_ms,
+            send_ms=round(webhook.round_seconds * 1000),
             clock=clock,
         )
         self._redis = context.redis
