@@ -47,7 +47,10 @@ STEPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("garbage collection (with --native)", ("gc_collect",)),
     ("waiting (py-spy's GIL guess)", ("concurrent/futures/thread.py:81)",)),
     ("base64 of Data", (_line_of(_PARSER, "a2b_base64"),)),
-    ("arrival timestamps", (_line_of(_PARSER, "timestamp(arrival)"), "utc_timestamp (")),
+    (
+        "arrival timestamps",
+        (_line_of(_PARSER, "self._parsed = self._parse(raw)"), "utc_timestamp ("),
+    ),
     ("GetRecords body: orjson + records", (_PARSER,)),
     ("decode (worker.events: orjson, pydantic)", ("worker/events/",)),
     ("log handler + structlog", ("worker/handlers/log.py", "structlog/", "worker/logs.py")),
