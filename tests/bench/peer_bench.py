@@ -165,6 +165,8 @@ class Run:
     wall: float
     first: tuple[float, float] | None
     """(CPU s, s since the child started) when the first record reached the consumer's code."""
+    gc_cpu: float = float("nan")
+    """CPU s in garbage collection after the first record (ours only: ``worker_probe``)."""
 
 
 def _child_cpu() -> float:
@@ -232,6 +234,7 @@ def run_child(
         kinesalite_cpu=kinesalite_cpu,
         wall=wall,
         first=since_start(marks.get("first")),
+        gc_cpu=marks["gc"][1] if "gc" in marks else float("nan"),
     )
 
 
@@ -420,12 +423,19 @@ def _report(
         def steady(f: Figures) -> float:
             return f.steady_us(f.full)
 
+        gc_pairs = [
+            (r[BASELINE].full.gc_cpu / count * 1e6, r[OURS].full.gc_cpu / count * 1e6)
+            for r in results
+        ]
         before = (
             f"Before and after in the same rounds (`{BASELINE_VARIABLE}`: another version's "
             "worker read the full stream too), steady-state CPU µs per record, before against "
             "after: "
             + "; ".join(f"{old:.1f} against {new:.1f} ({new / old:.2f})" for old, new in pairs)
-            + f". Median before / peer: {med(BASELINE, steady) / med(PEER, steady):.2f}.\n\n"
+            + f". Median before / peer: {med(BASELINE, steady) / med(PEER, steady):.2f}. "
+            "Of that, garbage collection, µs per record, before against after: "
+            + "; ".join(f"{old:.1f} against {new:.1f}" for old, new in gc_pairs)
+            + ".\n\n"
         )
     all_cpu = med(ALL, lambda f: f.steady_us(f.full))
     all_redis = med(ALL, lambda f: f.full.redis_cpu / count * 1e6)
@@ -439,6 +449,7 @@ def _report(
         f"| Redis CPU µs per record | {all_redis:.1f} | ≤ 10 "
         f"({'met' if all_redis <= 10 else 'not met'}) |\n"
         f"| records/s in steady state | {med(ALL, lambda f: f.rate(f.full)):,.0f} | |\n"
+        f"| garbage collection CPU µs per record | {med(ALL, lambda f: f.full.gc_cpu / count * 1e6):.1f} | |\n"
         f"| start-up CPU s (empty stream) | {med(ALL, lambda f: f.startup.cpu):.2f} | |\n\n"
     )
     size = sum(len(r) for r in records) / count
@@ -459,7 +470,10 @@ def _report(
         f"{loads / count * 1e6:.2f} µs per record here.\n\n"
         "| figure | ours | async-kinesis | ours / peer |\n|---|---:|---:|---:|\n"
         f"{table}\n"
-        f"Steady-state CPU per record, ours against the peer's, per round: {per_round}.\n\n"
+        f"Steady-state CPU per record, ours against the peer's, per round: {per_round}. "
+        "Of ours, garbage collection after the first record (`gc.callbacks` in "
+        f"`worker_probe.py`): {med(OURS, lambda f: f.full.gc_cpu / count * 1e6):.1f} µs per "
+        "record.\n\n"
         f"{before}"
         f"{every}"
         f"**Ours / peer = {ratio:.2f}** in steady state (goal ≤ 0.33: {goal}).\n"

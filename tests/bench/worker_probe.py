@@ -7,15 +7,18 @@ runs the command line exactly as ``supersim-worker`` does, with the ``log`` hand
 reaches it and after each batch (two clock reads per batch of up to 10,000 records). At
 exit it writes the marks to ``MARKS.json``::
 
-    {"first": [cpu, wall], "last": [cpu, wall], "records": N, "exit": [cpu, wall]}
+    {"first": [cpu, wall], "last": [cpu, wall], "records": N, "exit": [cpu, wall],
+     "gc": [collections, cpu]}
 
 ``first`` is when the first record reached the handler (start-up plus the first read and
 decode), ``last`` when the last batch had been handled, ``exit`` after the worker stopped
-(checkpoints written, leases released). The handler itself is unchanged.
+(checkpoints written, leases released), ``gc`` the garbage collections after the first
+batch and the process CPU they took (``gc.callbacks``). The handler itself is unchanged.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,19 @@ from worker.cli.main import main
 from worker.handlers.base import Batch
 from worker.handlers.log import LogHandler
 
-marks: dict[str, Any] = {"records": 0}
+marks: dict[str, Any] = {"records": 0, "gc": [0, 0.0]}
+_gc_started = 0.0
+
+
+def _gc_timer(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if "first" not in marks:
+        return
+    if phase == "start":
+        _gc_started = time.process_time()
+    else:
+        marks["gc"][0] += 1
+        marks["gc"][1] += time.process_time() - _gc_started
 
 
 def _now() -> list[float]:
@@ -47,6 +62,7 @@ async def _marked_handle(self: LogHandler, batch: Batch) -> None:
 
 if __name__ == "__main__":
     LogHandler.handle = _marked_handle  # type: ignore[method-assign]
+    gc.callbacks.append(_gc_timer)
     status = main(sys.argv[2:])
     marks["exit"] = _now()
     Path(sys.argv[1]).write_bytes(orjson.dumps(marks))
