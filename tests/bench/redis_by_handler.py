@@ -1,0 +1,75 @@
+"""Worker and Redis CPU per record of each built-in handler, end to end, run one at a time.
+
+    python tests/bench/redis_by_handler.py [--sims 200] [--rounds 2]
+
+Fills a 4-shard kinesalite stream with simulator records (as ``peer_bench`` does) and runs
+our worker (``worker_probe.py run --from-start --until-caught-up``, 10,000 records a read)
+over it with ``log`` alone, ``log`` and each handler, then all of them, each run in a
+consumer group of its own; prints steady-state worker CPU (the run over an empty stream
+taken off) and redis-server CPU per record. A development tool, not part of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parents[1]
+for _path in (REPO, REPO / "tests", BENCH_DIR):  # as run.py: worker, tests, benchmarks
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import redis  # noqa: E402
+from kinesis_support import create_stream, put  # noqa: E402
+from peer_bench import ALL_HANDLERS, our_env, run_child  # noqa: E402
+from servers import start_kinesalite, start_redis  # noqa: E402
+
+from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
+
+HANDLER_SETS = ("log", "log,metering", "log,rejections", "log,data_limit", "log,attach_loops")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sims", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    records, _ = generate(SimulationOptions(sims=args.sims, hours=24, seed=7))
+    kinesalite, redis_server = start_kinesalite(), start_redis()
+    try:
+        asyncio.run(create_stream(kinesalite.url, "full", shards=4))
+        asyncio.run(create_stream(kinesalite.url, "empty", shards=4))
+        asyncio.run(put(kinesalite.url, "full", records))
+        client = redis.Redis.from_url(redis_server.url)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSIM_")}
+        argv_ = [sys.executable, str(BENCH_DIR / "worker_probe.py")]
+        argv_ += ["run", "--from-start", "--until-caught-up"]
+        print(f"{len(records):,} records, {args.sims} SIMs over 24 h")
+        print("| handlers | worker CPU µs per record | Redis CPU µs per record |\n|---|---:|---:|")
+        run = 0
+        for _ in range(args.rounds):
+            for handlers in (*HANDLER_SETS, ALL_HANDLERS):
+                run += 1
+                env = our_env(base, "empty", kinesalite.url, redis_server.url, f"e{run}", handlers)
+                empty = run_child(argv_, env, 0, client, kinesalite)
+                env = our_env(base, "full", kinesalite.url, redis_server.url, f"f{run}", handlers)
+                full = run_child(argv_, env, len(records), client, kinesalite)
+                worker = (full.cpu - empty.cpu) / len(records) * 1e6
+                per_redis = full.redis_cpu / len(records) * 1e6
+                print(f"| `{handlers}` | {worker:.1f} | {per_redis:.2f} |", flush=True)
+        client.close()
+    finally:
+        kinesalite.stop()
+        redis_server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
