@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from alerts_support import (
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.model import Alert
 from worker.handlers.alerts.sinks import DELIVERED, SendResult
 from worker.handlers.alerts.webhook import IDEMPOTENCY_HEADER
@@ -39,6 +41,26 @@ def storms(sims: int) -> list:  # type: ignore[type-arg]
         for n in range(sims)
         for i in range(12)
     ]
+
+
+def replicas_whose_first_cannot_read_ages(
+    redis: Redis, clock: Clock, url: str
+) -> tuple[AlertHandler, AlertHandler, Callable[[], None]]:
+    """Two replicas with a webhook that tries once; the first one's age check of a failed
+    alert (``requeued_at``) meets a Redis error until the returned function is called."""
+    settings = webhook_settings(url, attempts=1)
+    first = handler("rejections", redis, clock, settings)
+    second = handler("rejections", redis, clock, settings)
+    real = first.outbox.requeued_at
+
+    async def failing(entry: str) -> int:
+        raise RedisConnectionError("Connection reset by peer (Redis restarting)")
+
+    def restore() -> None:
+        first.outbox.requeued_at = real  # type: ignore[method-assign]
+
+    first.outbox.requeued_at = failing  # type: ignore[method-assign]
+    return first, second, restore
 
 
 class SlowRemote:
@@ -143,15 +165,7 @@ async def test_a_redis_error_in_a_round_leaves_its_other_sends_alone(redis: Redi
 
     clock = Clock(at(3600))
     async with hook_server(answer) as url:
-        settings = webhook_settings(url, attempts=1)
-        first = handler("rejections", redis, clock, settings)
-        second = handler("rejections", redis, clock, settings)
-        real = first.outbox.requeued_at
-
-        async def failing(entry: str) -> int:
-            raise RedisConnectionError("Connection reset by peer (Redis restarting)")
-
-        first.outbox.requeued_at = failing  # type: ignore[method-assign]
+        first, second, restore = replicas_whose_first_cannot_read_ages(redis, clock, url)
         evs = [event("attachment.rejected", i, i * 10, sim="HS" + "a" * 32) for i in range(12)] + [
             event("attachment.rejected", 100 + i, i * 10, sim="HS" + "b" * 32) for i in range(12)
         ]
@@ -162,7 +176,7 @@ async def test_a_redis_error_in_a_round_leaves_its_other_sends_alone(redis: Redi
             await asyncio.wait_for(first.flush(), 10)  # the round, settled
         except RuntimeError as exc:
             task_error = exc
-        first.outbox.requeued_at = real  # type: ignore[method-assign]
+        restore()
         # The lease runs out; another replica delivers what is left.
         clock.advance(3600)
         await second.tick(OPENED)
@@ -192,15 +206,7 @@ async def test_alerts_are_posted_once_after_a_redis_error_in_a_round(
 
     clock = Clock(at(3600))
     async with hook_server(answer) as url:
-        settings = webhook_settings(url, attempts=1)
-        first = handler("rejections", redis, clock, settings)
-        second = handler("rejections", redis, clock, settings)
-        real = first.outbox.requeued_at
-
-        async def failing(entry: str) -> int:
-            raise RedisConnectionError("Redis restarting")
-
-        first.outbox.requeued_at = failing  # type: ignore[method-assign]
+        first, second, restore = replicas_whose_first_cannot_read_ages(redis, clock, url)
         storm_a = [event("attachment.rejected", i, i * 10) for i in range(12)]
         storm_b = [
             event("attachment.rejected", 500 + i, 200 + i * 10, sim="HS" + "b" * 32)
@@ -210,7 +216,7 @@ async def test_alerts_are_posted_once_after_a_redis_error_in_a_round(
         await first.tick(OPENED)  # storm A opens; its round meets the Redis error
         with contextlib.suppress(RuntimeError):  # the old code's task died of it
             await asyncio.wait_for(first.flush(), 10)
-        first.outbox.requeued_at = real  # type: ignore[method-assign]
+        restore()
         fail_a = False
         with contextlib.suppress(RuntimeError):
             await first.tick(at(200 + 110 + 60))  # storm B opens
