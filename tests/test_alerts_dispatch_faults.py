@@ -26,8 +26,11 @@ from alerts_support import (
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from worker.handlers.alerts.dispatch import Dispatcher
+from worker.handlers.alerts.episodes import Subjects
 from worker.handlers.alerts.handler import AlertHandler
-from worker.handlers.alerts.model import Alert
+from worker.handlers.alerts.model import Alert, to_ms
+from worker.handlers.alerts.outbox import Outcome, Settlement
 from worker.handlers.alerts.sinks import DELIVERED, SendResult
 from worker.handlers.alerts.webhook import IDEMPOTENCY_HEADER
 from worker.handlers.base import Batch
@@ -100,9 +103,6 @@ async def test_no_round_holds_more_than_concurrency_entries(redis: Redis) -> Non
     settings = webhook_settings("http://127.0.0.1:9/hook")
     filler = handler("rejections", redis, clock, settings)
     # 20 open storms, 60 outbox entries (log, stream, webhook), none claimed yet.
-    from worker.handlers.alerts.episodes import Subjects
-    from worker.handlers.alerts.model import to_ms
-
     subjects = Subjects()
     filler.collect(storms(20), subjects)
     now = round(clock() * 1000)
@@ -304,3 +304,93 @@ async def test_a_dead_delivery_task_is_started_again(redis: Redis) -> None:
     await asyncio.wait_for(worker.flush(), 10)
     assert await worker.outbox.pending() == 0
     await close_all([worker])
+
+
+async def test_entries_claimed_again_by_their_round_stay_counted_as_queued(redis: Redis) -> None:
+    """A stalled round hands its entries back and its own claim takes them again: while
+    they are queued or in flight, this replica grants no other claim (before, the round
+    forgot them once it ended, so a batch could claim a second round beside them)."""
+    clock = Clock(at(3600))
+    worker = handler("rejections", redis, clock, webhook_settings("http://127.0.0.1:9/hook"))
+    sink = SlowRemote(0.5)
+    worker.sinks["webhook"] = worker.dispatcher._sinks["webhook"] = sink
+    looked = worker.outbox.undelivered_among
+    stalled = False
+
+    async def stalling(entries: Any) -> Any:
+        nonlocal stalled
+        if not stalled:
+            stalled = True
+            clock.advance(3600)  # past the claims' end: every entry is handed back
+        return await looked(entries)
+
+    worker.outbox.undelivered_among = stalling  # type: ignore[method-assign]
+    await feed([worker], storms(2), shard="s0")
+    await worker.tick(OPENED)
+    for _ in range(1000):  # the round that claimed them again, sending
+        if sink.active:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.active, "the handed-back entries were not sent"
+    limit = worker.dispatcher.reserve()  # no await since the sends were seen in flight
+    worker.dispatcher.release([], limit)
+    await asyncio.wait_for(worker.flush(), 20)
+    await close_all([worker])
+    assert limit == 0
+
+
+async def test_closing_with_a_dead_task_does_not_wait_out_the_grace(redis: Redis) -> None:
+    """The delivery task died with a claim asked for in its queue, and nothing reaped it
+    before the shutdown: ``close`` does not wait its grace (5 s) for a task that is gone."""
+    clock = Clock(at(3600))
+    worker = handler("rejections", redis, clock)
+    go = asyncio.Event()
+
+    async def buggy(entries: Any) -> Any:
+        await go.wait()
+        raise LookupError("a bug in a round")
+
+    worker.outbox.undelivered_among = buggy  # type: ignore[method-assign]
+    await feed([worker], storms(1), shard="s0")
+    await worker.tick(OPENED)  # the round starts, and waits
+    await worker.tick(OPENED)  # busy: asks for a claim
+    task = worker.dispatcher._task
+    assert task is not None
+    go.set()
+    await asyncio.wait([task])
+    assert worker.dispatcher._queue.qsize() == 1  # the ask, with no task to take it
+    began = time.monotonic()
+    await close_all([worker])
+    assert time.monotonic() - began < 2.5
+
+
+async def test_an_opening_handed_back_is_not_marked_waiting(redis: Redis) -> None:
+    """``P:wait`` marks resolutions waiting for their opening; an opening handed back
+    (its claim running out) is only due again."""
+    clock = Clock(at(3600))
+    worker = handler("rejections", redis, clock)
+    await feed([worker], storms(1), shard="s0")
+    await worker.store.apply(Subjects(), now_ms=round(clock() * 1000), tick_ms=to_ms(OPENED))
+    claimed = await worker.outbox.claim(round(clock() * 1000), 8, 60_000)
+    opening = next(entry for entry in claimed if entry.entry.endswith("|open"))
+    now = round(clock() * 1000)
+    wait = Settlement(opening.entry, Outcome.WAIT, opening.fence, due_ms=now)
+    await worker.outbox.settle([wait], now)
+    marked = await redis.hexists(f"{worker._prefix}:wait", opening.entry)  # type: ignore[misc]
+    due = await redis.zscore(f"{worker._prefix}:due", opening.entry)
+    await close_all([worker])
+    assert not marked
+    assert due == now
+
+
+def test_a_lease_no_longer_than_a_send_is_refused() -> None:
+    """Every fresh claim would be handed back and claimed again without end."""
+    with pytest.raises(ValueError, match="must be longer than a send's bound"):
+        Dispatcher(
+            outbox=None,  # type: ignore[arg-type]
+            sinks={},
+            render=lambda transition: None,  # type: ignore[arg-type,return-value]
+            retry=None,  # type: ignore[arg-type]
+            lease_ms=35_000,
+            send_ms=30_000,
+        )

@@ -134,6 +134,12 @@ class Dispatcher:
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._round = concurrency
+        if lease_ms <= send_ms + SEND_MARGIN_MS:
+            # Every fresh claim would be handed back at once, and claimed again, forever.
+            raise ValueError(
+                f"a claim's lease ({lease_ms} ms) must be longer than a send's bound plus "
+                f"{SEND_MARGIN_MS} ms ({send_ms + SEND_MARGIN_MS} ms)"
+            )
         self._lease_ms = lease_ms
         self._send_ms = send_ms
         self._reserved = False
@@ -200,6 +206,11 @@ class Dispatcher:
         if task is not None and task.done():
             self._task = None
             if not task.cancelled() and (exc := task.exception()) is not None:
+                self._log.error(
+                    "alert_dispatcher_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    note="started again; what it left queued is delivered by the next task",
+                )
                 self._failure = self._failure or exc
 
     async def flush(self) -> None:
@@ -224,8 +235,14 @@ class Dispatcher:
         task, self._task = self._task, None
         if task is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._queue.join()), grace)
+        if not task.done():  # a dead task finishes nothing: no grace to wait out
+            joined = asyncio.ensure_future(self._queue.join())
+            try:
+                await asyncio.wait(
+                    {joined, task}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                joined.cancel()
         task.cancel()
         try:
             await task
@@ -257,13 +274,16 @@ class Dispatcher:
                 # claim (never left set by a failed round, which would stop claims for good).
                 self._claim_asked = False
             self._released = 0
+            settled = False
             try:
                 tried = await self._deliver(round_) if round_ else 0
                 claim = (len(round_) >= self._round and tried) or asked or self._released
                 # Settled: any claim, ours or a batch's, may take them again from now on (one
                 # released to wait for its opening, or just due again, must not be skipped
-                # as still queued here while its new claim runs out).
+                # as still queued here while its new claim runs out). Ones the claim below
+                # takes again are queued again, and stay so.
                 self._queued.difference_update(entry.entry for entry in round_)
+                settled = True
                 if claim and not self._closed:
                     # One claim at a time: none is reserved from here on, and a batch or tick
                     # holding a reservation claims in its own script; ours follows it.
@@ -272,7 +292,8 @@ class Dispatcher:
                     await self._claim_next()
             finally:
                 self._claiming = False
-                self._queued.difference_update(entry.entry for entry in round_)
+                if not settled:
+                    self._queued.difference_update(entry.entry for entry in round_)
                 for _ in items:
                     self._queue.task_done()
 

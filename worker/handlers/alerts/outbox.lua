@@ -17,9 +17,10 @@ done:  the entry is removed; if it carries stream fields they are appended to th
        the same entry (only the holder of the claim settles it).
 retry: the entry stays, due again at 'due', one more failed round counted.
 wait:  the entry stays (it was not tried: a resolution waiting for its open alert's
-       delivery), marked in P:wait, due again just after its opening is due (else at
-       'due'); due now if its opening has been delivered since the round looked; given up
-       (below) if its opening was given up.
+       delivery, or an entry whose claim was running out), due again at 'due'. A
+       resolution is marked in P:wait and due just after its opening is due instead; due
+       now if its opening has been delivered since the round looked; given up (below) if
+       its opening was given up.
 dead:  the entry moves to P:dead (entry -> {payload, reason, at}) with its reason; when
        P:dead already holds deadmax entries it stays in the outbox instead, due again
        'hold' ms later (held): nothing is dropped to make room.
@@ -142,7 +143,7 @@ local function wait(entry, due)
   end
   local after = opening and redis.call('ZSCORE', DUE_KEY, opening)
   if after then due = math.max(tonumber(after), req.now) + 1 end
-  redis.call('HSET', WAIT_KEY, entry, '1')
+  if opening then redis.call('HSET', WAIT_KEY, entry, '1') end  -- an opening waits for none
   redis.call('ZADD', DUE_KEY, due, entry)
 end
 
