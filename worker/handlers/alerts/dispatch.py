@@ -134,11 +134,12 @@ class Dispatcher:
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._round = concurrency
-        if lease_ms <= send_ms + SEND_MARGIN_MS:
-            # Every fresh claim would be handed back at once, and claimed again, forever.
+        if lease_ms < 2 * (send_ms + SEND_MARGIN_MS):
+            # A resolution may wait one send for its opening before its own: with less, a
+            # fresh claim could be handed back, claimed again, and handed back, forever.
             raise ValueError(
-                f"a claim's lease ({lease_ms} ms) must be longer than a send's bound plus "
-                f"{SEND_MARGIN_MS} ms ({send_ms + SEND_MARGIN_MS} ms)"
+                f"a claim's lease ({lease_ms} ms) must be at least twice a send's bound plus "
+                f"{SEND_MARGIN_MS} ms ({2 * (send_ms + SEND_MARGIN_MS)} ms)"
             )
         self._lease_ms = lease_ms
         self._send_ms = send_ms
@@ -216,6 +217,8 @@ class Dispatcher:
     async def flush(self) -> None:
         """Wait until everything submitted so far has been delivered or settled."""
         self.check()
+        if self._task is None and not self._queue.empty() and not self._closed:
+            self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
         if self._task is None:
             return
         joined = asyncio.ensure_future(self._queue.join())

@@ -126,8 +126,8 @@ orphan = function(entry)
   end
 end
 
--- A resolution that was not tried because its opening was not delivered when the round
--- looked.
+-- An entry that was not tried: a resolution whose opening was not delivered when the round
+-- looked, or an entry handed back because its claim was running out.
 local function wait(entry, due)
   local opening = opening_of(entry)
   if opening and redis.call('HEXISTS', DEAD_KEY, opening) == 1 then
