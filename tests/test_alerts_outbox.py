@@ -163,6 +163,7 @@ async def test_a_failing_dispatcher_surfaces_its_error(redis: Redis) -> None:
         render=worker.render,
         retry=RetryPolicy(*(settings().webhook.retry_base,) * 2, settings().webhook.max_age),
         lease_ms=60_000,
+        send_ms=0,
         clock=clock,
     )
     dispatcher.submit(applied.claimed, CLAIM)

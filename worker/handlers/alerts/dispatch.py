@@ -29,11 +29,11 @@ shutdown mid-round settles what the round had already delivered, and a closing
 dispatcher claims nothing more; a process that dies mid-round leaves its claims to expire
 and be claimed again, so every entry is delivered at least once and, through the stream
 sink's atomic append and the webhook's idempotency key, observed once. The task is owned
-here: ``close`` waits for it (bounded), cancels it. A Redis error while a round is
+here: ``close`` waits for it (bounded), then cancels it. A Redis error while a round is
 under way never cuts the round's other sends short (they are settled, or repeated after
 their claim); a sink that raises (a bug) leaves its entry claimed, the rest of the round
-goes on, and the error surfaces on the next ``submit`` or ``flush``; a task that died is
-started again by the next ``release``.
+goes on, and the error surfaces on the next ``check`` (each batch or tick) or ``flush``; a
+task that died is started again by the next ``release`` or ``flush``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Dispatcher:
         render: Render,
         retry: RetryPolicy,
         lease_ms: int,
-        send_ms: int = 0,
+        send_ms: int,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
     ) -> None:
@@ -302,7 +302,8 @@ class Dispatcher:
 
     async def _claim_next(self) -> int:
         """After a full round, when asked, or when the round released resolutions that
-        waited for their opening, claim the next one (queued before this round is marked
+        waited for their opening or handed back entries whose claim was running out, claim
+        the next one (queued before this round is marked
         done, so ``flush`` waits for it too). A closing dispatcher claims nothing: what it
         claimed might sit claimed for a whole lease once the grace runs out."""
         if self._closed:
@@ -509,7 +510,9 @@ class Dispatcher:
         try:
             since = max(transition.created_ms, await self._outbox.requeued_at(entry.entry))
         except RedisError as exc:  # an outage: not given up on for its age this round
-            self._log.warning("alert_age_unknown", entry=entry.entry, error=f"{exc}")
+            self._log.warning(
+                "alert_age_unknown", entry=entry.entry, error=f"{type(exc).__name__}: {exc}"
+            )
             since = now_ms
         if self._retry.expired(now_ms, since):
             reason = f"undelivered for longer than the maximum age (last: {result.reason})"

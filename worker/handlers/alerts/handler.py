@@ -22,7 +22,7 @@ import orjson
 import structlog
 
 from worker.events.records import ConnectionEvent
-from worker.handlers.alerts.dispatch import Dispatcher, RetryPolicy
+from worker.handlers.alerts.dispatch import SEND_MARGIN_MS, Dispatcher, RetryPolicy
 from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
 from worker.handlers.alerts.model import Alert, AlertStatus, to_ms
 from worker.handlers.alerts.outbox import ClaimedEntry, Outbox
@@ -30,7 +30,6 @@ from worker.handlers.alerts.settings import AlertSettings, Thresholds
 from worker.handlers.alerts.sinks import AlertSink, load_sink
 from worker.handlers.base import Batch, Gauge, HandlerContext
 
-LEASE_MARGIN_S = 10.0
 CLOSE_GRACE_S = 5.0
 """At shutdown, queued deliveries get this long; the rest are delivered after their lease
 (by another replica or the next start), with the same idempotency keys."""
@@ -68,8 +67,10 @@ class AlertHandler(ABC):
         self._rules: dict[str | None, tuple[Rule, ...]] = {}
         prefix = f"{context.key_prefix}:alerts:{self.name}"
         webhook = self.settings.webhook
-        # A round's resolution may wait for its opening's send before its own: two sends.
-        lease_ms = round((2 * webhook.round_seconds + LEASE_MARGIN_S) * 1000)
+        # A round's resolution may wait for its opening's send before its own: two sends,
+        # each started only with the margin left (the dispatcher checks this bound).
+        send_ms = round(webhook.round_seconds * 1000)
+        lease_ms = 2 * (send_ms + SEND_MARGIN_MS)
         self.sinks = build_sinks(self.settings)
         self.store = EpisodeStore(
             context.redis, prefix, self.settings, sinks=list(self.sinks), lease_ms=lease_ms
@@ -88,7 +89,7 @@ class AlertHandler(ABC):
             render=self.render,
             retry=RetryPolicy(webhook.retry_base, webhook.retry_cap, webhook.max_age),
             lease_ms=lease_ms,
-            send_ms=round(webhook.round_seconds * 1000),
+            send_ms=send_ms,
             clock=clock,
         )
         self._redis = context.redis
