@@ -42,7 +42,7 @@ from worker.handlers.metering.settings import MeteringSettings
 
 CUTS: Final = (
     ("the call and decoding the batch", "local events = cjson.decode(ARGV[5])\n"),
-    ("the per-event logic, reads included", "-- ---- writes ----"),
+    ("the per-event logic, reads included", "-- ---- writes " + "-" * 79 + "\n"),
     ("the writes", None),
 )
 """(part, the line of metering.lua after which the script returns at once, None: whole)."""

@@ -13,7 +13,7 @@ exit it writes the marks to ``MARKS.json``::
 ``first`` is when the first record reached the handler (start-up plus the first read and
 decode), ``last`` when the last batch had been handled, ``exit`` after the worker stopped
 (checkpoints written, leases released), ``gc`` the garbage collections after the first
-batch and the process CPU they took (``gc.callbacks``). The handler itself is unchanged.
+record reached the handler and the process CPU they took (``gc.callbacks``). The handler itself is unchanged.
 """
 
 from __future__ import annotations

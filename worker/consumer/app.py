@@ -55,10 +55,10 @@ class RunSummary:
 
 
 GC_THRESHOLD = (500_000, 50, 100)
-"""Young collections once the tracked objects alive grew by 500,000: more than the records
-of the batches held at once (a 10,000-record batch is about 200,000 tracked objects decoded,
-and one more is read ahead), so a batch's objects are freed by reference counting before
-any collection walks them. At 50,000, collections walked each batch's objects while it was
+"""Young collections once the tracked objects alive grew by 500,000: more than a shard's
+batches held at once at the largest batch limit (a 10,000-record batch is about 200,000
+tracked objects decoded, and one more is read ahead), so a batch's objects are mostly freed
+by reference counting before any collection walks them. At 50,000, collections walked each batch's objects while it was
 alive: 0.45-0.81 s of collection against 0.02-0.21 s at 500,000 for 105,467 records
 (BENCHMARKS.md), the same peak RSS. Cyclic garbage waits longer for its collection, bounded
 by the same count."""
@@ -68,9 +68,9 @@ def tune_gc() -> None:
     """Make garbage collection cheap for a long-running consumer.
 
     Everything alive after start-up (modules, botocore's service models) is frozen out of
-    collection, and young collections run every ``GC_THRESHOLD[0]`` allocations instead of
-    700, so big batches neither trigger full collections over the whole heap nor are walked
-    by young ones while they are handled. Call once, before running.
+    collection, and young collections run once ``GC_THRESHOLD[0]`` more tracked objects are
+    alive instead of 700, so big batches neither trigger full collections over the whole
+    heap nor are walked by young ones while they are handled. Call once, before running.
     """
     gc.collect()
     gc.freeze()
