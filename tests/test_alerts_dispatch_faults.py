@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -417,3 +418,16 @@ async def test_flush_after_a_dead_task_delivers_what_it_left(redis: Redis) -> No
     await asyncio.wait_for(worker.flush(), 10)
     assert await worker.outbox.pending() == 0
     await close_all([worker])
+
+
+def test_the_lease_fits_any_webhook_timing(redis: Redis) -> None:
+    """The lease is built from the same rounded send bound the dispatcher checks: a timing
+    whose bound does not round evenly (7,000.6 ms here) still starts."""
+    settings = webhook_settings("http://127.0.0.1:9/hook", timeout=2.0006, attempts=1)
+    settings = settings.model_copy(
+        update={
+            "webhook": settings.webhook.model_copy(update={"backoff_cap": timedelta(seconds=5)})
+        }
+    )
+    assert settings.webhook.round_seconds == pytest.approx(7.0006)
+    handler("rejections", redis, Clock(at(3600)), settings)
