@@ -42,6 +42,14 @@ from worker.metrics import Metrics
 SHARD = "shardId-000000000000"
 
 
+async def one_shard_stream(endpoint: str) -> str:
+    """A new one-shard stream holding five events; its name."""
+    stream = f"s-{uuid.uuid4().hex[:8]}"
+    await create_stream(endpoint, stream, shards=1)
+    await put(endpoint, stream, events(5))
+    return stream
+
+
 async def test_a_reader_ignoring_its_cancellation_does_not_hold_up_the_shutdown(
     kinesalite_endpoint: str, redis_url: str
 ) -> None:
@@ -52,10 +60,8 @@ async def test_a_reader_ignoring_its_cancellation_does_not_hold_up_the_shutdown(
     switches = stubborn.reset()
     switches.swallow = True
     switches.hang_on_revoke = True
-    stream = f"s-{uuid.uuid4().hex[:8]}"
+    stream = await one_shard_stream(kinesalite_endpoint)
     prefix = keys.prefix(stream, "supersim-worker")
-    await create_stream(kinesalite_endpoint, stream, shards=1)
-    await put(kinesalite_endpoint, stream, events(5))
     settings = worker_settings(
         kinesalite_endpoint,
         redis_url,
@@ -105,9 +111,7 @@ async def test_a_hung_assignment_hook_is_cut_off_and_counted(
     the shard is read all the same."""
     switches = stubborn.reset()
     switches.hang_on_assign = True
-    stream = f"s-{uuid.uuid4().hex[:8]}"
-    await create_stream(kinesalite_endpoint, stream, shards=1)
-    await put(kinesalite_endpoint, stream, events(5))
+    stream = await one_shard_stream(kinesalite_endpoint)
     port = free_port()
     settings = worker_settings(
         kinesalite_endpoint,
@@ -144,9 +148,7 @@ async def test_a_worker_process_exits_though_a_handler_ignores_its_cancellation_
     """``run`` as a process: SIGTERM while the handler swallows every cancellation and never
     returns. The shutdown abandons the reader and releases its lease; the process then
     exits 0 instead of waiting for that task forever, and says which task it left."""
-    stream = f"s-{uuid.uuid4().hex[:8]}"
-    await create_stream(kinesalite_endpoint, stream, shards=1)
-    await put(kinesalite_endpoint, stream, events(5))
+    stream = await one_shard_stream(kinesalite_endpoint)
     entered = tmp_path / "entered"
     env = worker_env(
         kinesalite_endpoint,
@@ -191,10 +193,8 @@ async def test_a_stop_during_an_assignment_hook_does_not_wait_out_its_timeout(
     and a second more, its lease released and the cut-off logged."""
     switches = stubborn.reset()
     switches.hang_on_assign = True
-    stream = f"s-{uuid.uuid4().hex[:8]}"
+    stream = await one_shard_stream(kinesalite_endpoint)
     prefix = keys.prefix(stream, "supersim-worker")
-    await create_stream(kinesalite_endpoint, stream, shards=1)
-    await put(kinesalite_endpoint, stream, events(5))
     settings = worker_settings(
         kinesalite_endpoint,
         redis_url,
@@ -230,10 +230,8 @@ async def test_a_slow_assignment_hook_does_not_cost_the_shard_its_lease(
     shard is then read under its first fencing token, no lease going unconfirmed."""
     switches = stubborn.reset()
     switches.hang_on_assign = True
-    stream = f"s-{uuid.uuid4().hex[:8]}"
+    stream = await one_shard_stream(kinesalite_endpoint)
     prefix = keys.prefix(stream, "supersim-worker")
-    await create_stream(kinesalite_endpoint, stream, shards=1)
-    await put(kinesalite_endpoint, stream, events(5))
     settings = worker_settings(
         kinesalite_endpoint,
         redis_url,

@@ -33,7 +33,7 @@ from events import KINDS, make_record
 
 from worker.consumer.kinesis import utc_timestamp
 from worker.consumer.kinesis_parser import parse_get_records
-from worker.consumer.pipeline import BatchOutcome, BatchProcessor, RawRecord
+from worker.consumer.pipeline import BatchOutcome, BatchProcessor, raw_records
 from worker.metrics import Metrics
 
 
@@ -59,15 +59,7 @@ def body(count: int) -> bytes:
 
 async def one_batch(raw: bytes, processor: BatchProcessor) -> int:
     response = parse_get_records(raw, utc_timestamp)
-    records = [
-        RawRecord(
-            r["Data"],
-            r["SequenceNumber"],
-            r.get("PartitionKey", ""),
-            r.get("ApproximateArrivalTimestamp"),
-        )
-        for r in response.get("Records", ())
-    ]
+    records = raw_records(response.get("Records", ()))
     del response
     outcome = BatchOutcome(records=len(records))
     decoded = processor.decode_all("shardId-000000000000", records, outcome)

@@ -51,7 +51,7 @@ from prometheus_client import Counter
 from worker.backoff import Backoff
 from worker.consumer import kinesis
 from worker.consumer.kinesis import KinesisClient, error_code, is_retriable
-from worker.consumer.pipeline import RawRecord
+from worker.consumer.pipeline import raw_records
 from worker.consumer.polling import Polling
 from worker.consumer.positions import LATEST_MARGIN, StartPosition
 from worker.consumer.retrieval import (
@@ -318,16 +318,7 @@ class _Subscription:
         most the limit if an event alone holds more), moving the position after each; True
         when the last event is the shard's last. Its lag is the last event's."""
         feed = self._feed
-        records = [
-            RawRecord(
-                data=r["Data"],
-                sequence_number=r["SequenceNumber"],
-                partition_key=r.get("PartitionKey", ""),
-                arrival=r.get("ApproximateArrivalTimestamp"),
-            )
-            for event in events
-            for r in event.get("Records", [])
-        ]
+        records = raw_records(r for event in events for r in event.get("Records", []))
         last_event = events[-1]
         behind = last_event.get("MillisBehindLatest")
         continuation = last_event.get("ContinuationSequenceNumber")

@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import structlog
 
@@ -53,6 +53,20 @@ class RawRecord(NamedTuple):
     sequence_number: str
     partition_key: str
     arrival: datetime | None = None
+
+
+def raw_records(records: Iterable[Mapping[str, Any]]) -> list[RawRecord]:
+    """Records as GetRecords or a SubscribeToShard event holds them (parsed) as
+    ``RawRecord``s."""
+    return [
+        RawRecord(
+            r["Data"],
+            r["SequenceNumber"],
+            r.get("PartitionKey", ""),
+            r.get("ApproximateArrivalTimestamp"),
+        )
+        for r in records
+    ]
 
 
 DECODE_CHUNK: Final = 500

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from worker.consumer.kinesis import EXPIRED_ITERATOR, error_code, is_retriable
-from worker.consumer.pipeline import RawRecord
+from worker.consumer.pipeline import raw_records
 from worker.consumer.positions import LATEST_MARGIN, StartPosition
 from worker.consumer.retrieval import (
     Deliver,
@@ -81,15 +81,7 @@ class Polling:
                 continue
             failures = 0
             feed.answered()
-            records = [
-                RawRecord(
-                    r["Data"],
-                    r["SequenceNumber"],
-                    r.get("PartitionKey", ""),
-                    r.get("ApproximateArrivalTimestamp"),
-                )
-                for r in response.get("Records", ())
-            ]
+            records = raw_records(response.get("Records", ()))
             behind = response.get("MillisBehindLatest")
             next_iterator = response.get("NextShardIterator")
             # The reply's records are in ``records`` now: no second reference to them may
