@@ -197,7 +197,11 @@ class Dispatcher:
             self._claim_asked = True
             self._queue.put_nowait(None)
         self._reap()
-        if self._task is None and not self._queue.empty():
+        self._start()
+
+    def _start(self) -> None:
+        """Start a delivery task if none runs and something is queued."""
+        if self._task is None and not self._queue.empty() and not self._closed:
             self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
 
     def _reap(self) -> None:
@@ -217,8 +221,7 @@ class Dispatcher:
     async def flush(self) -> None:
         """Wait until everything submitted so far has been delivered or settled."""
         self.check()
-        if self._task is None and not self._queue.empty() and not self._closed:
-            self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
+        self._start()
         if self._task is None:
             return
         joined = asyncio.ensure_future(self._queue.join())
