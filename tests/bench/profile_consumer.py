@@ -1,6 +1,7 @@
 """Where our worker's CPU goes per record: ``run`` with the ``log`` handler under py-spy.
 
     python tests/bench/profile_consumer.py [--sims 560] [--rate 200] [--py-spy PATH]
+        [--handlers log,metering,rejections,data_limit,attach_loops]
 
 Fills a 4-shard kinesalite stream with simulator records (as ``peer_bench`` does), runs
 ``worker_probe.py run --from-start --until-caught-up`` under ``py-spy record --format raw``
@@ -46,7 +47,7 @@ STEPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("start-up: imports", ("<frozen importlib", "importlib/__init__")),
     ("garbage collection (with --native)", ("gc_collect",)),
     ("waiting (py-spy's GIL guess)", ("concurrent/futures/thread.py:81)",)),
-    ("base64 of Data", (_line_of(_PARSER, "a2b_base64"),)),
+    ("base64 of Data", (_line_of(_PARSER, "pybase64.b64decode("),)),
     (
         "arrival timestamps",
         (_line_of(_PARSER, "self._parsed = self._parse(raw)"), "utc_timestamp ("),
@@ -54,6 +55,9 @@ STEPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("GetRecords body: orjson + records", (_PARSER,)),
     ("decode (worker.events: orjson, pydantic)", ("worker/events/",)),
     ("log handler + structlog", ("worker/handlers/log.py", "structlog/", "worker/logs.py")),
+    ("metering handler", ("worker/handlers/metering/",)),
+    ("alert handlers", ("worker/handlers/alerts/", "worker/alerts/")),
+    ("other handlers", ("worker/handlers/",)),
     ("Redis (redis-py)", ("redis/",)),
     ("HTTP (aiohttp)", ("aiohttp/", "yarl/", "multidict/")),
     ("botocore request/response machinery", ("botocore/", "aiobotocore/")),
@@ -107,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="sample every running thread, not only the one holding the GIL (py-spy --gil)",
     )
+    parser.add_argument(
+        "--handlers", default="log", help="SUPERSIM_HANDLERS of the run (default: log)"
+    )
     parser.add_argument("extra", nargs="*", help="more py-spy options, after --")
     args = parser.parse_args(argv)
     if not args.py_spy:
@@ -129,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(put(kinesalite.url, "profile", records))
         with tempfile.TemporaryDirectory() as tmp:
             stacks_path, marks_path = Path(tmp) / "stacks.txt", Path(tmp) / "marks.json"
-            env = our_env(dict(os.environ), "profile", kinesalite.url, redis_server.url, "p")
+            env = our_env(
+                dict(os.environ), "profile", kinesalite.url, redis_server.url, "p", args.handlers
+            )
             command = [sys.executable, str(BENCH_DIR / "worker_probe.py"), str(marks_path)]
             command += ["run", "--from-start", "--until-caught-up"]
             cpu = _child_cpu()

@@ -22,6 +22,7 @@ import orjson
 import structlog
 
 from worker.events.records import ConnectionEvent
+from worker.events.times import unix_ms
 from worker.handlers.alerts.dispatch import SEND_MARGIN_MS, Dispatcher, RetryPolicy
 from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
 from worker.handlers.alerts.model import Alert, AlertStatus, to_ms
@@ -37,7 +38,7 @@ CLOSE_GRACE_S = 5.0
 
 def event_ms(event: ConnectionEvent) -> int:
     """The event's time (``data.timestamp``) in Unix milliseconds."""
-    return round(event.data.timestamp.timestamp() * 1000)
+    return unix_ms(event.data.timestamp)
 
 
 def window_ms(window: timedelta) -> int:

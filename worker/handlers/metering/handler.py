@@ -85,6 +85,7 @@ import structlog
 
 from worker.errors import ConfigError
 from worker.events.records import ConnectionEvent, EventKind
+from worker.events.times import unix_seconds
 from worker.handlers.base import Batch, HandlerContext, Plugin, StreamFacts
 from worker.handlers.metering import records
 from worker.handlers.metering.settings import MeteringSettings
@@ -223,7 +224,7 @@ def encode(
         start_time = data.data_session_start_time
         if start_time is None:  # decode refuses these: a session is filed under its start
             raise ValueError(f"{event.kind.value} event lacks data.data_session_start_time")
-        start = int(start_time.timestamp())
+        start = unix_seconds(start_time)
         start_day = hour_of(start)[:8]
         win_start = win_end = end = down = up = 0
         hour = ""
@@ -234,14 +235,14 @@ def encode(
             window_end = data.data_session_update_end_time
             if window_start is None or window_end is None:  # decode refuses these too
                 raise ValueError(f"{event.kind.value} event lacks its update window")
-            win_start, win_end = int(window_start.timestamp()), int(window_end.timestamp())
+            win_start, win_end = unix_seconds(window_start), unix_seconds(window_end)
             hour = hour_of(win_end)
             down, up = data.data_download or 0, data.data_upload or 0
             cd, cu = data.data_session_data_download, data.data_session_data_upload
             if cd is not None and cu is not None:
                 cum_down, cum_up = cd, cu
             end_time = data.data_session_end_time
-            end = int(end_time.timestamp()) if end_time is not None else win_end
+            end = unix_seconds(end_time) if end_time is not None else win_end
         fleet, account = _text(data.fleet_sid), _text(data.account_sid)
         network = data.network
         if network is None:
