@@ -956,3 +956,108 @@ def test_unknown_field_replacing_a_missing_one_is_still_kept() -> None:
     event["data"]["apn_name"] = "super"
     decoded = connection(to_record(event))
     assert decoded.extra == {"envelope": {"subject": "x"}, "data": {"apn_name": "super"}}
+
+
+# --- the one-pass path (pydantic-core parses the bytes) agrees with orjson's ---------------------
+
+ODD_LITERALS = st.sampled_from(
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e400",
+        b"-1e400",
+        b"123456789012345678901234567890",
+        b"18446744073709551616",
+        b"9007199254740992",
+        b"-0",
+        b"1E2",
+        b"0.0",
+        b"1.5e-400",
+        b'"\\ud800"',
+        b'"\\u0000"',
+        b'"1670000000"',
+        b'"2022-12-14T13:40:52+01:00"',
+        b'"2022-12-14t13:40:52z"',
+        b"true",
+        b"[]",
+        b"{}",
+    ]
+)
+
+
+def outcome(run: Any) -> tuple[Any, ...]:
+    """What decoding gave: the event, or the failure's reason and field."""
+    try:
+        return ("event", run())
+    except DecodeError as exc:
+        return ("error", exc.reason, exc.field)
+
+
+@st.composite
+def odd_records(draw: st.DrawFn) -> bytes:
+    """A valid record with one value, known or new, replaced by a literal that orjson and
+    pydantic-core's parser may read differently."""
+    event = make_event(draw(st.sampled_from(KINDS)), draw(st.sampled_from(VENDORS)))
+    paths = [path for path in _paths(event) if all(isinstance(p, str) for p in path)]
+    path = draw(st.sampled_from(paths))
+    if draw(st.booleans()):
+        path = (*path[:-1], "x_new")  # a new field beside it
+    parent: Any = event
+    for part in path[:-1]:
+        if not isinstance(parent.get(part), dict):
+            parent[part] = {}
+        parent = parent[part]
+    parent[path[-1]] = "@@ODD@@"
+    return orjson.dumps(event).replace(b'"@@ODD@@"', draw(ODD_LITERALS))
+
+
+def assert_paths_agree(raw: bytes) -> None:
+    from worker.events.decode import _decode_object, _load
+
+    fast = outcome(lambda: decode(raw, META))
+    full = outcome(lambda: _decode_object(_load(raw), META))
+    assert fast == full
+
+
+@PROPERTY
+@given(odd_records())
+def test_one_pass_decode_agrees_on_odd_literals(raw: bytes) -> None:
+    """NaN, numbers beyond a double, lone surrogates, times in other forms: a record decodes
+    to the same event, or fails with the same reason, as when orjson parses it first."""
+    assert_paths_agree(raw)
+
+
+@PROPERTY
+@given(mutated_records())
+def test_one_pass_decode_agrees_on_mutated_records(raw: bytes) -> None:
+    """Corrupted valid records: the same event or the same failure either way."""
+    assert_paths_agree(raw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize("version", [1, 2])
+def test_one_pass_decode_agrees_on_every_valid_form(kind: str, vendor: str, version: int) -> None:
+    for event in (make_event(kind, vendor, version), {**make_event(kind, vendor), "x": [1]}):
+        assert_paths_agree(orjson.dumps(event))
+
+
+def test_one_pass_decode_refuses_what_orjson_refuses() -> None:
+    """A record only pydantic-core's parser reads (NaN in a new field) is not let through."""
+    event = make_event()
+    event["data"]["network"]["signal"] = "@@"
+    raw = orjson.dumps(event).replace(b'"@@"', b"NaN")
+    assert "not JSON" in failure(raw).reason
+
+
+def test_plain_records_take_the_one_pass_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common record never reaches orjson's path (the point of the one-pass one)."""
+    import worker.events.decode as module
+
+    def refuse(obj: Any, meta: Any) -> Any:
+        raise AssertionError("took the full path")
+
+    monkeypatch.setattr(module, "_decode_object", refuse)
+    for kind in KINDS:
+        assert connection(orjson.dumps(make_event(kind, "twilio", 2))).kind.value == kind
