@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import redis
 import redis.asyncio
@@ -70,6 +70,13 @@ def free_port() -> int:
 
 def instructions(events: Sequence[ConnectionEvent], batch: int, cut: str | None) -> int:
     """Server instructions to meter ``events`` after the first batch, script cut at ``cut``."""
+    metering.load_script = cut_after(cut)
+    return server_instructions(lambda url, pid: _meter(url, events, batch, pid))
+
+
+def server_instructions(drive: Callable[[str, int], Coroutine[Any, Any, None]]) -> int:
+    """Instructions of a redis-server under callgrind between ``drive``'s zeroing and dump of
+    the counts (``drive(url, pid)``: it calls ``_control("-z", pid)``, then ``"-d"``)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -97,8 +104,7 @@ def instructions(events: Sequence[ConnectionEvent], batch: int, cut: str | None)
                     break
                 except redis.ConnectionError:
                     time.sleep(0.1)
-            metering.load_script = cut_after(cut)
-            asyncio.run(_meter(url, events, batch, server.pid))
+            asyncio.run(drive(url, server.pid))
         finally:
             server.terminate()
             server.wait()

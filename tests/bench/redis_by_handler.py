@@ -1,12 +1,16 @@
 """Worker and Redis CPU per record of each built-in handler, end to end, run one at a time.
 
-    python tests/bench/redis_by_handler.py [--sims 200] [--rounds 2]
+    python tests/bench/redis_by_handler.py [--sims 200] [--rounds 2] [--baseline DIR]
+        [--sets log,metering ...]
 
 Fills a 4-shard kinesalite stream with simulator records (as ``peer_bench`` does) and runs
 our worker (``worker_probe.py run --from-start --until-caught-up``, 10,000 records a read)
 over it with ``log`` alone, ``log`` and each handler, then all of them, each run in a
 consumer group of its own; prints steady-state worker CPU (the run over an empty stream
-taken off) and redis-server CPU per record. A development tool, not part of ``make bench``.
+taken off) and redis-server CPU per record. With ``--baseline DIR`` (a directory holding
+another version's ``worker`` package, e.g. an unpacked ``git archive``) each run is followed
+by the same run of that version, for before/after pairs measured side by side. A
+development tool, not part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sims", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="another version's worker, run too")
+    parser.add_argument(
+        "--sets", nargs="*", help="handler sets to run (default: each alone, then all)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -52,18 +60,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv_ = [sys.executable, str(BENCH_DIR / "worker_probe.py")]
         argv_ += ["run", "--from-start", "--until-caught-up"]
         print(f"{len(records):,} records, {args.sims} SIMs over 24 h")
-        print("| handlers | worker CPU µs per record | Redis CPU µs per record |\n|---|---:|---:|")
+        print(
+            "| handlers | worker | worker CPU µs per record | Redis CPU µs per record |\n"
+            "|---|---|---:|---:|"
+        )
+        versions: list[tuple[str, dict[str, str]]] = [("this", {})]
+        if args.baseline:
+            versions.append(("baseline", {"PYTHONPATH": str(args.baseline.resolve())}))
         run = 0
         for _ in range(args.rounds):
-            for handlers in (*HANDLER_SETS, ALL_HANDLERS):
-                run += 1
-                env = our_env(base, "empty", kinesalite.url, redis_server.url, f"e{run}", handlers)
-                empty = run_child(argv_, env, 0, client, kinesalite)
-                env = our_env(base, "full", kinesalite.url, redis_server.url, f"f{run}", handlers)
-                full = run_child(argv_, env, len(records), client, kinesalite)
-                worker = (full.cpu - empty.cpu) / len(records) * 1e6
-                per_redis = full.redis_cpu / len(records) * 1e6
-                print(f"| `{handlers}` | {worker:.1f} | {per_redis:.2f} |", flush=True)
+            for handlers in args.sets or (*HANDLER_SETS, ALL_HANDLERS):
+                for version, extra in versions:
+                    run += 1
+                    env = our_env(
+                        base, "empty", kinesalite.url, redis_server.url, f"e{run}", handlers
+                    )
+                    empty = run_child(argv_, {**env, **extra}, 0, client, kinesalite)
+                    env = our_env(
+                        base, "full", kinesalite.url, redis_server.url, f"f{run}", handlers
+                    )
+                    full = run_child(argv_, {**env, **extra}, len(records), client, kinesalite)
+                    worker = (full.cpu - empty.cpu) / len(records) * 1e6
+                    per_redis = full.redis_cpu / len(records) * 1e6
+                    print(
+                        f"| `{handlers}` | {version} | {worker:.1f} | {per_redis:.2f} |", flush=True
+                    )
         client.close()
     finally:
         kinesalite.stop()

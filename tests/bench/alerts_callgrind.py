@@ -1,0 +1,96 @@
+"""The alert scripts' Redis work: redis-server instructions per event, by handler.
+
+    python tests/bench/alerts_callgrind.py [--events 10000] [--batch 1000]
+        [--handlers rejections data_limit attach_loops]
+
+Runs redis-server under ``valgrind --tool=callgrind`` (as ``metering_callgrind.py``) and hands
+it the first ``--events`` connection events of a simulated stream (400 SIMs over 8 hours,
+seed 11) through one alert handler at a time, in batches of ``--batch`` on one shard,
+counting the server's instructions from after the first batch to the end. Instruction
+counts do not move with the machine's load, unlike CPU time; for a before/after pair run
+it again with ``PYTHONPATH`` naming another version's ``worker`` package. A development
+tool, not part of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import redis.asyncio
+import structlog
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from metering_callgrind import _control, server_instructions  # noqa: E402
+
+from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
+from worker.events.decode import decode  # noqa: E402
+from worker.events.records import ConnectionEvent  # noqa: E402
+from worker.handlers.alerts.handler import AlertHandler  # noqa: E402
+from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler  # noqa: E402
+from worker.handlers.alerts.rules.data_limit import DataLimitHandler  # noqa: E402
+from worker.handlers.alerts.rules.rejections import RejectionsHandler  # noqa: E402
+from worker.handlers.alerts.settings import AlertSettings  # noqa: E402
+from worker.handlers.base import Batch, HandlerContext  # noqa: E402
+
+OPTIONS = SimulationOptions(sims=400, hours=8, seed=11)
+HANDLERS: dict[str, type[AlertHandler]] = {
+    "rejections": RejectionsHandler,
+    "data_limit": DataLimitHandler,
+    "attach_loops": AttachLoopsHandler,
+}
+
+
+async def _alert(
+    url: str, name: str, events: Sequence[ConnectionEvent], batch: int, pid: int
+) -> None:
+    connection = redis.asyncio.Redis.from_url(url)
+    settings = AlertSettings(sinks="log", stale_after=None)
+    end = (OPTIONS.start + timedelta(hours=OPTIONS.hours + 24)).timestamp()
+    handler = HANDLERS[name](HandlerContext(settings, connection, "{bench}"), clock=lambda: end)
+    try:
+        batches = [events[i : i + batch] for i in range(0, len(events), batch)]
+        await handler.handle(Batch("shardId-000000000000", list(batches[0])))
+        await asyncio.to_thread(_control, "-z", pid)  # zero the counts
+        for part in batches[1:]:
+            await handler.handle(Batch("shardId-000000000000", list(part)))
+        await handler.flush()
+        await asyncio.to_thread(_control, "-d", pid)  # dump them
+    finally:
+        await handler.close()
+        await connection.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument("--handlers", nargs="*", default=sorted(HANDLERS))
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("needs valgrind (apt install valgrind)")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    records, _ = generate(OPTIONS)
+    events = [e for e in map(decode, records) if isinstance(e, ConnectionEvent)][: args.events]
+    counted = len(events) - min(args.batch, len(events))
+    print(f"{counted:,} events after the first batch, batches of {args.batch:,}")
+    print("| handler | instructions per event |\n|---|---:|")
+    for name in args.handlers:
+        total = server_instructions(
+            lambda url, pid, name=name: _alert(url, name, events, args.batch, pid)
+        )
+        print(f"| `{name}` | {total / counted:,.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
