@@ -41,6 +41,13 @@ def event_ms(event: ConnectionEvent) -> int:
     return unix_ms(event.data.timestamp)
 
 
+def newest_event_ms(events: Sequence[ConnectionEvent]) -> int:
+    """The latest event time of ``events`` (not empty) in Unix milliseconds: the datetimes
+    are compared (decoded events share one UTC tzinfo, so that is a plain comparison) and
+    only the latest is converted."""
+    return unix_ms(max(event.envelope.data.timestamp for event in events))
+
+
 def window_ms(window: timedelta) -> int:
     return round(window.total_seconds() * 1000)
 
@@ -131,7 +138,7 @@ class AlertHandler(ABC):
         # A shard's progress never passes the wall clock minus the upstream delay: events up
         # to that late may still come, on this shard as on any other (and a clock ahead of
         # ours does not move event time).
-        newest = min(max(event_ms(event) for event in batch.events), now_ms - self._delay_ms)
+        newest = min(newest_event_ms(batch.events), now_ms - self._delay_ms)
         await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
 
     async def tick(self, now: datetime | None = None) -> None:

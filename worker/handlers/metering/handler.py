@@ -84,7 +84,7 @@ import orjson
 import structlog
 
 from worker.errors import ConfigError
-from worker.events.records import ConnectionEvent, EventKind
+from worker.events.records import ConnectionEvent, EventKind, Location, Network
 from worker.events.times import unix_seconds
 from worker.handlers.base import Batch, HandlerContext, Plugin, StreamFacts
 from worker.handlers.metering import records
@@ -176,13 +176,16 @@ def _text(value: str | None) -> str:
     return value
 
 
-class _Hours:
-    """UTC hour strings (``YYYYMMDDHH``) by Unix hour, computed once each."""
+class _Texts:
+    """UTC hour strings (``YYYYMMDDHH``) by Unix hour, computed once each; and the text of
+    each distinct network and place, which repeat from event to event of a SIM."""
 
     def __init__(self) -> None:
         self._cache: dict[int, str] = {}
+        self.groups: dict[tuple[str | None, ...], tuple[str, str]] = {}
+        self.places: dict[tuple[str | None, float | None, float | None], str] = {}
 
-    def __call__(self, seconds: int) -> str:
+    def hour(self, seconds: int) -> str:
         hour = seconds // 3600
         text = self._cache.get(hour)
         if text is None:
@@ -192,6 +195,51 @@ class _Hours:
             self._cache[hour] = text
         return text
 
+    def group(self, network: Network | None, rat_type: str | None) -> tuple[str, str]:
+        """The network key and the usage group (``^``-joined) of an event."""
+        if network is None:
+            key: tuple[str | None, ...] = (rat_type,)
+        else:
+            key = (
+                network.iso_country,
+                network.mcc,
+                network.mnc,
+                network.friendly_name,
+                rat_type,
+            )
+        found = self.groups.get(key)
+        if found is None:
+            if len(self.groups) >= _HOUR_CACHE_MAX:
+                self.groups.clear()
+            if network is None:
+                net, mcc, mnc, name, country = "unknown", "", "", "", ""
+            else:
+                net = _text(network_key(network.iso_country, network.mcc, network.mnc))
+                mcc, mnc = _text(network.mcc), _text(network.mnc)
+                name, country = _text(network.friendly_name), _text(network.iso_country)
+            found = (net, "^".join((net, _text(rat_type), mcc, mnc, name, country)))
+            self.groups[key] = found
+        return found
+
+    def place(self, location: Location | None) -> str:
+        """The cell and coordinates of an event (``^``-joined), or ``""``."""
+        if location is None or (location.cell_id is None and location.lat is None):
+            return ""
+        lat, lon = location.lat, location.lon
+        if lat == 0.0 or lon == 0.0:  # -0.0 equals 0.0 as a key but is written apart
+            return _place(location.cell_id, lat, lon)
+        key = (location.cell_id, lat, lon)
+        found = self.places.get(key)
+        if found is None:
+            if len(self.places) >= _HOUR_CACHE_MAX:
+                self.places.clear()
+            found = self.places[key] = _place(location.cell_id, lat, lon)
+        return found
+
+
+def _place(cell_id: str | None, lat: float | None, lon: float | None) -> str:
+    return f"{_text(cell_id)}^{'' if lat is None else repr(lat)}^{'' if lon is None else repr(lon)}"
+
 
 EncodedEvent = tuple[str | int, ...]
 
@@ -199,20 +247,21 @@ _STANDARD_SID: Final = re.compile(r"PI[0-9a-f]{32}")
 
 
 def encode(
-    events: Sequence[ConnectionEvent], hours: _Hours | None = None
+    events: Sequence[ConnectionEvent], texts: _Texts | None = None
 ) -> tuple[list[EncodedEvent], bytes]:
     """The script's arguments for each event that matters to metering (started, updated
     and ended data-session events; ``EVENT_FIELDS``), and the session fields of their
     standard sids (byte 255 and the sid's 16 bytes each, see ``records``). Times are Unix
     seconds; text that is stored in session records loses any ``|``."""
-    hour_of = hours or _Hours()
+    texts = texts or _Texts()
+    hour_of = texts.hour
     out: list[EncodedEvent] = []
     fields: dict[str, int] = {}
     for event in events:
         code = _KIND_CODES.get(event.kind)
         if code is None:
             continue
-        data = event.data
+        data = event.envelope.data
         session = data.data_session_sid
         if session is None:  # decode refuses these
             raise ValueError(f"{event.kind.value} event lacks data.data_session_sid")
@@ -244,21 +293,8 @@ def encode(
             end_time = data.data_session_end_time
             end = unix_seconds(end_time) if end_time is not None else win_end
         fleet, account = _text(data.fleet_sid), _text(data.account_sid)
-        network = data.network
-        if network is None:
-            net, mcc, mnc, name, country = "unknown", "", "", "", ""
-        else:
-            net = _text(network_key(network.iso_country, network.mcc, network.mnc))
-            mcc, mnc = _text(network.mcc), _text(network.mnc)
-            name, country = _text(network.friendly_name), _text(network.iso_country)
-        group = (net, _text(data.rat_type), mcc, mnc, name, country)
-        location = data.location
-        if location is None or (location.cell_id is None and location.lat is None):
-            where = ""
-        else:
-            lat = "" if location.lat is None else repr(location.lat)
-            lon = "" if location.lon is None else repr(location.lon)
-            where = f"{_text(location.cell_id)}^{lat}^{lon}"
+        net, group = texts.group(data.network, data.rat_type)
+        where = texts.place(data.location)
         imei = _text(data.imei)
         number = fields.get(session)
         if number is None:
@@ -283,7 +319,7 @@ def encode(
                 fleet,
                 account,
                 net,
-                "^".join(group),
+                group,
                 where,
                 imei,
                 number,
@@ -310,13 +346,13 @@ class MeteringHandler:
             str(settings.day_retention_days * DAY),
             str(settings.session_retention_days * DAY),
         ]
-        self._hours = _Hours()
+        self._texts = _Texts()
         self._log = structlog.get_logger("worker.handlers.metering.handler")
         self.windows_counted = 0
         self.unchanged = 0
 
     async def handle(self, batch: Batch) -> None:
-        encoded, sids = encode(batch.events, self._hours)
+        encoded, sids = encode(batch.events, self._texts)
         if not encoded:
             return
         # A copy identical to an event earlier in the batch (a duplicate delivery, the same
