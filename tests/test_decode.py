@@ -969,6 +969,9 @@ ODD_LITERALS = st.sampled_from(
         b"-1e400",
         b"123456789012345678901234567890",
         b"18446744073709551616",
+        b"18446744073709551615",
+        b"-9223372036854775808",
+        b"-9223372036854775809",
         b"9007199254740992",
         b"-0",
         b"1E2",
@@ -1049,6 +1052,28 @@ def test_one_pass_decode_refuses_what_orjson_refuses() -> None:
     event["data"]["network"]["signal"] = "@@"
     raw = orjson.dumps(event).replace(b'"@@"', b"NaN")
     assert "not JSON" in failure(raw).reason
+
+
+@pytest.mark.parametrize(
+    "code",
+    [b"18446744073709551616", b"-9223372036854775809", b"123456789012345678901234567890"],
+)
+def test_error_codes_beyond_64_bits_fail_on_both_paths(code: bytes) -> None:
+    """pydantic-core reads any integer exactly, orjson only 64-bit ones (others as floats):
+    an error code beyond is refused, as orjson's path always did."""
+    event = make_event("attachment.rejected")
+    event["data"]["error"]["code"] = "@@"
+    raw = orjson.dumps(event).replace(b'"@@"', code)
+    assert "data.error.code" in failure(raw).reason
+    assert_paths_agree(raw)
+
+
+def test_extra_is_a_copy_of_the_models_unknown_fields() -> None:
+    event = make_event()
+    event["subject"] = "x"
+    decoded = connection(to_record(event))
+    assert decoded.extra == {"envelope": {"subject": "x"}, "data": {}}
+    assert decoded.extra["envelope"] is not decoded.envelope.model_extra
 
 
 def test_plain_records_take_the_one_pass_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,15 @@ from worker.events.records import Envelope
 from worker.events.times import unix_ms, unix_seconds
 
 MOMENTS = st.datetimes(
-    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
 )
+HALF_MS = st.builds(
+    lambda moment, ms: moment.replace(microsecond=ms * 1000 + 500),
+    MOMENTS,
+    st.integers(min_value=0, max_value=999),
+)
+"""Times at exactly half a millisecond, where the float product of ``timestamp()`` rounds
+either way."""
 
 
 def _parsed(moment: datetime) -> datetime:
@@ -25,29 +32,37 @@ def _parsed(moment: datetime) -> datetime:
     return envelope.time
 
 
-@given(MOMENTS)
+@given(MOMENTS | HALF_MS)
 def test_parsed_times_agree_with_timestamp(moment: datetime) -> None:
     parsed = _parsed(moment)
     assert parsed.tzinfo is not UTC  # the case these functions are for
     assert unix_seconds(parsed) == int(moment.timestamp())
-    assert unix_ms(parsed) == round(moment.timestamp() * 1000) or (
-        # the float product can be off by one exactly at a half millisecond
-        moment.microsecond % 1000 == 500
-    )
+    assert unix_ms(parsed) == round(moment.timestamp() * 1000)
 
 
-@given(MOMENTS)
-def test_stdlib_utc_and_other_zones_agree(moment: datetime) -> None:
-    east = moment.astimezone(timezone(timedelta(hours=5, minutes=30)))
-    for value in (moment, east):
-        assert unix_seconds(value) == int(moment.timestamp())
-        assert abs(unix_ms(value) - moment.timestamp() * 1000) <= 0.5
+@given(MOMENTS | HALF_MS)
+def test_stdlib_utc_agrees_with_timestamp(moment: datetime) -> None:
+    assert unix_seconds(moment) == int(moment.timestamp())
+    assert unix_ms(moment) == round(moment.timestamp() * 1000)
 
 
-def test_halves_round_to_even() -> None:
-    base = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
-    whole = int(base.timestamp()) * 1000
-    assert unix_ms(base.replace(microsecond=500)) == whole
-    assert unix_ms(base.replace(microsecond=1500)) == whole + 2
-    assert unix_ms(base.replace(microsecond=1499)) == whole + 1
-    assert unix_seconds(datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)) == 0
+@given(st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)))
+def test_other_zones_are_converted(moment: datetime) -> None:
+    east = moment.replace(tzinfo=UTC).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert unix_seconds(east) == int(east.timestamp())
+    assert unix_ms(east) == round(east.timestamp() * 1000)
+
+
+def test_the_review_cases() -> None:
+    """Half milliseconds where the double product rounds up or down, a time in the year 3000
+    a microsecond before a second, and one before 1970."""
+    for text in (
+        "2038-06-01T00:00:00.000500",
+        "2004-07-16T23:25:06.324500",
+        "3000-06-01T00:00:00.999999",
+        "1969-12-31T23:59:59.500000",
+    ):
+        moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
+        for value in (moment, _parsed(moment)):
+            assert unix_seconds(value) == int(moment.timestamp())
+            assert unix_ms(value) == round(moment.timestamp() * 1000)

@@ -197,7 +197,7 @@ def _connection_event(
         if getattr(fields, name) is None:
             raise DecodeError(f"{kind.value} event lacks data.{name}", f"data.{name}")
     outer, inner = envelope.__pydantic_extra__, fields.__pydantic_extra__
-    extra = {"envelope": outer or {}, "data": inner or {}} if outer or inner else None
+    extra = {"envelope": dict(outer or {}), "data": dict(inner or {})} if outer or inner else None
     return _new_connection_event(
         kind, vendor, _schema_version(envelope.dataschema, fields), envelope, meta, extra
     )

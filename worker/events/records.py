@@ -155,7 +155,8 @@ class Location(_Open):
 class EventError(_Open):
     """What went wrong, on rejected and failed events."""
 
-    code: StrictInt
+    code: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+    """Any integer orjson reads as one (beyond that range it reads a float, refused)."""
     message: StrictStr | None = None
 
 

@@ -3,10 +3,10 @@
 The models parse times into datetimes whose ``tzinfo`` is pydantic-core's UTC, not
 ``datetime.UTC``; ``timestamp()`` then asks that tzinfo for its offset through Python
 calls and costs about 0.7 µs, against 0.2 µs with ``datetime.UTC``. The handlers read
-several times of every event, so these functions compute the same figures from the
-date's fields (about 0.3 µs). A test checks both ways agree. A datetime with pydantic-core's
-``TzInfo`` is taken to be in UTC, as the models' always are (their schema refuses other
-offsets); any other zone is converted first.
+several times of every event, so these functions compute the same figures, bit for bit,
+from the date's fields (about 0.3 µs; a test checks both ways agree from year 1 to 9999).
+A datetime with pydantic-core's ``TzInfo`` is taken to be in UTC, as the models' always
+are (their schema refuses other offsets); any other zone is converted first.
 """
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ def _whole_seconds(moment: datetime) -> int:
 
 
 def unix_seconds(moment: datetime) -> int:
-    """``int(moment.timestamp())``: whole Unix seconds, truncated toward zero."""
+    """``int(moment.timestamp())``, to the bit: whole Unix seconds, truncated toward zero."""
     seconds = _whole_seconds(moment)
-    if seconds < 0 and moment.microsecond:
-        seconds += 1
+    micro = moment.microsecond
+    if micro:  # as timestamp() does: the exact microseconds divided into a double
+        return int((seconds * 1_000_000 + micro) / 1_000_000)
     return seconds
 
 
 def unix_ms(moment: datetime) -> int:
-    """``round(moment.timestamp() * 1000)``: Unix milliseconds, halves to even (exact, where
-    the float product can be off by one at a half)."""
-    whole = _whole_seconds(moment) * 1000
+    """``round(moment.timestamp() * 1000)``, to the bit: Unix milliseconds."""
+    seconds = _whole_seconds(moment)
     micro = moment.microsecond
-    return whole + round(micro / 1000) if micro else whole
+    if micro:  # the same double as timestamp(), then the same product and rounding
+        return round((seconds * 1_000_000 + micro) / 1_000_000 * 1000)
+    return seconds * 1000
