@@ -36,11 +36,6 @@ CLOSE_GRACE_S = 5.0
 (by another replica or the next start), with the same idempotency keys."""
 
 
-def event_ms(event: ConnectionEvent) -> int:
-    """The event's time (``data.timestamp``) in Unix milliseconds."""
-    return unix_ms(event.data.timestamp)
-
-
 def newest_event_ms(events: Sequence[ConnectionEvent]) -> int:
     """The latest event time of ``events`` (not empty) in Unix milliseconds: the datetimes
     are compared (decoded events share one UTC tzinfo, so that is a plain comparison) and

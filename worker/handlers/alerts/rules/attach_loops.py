@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from worker.events.records import ConnectionEvent, EventKind
-from worker.handlers.alerts.episodes import Rule, Subjects, Transition
-from worker.handlers.alerts.handler import AlertHandler, event_ms, window_ms
+from worker.events.times import unix_ms
+from worker.handlers.alerts.episodes import Rule, Subject, Subjects, Transition
+from worker.handlers.alerts.handler import AlertHandler, window_ms
 from worker.handlers.alerts.model import Alert, AlertKind, AlertStatus, Severity
 from worker.handlers.alerts.render import (
     build,
@@ -50,20 +51,26 @@ class AttachLoopsHandler(AlertHandler):
         )
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        by_sim: dict[str, Subject] = {}  # each SIM's subject, looked up once a batch
         for event in events:
             kind = event.kind
-            if kind is EventKind.ATTACHMENT_ACCEPTED:
-                data = event.data
+            if (
+                kind is not EventKind.ATTACHMENT_ACCEPTED
+                and kind is not EventKind.DATA_SESSION_STARTED
+            ):
+                continue
+            data = event.envelope.data
+            sim = data.sim_sid
+            subject = by_sim.get(sim)
+            if subject is None:
                 (rule,) = self.rules_for(data.fleet_sid)
-                subject = subjects.get(rule, f"sim:{data.sim_sid}")
+                subject = by_sim[sim] = subjects.get(rule, f"sim:{sim}")
+            if kind is EventKind.ATTACHMENT_ACCEPTED:
                 if not subject.meta:
                     subject.meta, subject.group = sim_meta(data), data.fleet_sid or ""
-                tags = network_tag(data)
-                subject.hit(data.event_sid, event_ms(event), tags)
-            elif kind is EventKind.DATA_SESSION_STARTED:
-                data = event.data
-                (rule,) = self.rules_for(data.fleet_sid)
-                subjects.get(rule, f"sim:{data.sim_sid}").clear(event_ms(event))
+                subject.hit(data.event_sid, unix_ms(data.timestamp), network_tag(data))
+            else:
+                subject.clears.append(unix_ms(data.timestamp))
 
     def render(self, transition: Transition) -> Alert:
         sim = transition.subject.removeprefix("sim:")

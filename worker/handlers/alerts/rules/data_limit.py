@@ -18,8 +18,9 @@ from typing import Any, Final
 import orjson
 
 from worker.events.records import ConnectionData, ConnectionEvent
-from worker.handlers.alerts.episodes import Rule, Subjects, Transition
-from worker.handlers.alerts.handler import AlertHandler, event_ms
+from worker.events.times import unix_ms
+from worker.handlers.alerts.episodes import Rule, Subject, Subjects, Transition
+from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.model import Alert, AlertKind, AlertStatus, Severity
 from worker.handlers.alerts.render import build, clock, sim_meta
 from worker.handlers.alerts.settings import AlertSettings, Thresholds
@@ -51,17 +52,23 @@ class DataLimitHandler(AlertHandler):
         return (Rule(AlertKind.DATA_LIMIT_REACHED, threshold=1, window_ms=0, quiet=False),)
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        # Every event is a hit or a clear of its SIM: each SIM's subject is looked up once
+        # a batch (there is one alert kind, so a SIM has one subject whatever its fleet).
+        by_sim: dict[str, Subject] = {}
         for event in events:
-            data = event.data
+            data = event.envelope.data
+            sim = data.sim_sid
+            subject = by_sim.get(sim)
+            if subject is None:
+                (rule,) = self.rules_for(data.fleet_sid)
+                subject = by_sim[sim] = subjects.get(rule, f"sim:{sim}")
             modifier = data.data_modifier
-            (rule,) = self.rules_for(data.fleet_sid)
-            subject = subjects.get(rule, f"sim:{data.sim_sid}")
             if modifier is None:
-                subject.clear(event_ms(event))
+                subject.clears.append(unix_ms(data.timestamp))
             elif modifier == BLOCKED:
                 if not subject.meta:
                     subject.meta, subject.group = sim_meta(data), data.fleet_sid or ""
-                subject.hit(data.event_sid, event_ms(event), "", usage_info(event))
+                subject.hit(data.event_sid, unix_ms(data.timestamp), "", usage_info(event))
 
     def render(self, transition: Transition) -> Alert:
         sim = transition.subject.removeprefix("sim:")

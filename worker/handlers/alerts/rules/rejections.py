@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from worker.events.records import ConnectionData, ConnectionEvent, EventKind
+from worker.events.times import unix_ms
 from worker.handlers.alerts.episodes import Rule, Subject, Subjects, Transition
-from worker.handlers.alerts.handler import AlertHandler, event_ms, window_ms
+from worker.handlers.alerts.handler import AlertHandler, window_ms
 from worker.handlers.alerts.model import Alert, AlertKind, AlertStatus, Severity
 from worker.handlers.alerts.render import (
     build,
@@ -70,6 +71,13 @@ _RELEVANT: Final = frozenset(
         EventKind.DATA_SESSION_STARTED,
     }
 )
+_STORM, _FLEET, _ATTACH, _SESSION = range(4)
+"""Positions of the rules in ``RejectionsHandler.rules``."""
+_HIT_RULE: Final = {
+    EventKind.ATTACHMENT_REJECTED: _STORM,
+    EventKind.ATTACHMENT_FAILED: _ATTACH,
+    EventKind.DATA_SESSION_FAILED: _SESSION,
+}
 _PER_SIM: Final = {
     AlertKind.REJECTION_STORM: ("Rejection storm", "attachment rejections"),
     AlertKind.ATTACHMENT_FAILURE_BURST: ("Attachment failure burst", "failed attachments"),
@@ -110,31 +118,39 @@ class RejectionsHandler(AlertHandler):
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
         ignored = self.settings.fleet_ignore_codes
+        # A SIM's subjects of the batch by rule (storm, -, attach, session), each looked up
+        # once: subjects are made only for the rules an event of the SIM names.
+        own: dict[str, list[Subject | None]] = {}
+
+        def sim_subject(data: ConnectionData, index: int) -> Subject:
+            slots = own.get(data.sim_sid)
+            if slots is None:
+                slots = own[data.sim_sid] = [None, None, None, None]
+            found = slots[index]
+            if found is None:
+                rule = self.rules_for(data.fleet_sid)[index]
+                found = slots[index] = subjects.get(rule, f"sim:{data.sim_sid}")
+            return found
+
         for event in events:
             kind = event.kind
             if kind not in _RELEVANT:
                 continue
-            data = event.data
-            storm, fleet, attach, session = self.rules_for(data.fleet_sid)
-            sim = f"sim:{data.sim_sid}"
-            ts = event_ms(event)
+            data = event.envelope.data
+            ts = unix_ms(data.timestamp)
             if kind is EventKind.ATTACHMENT_ACCEPTED:
-                subjects.get(storm, sim).clear(ts)
-                subjects.get(attach, sim).clear(ts)
+                sim_subject(data, _STORM).clears.append(ts)
+                sim_subject(data, _ATTACH).clears.append(ts)
             elif kind is EventKind.DATA_SESSION_STARTED:
-                subjects.get(storm, sim).clear(ts)
-                subjects.get(attach, sim).clear(ts)
-                subjects.get(session, sim).clear(ts)
+                sim_subject(data, _STORM).clears.append(ts)
+                sim_subject(data, _ATTACH).clears.append(ts)
+                sim_subject(data, _SESSION).clears.append(ts)
             else:
-                rule = {
-                    EventKind.ATTACHMENT_REJECTED: storm,
-                    EventKind.ATTACHMENT_FAILED: attach,
-                    EventKind.DATA_SESSION_FAILED: session,
-                }[kind]
-                _sim_hit(subjects.get(rule, sim), data, ts)
+                _sim_hit(sim_subject(data, _HIT_RULE[kind]), data, ts)
                 if kind is EventKind.ATTACHMENT_REJECTED and data.fleet_sid:
                     code = error_code(data)
                     if code not in ignored:
+                        fleet = self.rules_for(data.fleet_sid)[_FLEET]
                         subject = f"fleet:{data.fleet_sid}/network:{network_key(data)}"
                         target = subjects.get(fleet, subject)
                         if not target.meta:
