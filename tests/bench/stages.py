@@ -1,0 +1,122 @@
+"""CPU per record of each step of the worker's own work, on distinct simulated records.
+
+    python tests/bench/stages.py [--records 10000] [--repeat 7]
+
+Builds a GetRecords body of ``--records`` simulator records (560 SIMs over 24 hours,
+seed 7: each record different, as in a real stream, so the CPU's caches hold few of them)
+and times, in this process, the best of ``--repeat`` runs of each step: the body parsed
+(orjson, base64), the records decoded into events, metering's encoding of the events
+for its script, and each alert handler's ``collect`` with its script request. No I/O, no
+Redis. Instruction counts would not show what these steps spend waiting on memory, so this
+reports process CPU; for a before/after pair run it twice in one sitting, the second time
+with ``PYTHONPATH`` naming another version's ``worker`` package (an unpacked ``git
+archive``). A development tool, not part of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio
+
+import worker
+from worker.consumer.kinesis import utc_timestamp
+from worker.consumer.kinesis_parser import parse_get_records
+from worker.devtools.simulator import SimulationOptions, generate
+from worker.events.decode import decode
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.episodes import Subjects
+from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler
+from worker.handlers.alerts.rules.data_limit import DataLimitHandler
+from worker.handlers.alerts.rules.rejections import RejectionsHandler
+from worker.handlers.alerts.settings import AlertSettings
+from worker.handlers.base import HandlerContext
+from worker.handlers.metering import handler as metering
+
+BATCH = 2500
+"""Events a handler gets at once (as from a 10,000-record read over four shards)."""
+
+
+def best_of(repeat: int, step: Callable[[], Any]) -> float:
+    """The least CPU seconds of ``repeat`` runs of ``step``."""
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.process_time()
+        result = step()
+        best = min(best, time.process_time() - began)
+        del result
+    return best
+
+
+def body(records: Sequence[bytes]) -> bytes:
+    return orjson.dumps(
+        {
+            "Records": [
+                {
+                    "SequenceNumber": f"{i:056d}",
+                    "Data": base64.b64encode(raw).decode(),
+                    "PartitionKey": f"k{i % 100}",
+                    "ApproximateArrivalTimestamp": 1_765_000_000.0 + i // 500,
+                }
+                for i, raw in enumerate(records)
+            ],
+            "NextShardIterator": "next",
+        }
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args(argv)
+    gc.set_threshold(500_000, 50, 100)  # as the worker runs (worker/consumer/app.py)
+    records = generate(SimulationOptions(sims=560, hours=24, seed=7))[0][: args.records]
+    raw_body = body(records)
+    events = [e for e in map(decode, records) if isinstance(e, ConnectionEvent)]
+    batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
+    # An older version names its caches differently; all it needs is one per handler.
+    texts = getattr(metering, "_Texts", None) or metering._Hours  # type: ignore[attr-defined]
+    cache = texts()
+
+    def meter() -> None:
+        for part in batches:
+            encoded, _ = metering.encode(part, cache)
+            orjson.dumps(list(dict.fromkeys(encoded)))
+
+    steps: dict[str, Callable[[], Any]] = {
+        "GetRecords body parsed (orjson, base64)": lambda: parse_get_records(
+            raw_body, utc_timestamp
+        ),
+        "records decoded into events": lambda: [decode(raw) for raw in records],
+        "metering: events encoded for its script": meter,
+    }
+    settings = AlertSettings(sinks="log")
+    client = redis.asyncio.Redis()  # never connects: collect and request only
+    for cls in (RejectionsHandler, DataLimitHandler, AttachLoopsHandler):
+        handler = cls(HandlerContext(settings, client, "{stages}"), clock=lambda: 0.0)
+
+        def alert(handler: Any = handler) -> None:
+            for part in batches:
+                subjects = Subjects()
+                handler.collect(part, subjects)
+                orjson.dumps([subject.request(0) for subject in subjects])
+
+        steps[f"`{handler.name}`: collect and request"] = alert
+    print(f"worker package: {worker.__file__}")
+    print(f"{len(records):,} records, {len(events):,} connection events, batches of {BATCH:,}")
+    print("| step | CPU µs per record |\n|---|---:|")
+    for name, step in steps.items():
+        print(f"| {name} | {best_of(args.repeat, step) / len(records) * 1e6:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
