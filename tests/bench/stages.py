@@ -1,6 +1,6 @@
 """CPU per record of each step of the worker's own work, on distinct simulated records.
 
-    python tests/bench/stages.py [--records 10000] [--repeat 7]
+    python tests/bench/stages.py [--records 10000] [--repeat 7] [--chunks 100,10000]
 
 Builds a GetRecords body of ``--records`` simulator records (560 SIMs over 24 hours,
 seed 7: each record different, as in a real stream, so the CPU's caches hold few of them)
@@ -76,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--chunks",
+        default="",
+        help="also decode the records this many at a time, each lot freed before the next "
+        "(comma-separated sizes, e.g. 100,10000): how much the CPU's caches weigh",
+    )
     args = parser.parse_args(argv)
     gc.set_threshold(500_000, 50, 100)  # as the worker runs (worker/consumer/app.py)
     records = generate(SimulationOptions(sims=560, hours=24, seed=7))[0][: args.records]
@@ -110,6 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 orjson.dumps([subject.request(0) for subject in subjects])
 
         steps[f"`{handler.name}`: collect and request"] = alert
+    for size in filter(None, args.chunks.split(",")):
+
+        def in_lots(size: int = int(size)) -> None:
+            for at in range(0, len(records), size):
+                lot = [decode(raw) for raw in records[at : at + size]]
+                del lot
+
+        steps[f"records decoded {int(size):,} at a time"] = in_lots
     print(f"worker package: {worker.__file__}")
     print(f"{len(records):,} records, {len(events):,} connection events, batches of {BATCH:,}")
     print("| step | CPU µs per record |\n|---|---:|")
