@@ -15,7 +15,6 @@ tool, not part of ``make bench``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shutil
 import sys
@@ -30,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-from metering_callgrind import _control, server_instructions  # noqa: E402
+from metering_callgrind import count_batches, server_instructions  # noqa: E402
 
 from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
 from worker.events.decode import decode  # noqa: E402
@@ -40,7 +39,7 @@ from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler  # noqa
 from worker.handlers.alerts.rules.data_limit import DataLimitHandler  # noqa: E402
 from worker.handlers.alerts.rules.rejections import RejectionsHandler  # noqa: E402
 from worker.handlers.alerts.settings import AlertSettings  # noqa: E402
-from worker.handlers.base import Batch, HandlerContext  # noqa: E402
+from worker.handlers.base import HandlerContext  # noqa: E402
 
 OPTIONS = SimulationOptions(sims=400, hours=8, seed=11)
 HANDLERS: dict[str, type[AlertHandler]] = {
@@ -58,13 +57,7 @@ async def _alert(
     end = (OPTIONS.start + timedelta(hours=OPTIONS.hours + 24)).timestamp()
     handler = HANDLERS[name](HandlerContext(settings, connection, "{bench}"), clock=lambda: end)
     try:
-        batches = [events[i : i + batch] for i in range(0, len(events), batch)]
-        await handler.handle(Batch("shardId-000000000000", list(batches[0])))
-        await asyncio.to_thread(_control, "-z", pid)  # zero the counts
-        for part in batches[1:]:
-            await handler.handle(Batch("shardId-000000000000", list(part)))
-        await handler.flush()
-        await asyncio.to_thread(_control, "-d", pid)  # dump them
+        await count_batches(handler.handle, events, batch, pid, after=handler.flush)
     finally:
         await handler.close()
         await connection.aclose()

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -119,16 +119,30 @@ def _control(flag: str, pid: int) -> None:
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
 
 
+async def count_batches(
+    handle: Callable[[Batch], Awaitable[None]],
+    events: Sequence[ConnectionEvent],
+    batch: int,
+    pid: int,
+    after: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Hand ``events`` to ``handle`` in batches of ``batch``, counting the server's
+    instructions from after the first batch to the end (``after`` run before the dump)."""
+    batches = [events[i : i + batch] for i in range(0, len(events), batch)]
+    await handle(Batch("shardId-000000000000", list(batches[0])))
+    await asyncio.to_thread(_control, "-z", pid)  # zero the counts
+    for part in batches[1:]:
+        await handle(Batch("shardId-000000000000", list(part)))
+    if after is not None:
+        await after()
+    await asyncio.to_thread(_control, "-d", pid)  # dump them
+
+
 async def _meter(url: str, events: Sequence[ConnectionEvent], batch: int, pid: int) -> None:
     connection = redis.asyncio.Redis.from_url(url)
     handler = metering.MeteringHandler(connection, "{bench}", MeteringSettings())
     try:
-        batches = [events[i : i + batch] for i in range(0, len(events), batch)]
-        await handler.handle(Batch("shardId-000000000000", list(batches[0])))
-        await asyncio.to_thread(_control, "-z", pid)  # zero the counts
-        for part in batches[1:]:
-            await handler.handle(Batch("shardId-000000000000", list(part)))
-        await asyncio.to_thread(_control, "-d", pid)  # dump them
+        await count_batches(handler.handle, events, batch, pid)
     finally:
         await connection.aclose()
 

@@ -23,6 +23,7 @@ import gc
 import inspect
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -39,7 +40,11 @@ from worker.metrics import Metrics
 
 def body(count: int) -> bytes:
     """A GetRecords body of ``count`` records, put 500 at a time (shared arrival times)."""
-    records = [make_record(KINDS[i % len(KINDS)], seq=i) for i in range(count)]
+    return get_records_body([make_record(KINDS[i % len(KINDS)], seq=i) for i in range(count)])
+
+
+def get_records_body(records: Sequence[bytes]) -> bytes:
+    """A GetRecords body holding ``records``, put 500 at a time (shared arrival times)."""
     return orjson.dumps(
         {
             "Records": [

@@ -16,11 +16,11 @@ archive``). A development tool, not part of ``make bench``.
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,6 +40,12 @@ from worker.handlers.alerts.settings import AlertSettings
 from worker.handlers.base import HandlerContext
 from worker.handlers.metering import handler as metering
 
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from record_path import get_records_body  # noqa: E402
+
 BATCH = 2500
 """Events a handler gets at once (as from a 10,000-record read over four shards)."""
 
@@ -55,23 +61,6 @@ def best_of(repeat: int, step: Callable[[], Any]) -> float:
     return best
 
 
-def body(records: Sequence[bytes]) -> bytes:
-    return orjson.dumps(
-        {
-            "Records": [
-                {
-                    "SequenceNumber": f"{i:056d}",
-                    "Data": base64.b64encode(raw).decode(),
-                    "PartitionKey": f"k{i % 100}",
-                    "ApproximateArrivalTimestamp": 1_765_000_000.0 + i // 500,
-                }
-                for i, raw in enumerate(records)
-            ],
-            "NextShardIterator": "next",
-        }
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=10_000)
@@ -85,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gc.set_threshold(500_000, 50, 100)  # as the worker runs (worker/consumer/app.py)
     records = generate(SimulationOptions(sims=560, hours=24, seed=7))[0][: args.records]
-    raw_body = body(records)
+    raw_body = get_records_body(records)
     events = [e for e in map(decode, records) if isinstance(e, ConnectionEvent)]
     batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
     # An older version names its caches differently; all it needs is one per handler.

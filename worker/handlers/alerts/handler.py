@@ -21,10 +21,10 @@ from datetime import datetime, timedelta
 import orjson
 import structlog
 
-from worker.events.records import ConnectionEvent
+from worker.events.records import ConnectionData, ConnectionEvent
 from worker.events.times import unix_ms
 from worker.handlers.alerts.dispatch import SEND_MARGIN_MS, Dispatcher, RetryPolicy
-from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
+from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subject, Subjects, Transition
 from worker.handlers.alerts.model import Alert, AlertStatus, to_ms
 from worker.handlers.alerts.outbox import ClaimedEntry, Outbox
 from worker.handlers.alerts.settings import AlertSettings, Thresholds
@@ -114,6 +114,24 @@ class AlertHandler(ABC):
     @abstractmethod
     def render(self, transition: Transition) -> Alert:
         """The alert a transition is announced as (a pure function of the transition)."""
+
+    def sim_subject(
+        self,
+        subjects: Subjects,
+        seen: dict[tuple[int, str], Subject],
+        data: ConnectionData,
+        index: int = 0,
+    ) -> Subject:
+        """The subject of the event's SIM under this handler's ``index``-th rule, looked up
+        once a batch (``seen``, one per ``collect``). ``Subjects`` keys subjects by alert
+        kind, so it is the subject the SIM's first event made whatever fleets later events
+        name, as a lookup per event would give."""
+        key = (index, data.sim_sid)
+        found = seen.get(key)
+        if found is None:
+            rule = self.rules_for(data.fleet_sid)[index]
+            found = seen[key] = subjects.get(rule, f"sim:{data.sim_sid}")
+        return found
 
     def rules_for(self, fleet_sid: str | None) -> tuple[Rule, ...]:
         """This handler's rules for one fleet (cached; settings are frozen)."""

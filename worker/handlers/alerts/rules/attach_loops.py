@@ -51,7 +51,7 @@ class AttachLoopsHandler(AlertHandler):
         )
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
-        by_sim: dict[str, Subject] = {}  # each SIM's subject, looked up once a batch
+        seen: dict[tuple[int, str], Subject] = {}
         for event in events:
             kind = event.kind
             if (
@@ -60,11 +60,7 @@ class AttachLoopsHandler(AlertHandler):
             ):
                 continue
             data = event.envelope.data
-            sim = data.sim_sid
-            subject = by_sim.get(sim)
-            if subject is None:
-                (rule,) = self.rules_for(data.fleet_sid)
-                subject = by_sim[sim] = subjects.get(rule, f"sim:{sim}")
+            subject = self.sim_subject(subjects, seen, data)
             if kind is EventKind.ATTACHMENT_ACCEPTED:
                 if not subject.meta:
                     subject.meta, subject.group = sim_meta(data), data.fleet_sid or ""

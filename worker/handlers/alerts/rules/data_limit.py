@@ -52,16 +52,10 @@ class DataLimitHandler(AlertHandler):
         return (Rule(AlertKind.DATA_LIMIT_REACHED, threshold=1, window_ms=0, quiet=False),)
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
-        # Every event is a hit or a clear of its SIM: each SIM's subject is looked up once
-        # a batch (there is one alert kind, so a SIM has one subject whatever its fleet).
-        by_sim: dict[str, Subject] = {}
-        for event in events:
+        seen: dict[tuple[int, str], Subject] = {}
+        for event in events:  # every event is a hit or a clear of its SIM
             data = event.envelope.data
-            sim = data.sim_sid
-            subject = by_sim.get(sim)
-            if subject is None:
-                (rule,) = self.rules_for(data.fleet_sid)
-                subject = by_sim[sim] = subjects.get(rule, f"sim:{sim}")
+            subject = self.sim_subject(subjects, seen, data)
             modifier = data.data_modifier
             if modifier is None:
                 subject.clears.append(unix_ms(data.timestamp))

@@ -21,6 +21,7 @@ Redis state, delivery and exactly-once: see ``worker.handlers.alerts.episodes`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Final
 
 from worker.events.records import ConnectionData, ConnectionEvent, EventKind
@@ -118,20 +119,8 @@ class RejectionsHandler(AlertHandler):
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
         ignored = self.settings.fleet_ignore_codes
-        # A SIM's subjects of the batch by rule (storm, -, attach, session), each looked up
-        # once: subjects are made only for the rules an event of the SIM names.
-        own: dict[str, list[Subject | None]] = {}
-
-        def sim_subject(data: ConnectionData, index: int) -> Subject:
-            slots = own.get(data.sim_sid)
-            if slots is None:
-                slots = own[data.sim_sid] = [None, None, None, None]
-            found = slots[index]
-            if found is None:
-                rule = self.rules_for(data.fleet_sid)[index]
-                found = slots[index] = subjects.get(rule, f"sim:{data.sim_sid}")
-            return found
-
+        seen: dict[tuple[int, str], Subject] = {}
+        sim_subject = partial(self.sim_subject, subjects, seen)
         for event in events:
             kind = event.kind
             if kind not in _RELEVANT:
