@@ -80,3 +80,18 @@ def test_the_epoch_shares_the_models_tzinfo() -> None:
     from worker.events.times import _EPOCH
 
     assert _parsed(datetime(2024, 5, 1, tzinfo=UTC)).tzinfo is _EPOCH.tzinfo
+
+
+def test_naive_datetimes_in_a_gap_or_fold_read_as_timestamp_reads_them() -> None:
+    """Local time is timestamp()'s to read (a zone's gaps and folds included)."""
+    for moment in (
+        datetime(2024, 3, 10, 2, 30),
+        datetime(2024, 11, 3, 1, 30, fold=1),
+        datetime(9999, 12, 31, 23, 0),
+    ):
+        try:
+            expected = moment.timestamp()
+        except (OverflowError, ValueError):
+            continue
+        assert unix_seconds(moment) == int(expected)
+        assert unix_ms(moment) == round(expected * 1000)

@@ -1065,3 +1065,24 @@ async def test_redis_refusing_writes_is_passed_on_as_an_outage(
         reader.config_set("maxmemory", "0")
     assert is_infrastructure_failure(refused.value)
     await handler(client).handle(Batch("s", [event]))
+
+
+def test_encoding_keeps_only_short_texts_and_a_bounded_number() -> None:
+    """The per-handler text caches hold neither long fields nor an unbounded number."""
+    from worker.events.records import Location, Network
+    from worker.handlers.metering.handler import _TEXT_CACHE_MAX, _Texts
+
+    texts = _Texts()
+    long_name = "x" * 100_000
+    net, group = texts.group(Network(mcc="310", mnc="260", friendly_name=long_name), "4G")
+    assert long_name in group and not texts.groups
+    assert texts.place(Location(cell_id=long_name, lat=1.5, lon=2.5)).startswith(long_name)
+    assert not texts.places
+    for n in range(_TEXT_CACHE_MAX + 5):
+        texts.group(Network(mcc=str(n), mnc="1"), None)
+        texts.place(Location(cell_id=str(n), lat=1.5, lon=2.5))
+    assert len(texts.groups) <= _TEXT_CACHE_MAX and len(texts.places) <= _TEXT_CACHE_MAX
+    assert texts.group(Network(mcc="7", mnc="1"), None) == (
+        "-7-1",
+        "-7-1^^7^1^^",
+    )

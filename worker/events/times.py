@@ -11,7 +11,7 @@ those of ``timestamp()`` bit for bit (a test checks both ways agree from year 1 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
 
 from pydantic_core import SchemaValidator, core_schema
@@ -24,8 +24,8 @@ _EPOCH: Final[datetime] = SchemaValidator(core_schema.datetime_schema()).validat
 
 def unix_seconds(moment: datetime) -> int:
     """``int(moment.timestamp())``, to the bit: whole Unix seconds, truncated toward zero."""
-    if moment.tzinfo is None:  # a naive datetime is local time, as timestamp() reads it
-        moment = moment.astimezone(UTC)
+    if moment.tzinfo is None:  # local time: timestamp() alone knows its gaps and folds
+        return int(moment.timestamp())
     delta = moment - _EPOCH
     seconds = delta.days * 86_400 + delta.seconds
     micro = delta.microseconds
@@ -37,7 +37,7 @@ def unix_seconds(moment: datetime) -> int:
 def unix_ms(moment: datetime) -> int:
     """``round(moment.timestamp() * 1000)``, to the bit: Unix milliseconds."""
     if moment.tzinfo is None:
-        moment = moment.astimezone(UTC)
+        return round(moment.timestamp() * 1000)
     delta = moment - _EPOCH
     seconds = delta.days * 86_400 + delta.seconds
     micro = delta.microseconds

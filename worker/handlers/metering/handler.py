@@ -137,6 +137,11 @@ _KIND_CODES: Final = {
     EventKind.DATA_SESSION_ENDED: "e",
 }
 _HOUR_CACHE_MAX: Final = 50_000
+_TEXT_CACHE_MAX: Final = 10_000
+"""Distinct networks and places kept (each cache is emptied when full)."""
+_CACHED_TEXT_LIMIT: Final = 256
+"""Longer texts are made again each time rather than kept: the fields behind them are
+bounded only by the record size, so a few odd events must not pin megabytes."""
 
 
 def network_key(iso_country: str | None, mcc: str | None, mnc: str | None) -> str:
@@ -209,8 +214,6 @@ class _Texts:
             )
         found = self.groups.get(key)
         if found is None:
-            if len(self.groups) >= _HOUR_CACHE_MAX:
-                self.groups.clear()
             if network is None:
                 net, mcc, mnc, name, country = "unknown", "", "", "", ""
             else:
@@ -218,7 +221,10 @@ class _Texts:
                 mcc, mnc = _text(network.mcc), _text(network.mnc)
                 name, country = _text(network.friendly_name), _text(network.iso_country)
             found = (net, "^".join((net, _text(rat_type), mcc, mnc, name, country)))
-            self.groups[key] = found
+            if len(found[1]) <= _CACHED_TEXT_LIMIT:
+                if len(self.groups) >= _TEXT_CACHE_MAX:
+                    self.groups.clear()
+                self.groups[key] = found
         return found
 
     def place(self, location: Location | None) -> str:
@@ -231,9 +237,11 @@ class _Texts:
         key = (location.cell_id, lat, lon)
         found = self.places.get(key)
         if found is None:
-            if len(self.places) >= _HOUR_CACHE_MAX:
-                self.places.clear()
-            found = self.places[key] = _place(location.cell_id, lat, lon)
+            found = _place(location.cell_id, lat, lon)
+            if len(found) <= _CACHED_TEXT_LIMIT:
+                if len(self.places) >= _TEXT_CACHE_MAX:
+                    self.places.clear()
+                self.places[key] = found
         return found
 
 
