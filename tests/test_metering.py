@@ -1074,14 +1074,16 @@ def test_encoding_keeps_only_short_texts_and_a_bounded_number() -> None:
 
     texts = _Texts()
     long_name = "x" * 100_000
-    net, group = texts.group(Network(mcc="310", mnc="260", friendly_name=long_name), "4G")
-    assert long_name in group and not texts.groups
+    _, group = texts.group(Network(mcc="310", mnc="260", friendly_name=long_name), "4G")
+    assert long_name in group
+    assert not texts.groups
     assert texts.place(Location(cell_id=long_name, lat=1.5, lon=2.5)).startswith(long_name)
     assert not texts.places
     for n in range(_TEXT_CACHE_MAX + 5):
         texts.group(Network(mcc=str(n), mnc="1"), None)
         texts.place(Location(cell_id=str(n), lat=1.5, lon=2.5))
-    assert len(texts.groups) <= _TEXT_CACHE_MAX and len(texts.places) <= _TEXT_CACHE_MAX
+    assert len(texts.groups) <= _TEXT_CACHE_MAX
+    assert len(texts.places) <= _TEXT_CACHE_MAX
     assert texts.group(Network(mcc="7", mnc="1"), None) == (
         "-7-1",
         "-7-1^^7^1^^",
