@@ -5,8 +5,8 @@ by value; for GetRecords (up to 10,000 records a call) that walk, and its base64
 of every ``Data`` blob, cost about a quarter of the worker's CPU per record. This parser
 reads the body with orjson and builds the same result directly: the output's and each
 record's known members (unknown keys dropped, nulls left out, as botocore does), ``Data``
-base64-decoded (with pybase64's SIMD decoder), ``ApproximateArrivalTimestamp`` as an aware UTC datetime. Anything it
-does not expect — a body that is not an object, a member of another type, ``ChildShards``
+base64-decoded (by pybase64, with SIMD), ``ApproximateArrivalTimestamp`` as an aware UTC
+datetime. Anything it does not expect — a body that is not an object, a member of another type, ``ChildShards``
 (the last read of a closed shard) — goes to botocore's own parser, as does every other
 operation and every error response. A test compares both parsers on real responses.
 

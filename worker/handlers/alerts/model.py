@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from worker.events.times import unix_ms
+
 
 class AlertKind(StrEnum):
     REJECTION_STORM = "rejection_storm"
@@ -50,8 +52,8 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def to_ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
+to_ms = unix_ms
+"""A datetime in Unix milliseconds (``round(moment.timestamp() * 1000)``)."""
 
 
 class Alert(BaseModel):

@@ -78,7 +78,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
 import structlog
@@ -137,6 +137,8 @@ _KIND_CODES: Final = {
     EventKind.DATA_SESSION_ENDED: "e",
 }
 _HOUR_CACHE_MAX: Final = 50_000
+K = TypeVar("K")
+V = TypeVar("V")
 _TEXT_CACHE_MAX: Final = 10_000
 """Distinct networks and places kept (each cache is emptied when full)."""
 _CACHED_TEXT_LIMIT: Final = 256
@@ -194,10 +196,8 @@ class _Texts:
         hour = seconds // 3600
         text = self._cache.get(hour)
         if text is None:
-            if len(self._cache) >= _HOUR_CACHE_MAX:
-                self._cache.clear()
             text = datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y%m%d%H")
-            self._cache[hour] = text
+            _keep(self._cache, hour, text, _HOUR_CACHE_MAX)
         return text
 
     def group(self, network: Network | None, rat_type: str | None) -> tuple[str, str]:
@@ -222,9 +222,7 @@ class _Texts:
                 name, country = _text(network.friendly_name), _text(network.iso_country)
             found = (net, "^".join((net, _text(rat_type), mcc, mnc, name, country)))
             if len(found[1]) <= _CACHED_TEXT_LIMIT:
-                if len(self.groups) >= _TEXT_CACHE_MAX:
-                    self.groups.clear()
-                self.groups[key] = found
+                _keep(self.groups, key, found, _TEXT_CACHE_MAX)
         return found
 
     def place(self, location: Location | None) -> str:
@@ -239,10 +237,15 @@ class _Texts:
         if found is None:
             found = _place(location.cell_id, lat, lon)
             if len(found) <= _CACHED_TEXT_LIMIT:
-                if len(self.places) >= _TEXT_CACHE_MAX:
-                    self.places.clear()
-                self.places[key] = found
+                _keep(self.places, key, found, _TEXT_CACHE_MAX)
         return found
+
+
+def _keep(cache: dict[K, V], key: K, value: V, most: int) -> None:
+    """Store ``value`` in ``cache``, emptying it first when it holds ``most`` entries."""
+    if len(cache) >= most:
+        cache.clear()
+    cache[key] = value
 
 
 def _place(cell_id: str | None, lat: float | None, lon: float | None) -> str:
