@@ -66,10 +66,20 @@ local OUTBOX_KEY, DUE_KEY, TRIES_KEY = P .. ':outbox', P .. ':due', P .. ':tries
 local PEND_KEY = P .. ':pend'
 local transitions = {}
 
+-- Numbers handed to Redis are written here, never by Redis or Lua: a number argument
+-- of redis.call is printed with '%.17g' and a concatenated one with '%.14g', both through
+-- the C library's floating-point printer, which cost a fifth of these scripts' work. Event
+-- times, counts and TTLs are whole numbers, printed as integers ('%d' takes a C long:
+-- whole numbers below 2^53 fit).
+local format, whole = string.format, math.floor
 local function fmt(x)
   if x == INF then return '+inf' elseif x == -INF then return '-inf' end
-  return string.format('%.0f', x)
+  if x == whole(x) and x < 9007199254740992 and x > -9007199254740992 then
+    return format('%d', x)
+  end
+  return format('%.0f', x)
 end
+local TTL_TEXT = fmt(TTL)
 
 local function excl(x)
   if x == INF or x == -INF then return fmt(x) end
@@ -135,8 +145,8 @@ local function save(st)
     redis.call('PERSIST', sk)
     redis.call('PERSIST', tk)
   else
-    redis.call('EXPIRE', sk, TTL)
-    redis.call('EXPIRE', tk, TTL)
+    redis.call('EXPIRE', sk, TTL_TEXT)
+    redis.call('EXPIRE', tk, TTL_TEXT)
   end
 end
 
@@ -179,7 +189,7 @@ local function emit(st, event, at, sent)
     for _, sink in ipairs(req.sinks) do
       local entry = table.concat({sink, st.kind, st.subject, fmt(st.key), event}, '|')
       if redis.call('HSETNX', OUTBOX_KEY, entry, payload) == 1 then
-        redis.call('ZADD', DUE_KEY, NOW, entry)
+        redis.call('ZADD', DUE_KEY, fmt(NOW), entry)
       end
     end
   end
@@ -203,7 +213,7 @@ end
 
 local function schedule(st)
   local due = deadline(st)
-  if due then redis.call('ZADD', OPEN_KEY, due, member_of(st)) end
+  if due then redis.call('ZADD', OPEN_KEY, fmt(due), member_of(st)) end
 end
 
 -- The end is announced no earlier than the opening: a clear that arrived late may fall
@@ -217,7 +227,7 @@ end
 
 -- Whether a stored clear lies in [lo, hi): a hit at lo then cannot join hits from hi on.
 local function cleared(st, lo, hi)
-  return #redis.call('ZRANGEBYSCORE', key('c', st), fmt(lo), excl(hi), 'LIMIT', 0, 1) > 0
+  return #redis.call('ZRANGEBYSCORE', key('c', st), fmt(lo), excl(hi), 'LIMIT', '0', '1') > 0
 end
 
 -- Whether a hit at ts belongs to the subject's current (or last) episode: not past its
@@ -265,7 +275,7 @@ local function add_tags(st, list_of_tag_strings, sign)
   end
   local tk = key('t', st)
   for tag, count in pairs(counts) do
-    if redis.call('HINCRBY', tk, tag, count * (sign or 1)) <= 0 then redis.call('HDEL', tk, tag) end
+    if redis.call('HINCRBY', tk, tag, fmt(count * (sign or 1))) <= 0 then redis.call('HDEL', tk, tag) end
   end
 end
 
@@ -305,7 +315,7 @@ local function grow(st, ts, info, counted)
     local ceil = HORIZON  -- the latest hit time it may take in
     if pending(st) and st.pend < ceil then ceil = st.pend end
     if st.state == 'closed' and st.closed < ceil then ceil = st.closed end
-    local nc = redis.call('ZRANGEBYSCORE', ck, fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local nc = redis.call('ZRANGEBYSCORE', ck, fmt(last), '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
     if nc[2] and tonumber(nc[2]) < ceil then ceil = tonumber(nc[2]) end
     local ahead = redis.call('ZRANGEBYSCORE', hk, excl(last), fmt(ceil), 'WITHSCORES')
     for i = 2, #ahead, 2 do
@@ -314,7 +324,7 @@ local function grow(st, ts, info, counted)
       last = t
     end
     if first < f0 then
-      local pc = redis.call('ZREVRANGEBYSCORE', ck, excl(first), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      local pc = redis.call('ZREVRANGEBYSCORE', ck, excl(first), '-inf', 'WITHSCORES', 'LIMIT', '0', '1')
       local floor = pc[2] and tonumber(pc[2]) or -INF
       if st.lo and st.lo > floor then floor = st.lo end
       local back = redis.call('ZREVRANGEBYSCORE', hk, excl(first), excl(floor), 'WITHSCORES')
@@ -333,7 +343,7 @@ local function grow(st, ts, info, counted)
   st.first, st.last = first, last
   if st.state == 'open' and not pending(st) then
     -- A clear seen earlier, once too late to end it, may end it now that it lasts longer.
-    local nc = redis.call('ZRANGEBYSCORE', key('c', st), fmt(last), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local nc = redis.call('ZRANGEBYSCORE', key('c', st), fmt(last), '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
     if nc[2] and ends_at(st, tonumber(nc[2])) then st.pend = tonumber(nc[2]) end
   end
   if st.state == 'open' then schedule(st) end
@@ -358,8 +368,8 @@ end
 -- previous episode: returns its first and last hit times and the bounds, or nil.
 local function qualifying(st, ts)
   local hk, ck, w, n = key('h', st), key('c', st), st.w, st.need
-  local before = redis.call('ZREVRANGEBYSCORE', ck, excl(ts), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  local after = redis.call('ZRANGEBYSCORE', ck, fmt(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local before = redis.call('ZREVRANGEBYSCORE', ck, excl(ts), '-inf', 'WITHSCORES', 'LIMIT', '0', '1')
+  local after = redis.call('ZRANGEBYSCORE', ck, fmt(ts), '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
   local floor = before[2] and tonumber(before[2]) or -INF
   local ceil = after[2] and tonumber(after[2]) or INF
   local edge = edge_of(st)
@@ -433,7 +443,7 @@ end
 local function detach(st, ts)
   local hk = key('h', st)
   local first = st.key
-  local after = redis.call('ZRANGEBYSCORE', hk, excl(ts), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local after = redis.call('ZRANGEBYSCORE', hk, excl(ts), '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
   if after[2] and tonumber(after[2]) < first then first = tonumber(after[2]) end
   if st.d ~= '1' then
     local gone = redis.call('ZRANGEBYSCORE', hk, fmt(st.first), excl(first))
@@ -466,7 +476,7 @@ local function cut_tail(st, ts, unwalked)
     st.n = math.max(st.n - #gone, 0)
     add_tags(st, gone, -1)
   end
-  local before = redis.call('ZREVRANGEBYSCORE', hk, fmt(ts), fmt(st.first), 'WITHSCORES', 'LIMIT', 0, 1)
+  local before = redis.call('ZREVRANGEBYSCORE', hk, fmt(ts), fmt(st.first), 'WITHSCORES', 'LIMIT', '0', '1')
   st.last = before[2] and tonumber(before[2]) or st.first
   return tail
 end
@@ -544,8 +554,8 @@ end
 -- The earliest stored hit or clear the subject has not walked yet, or nil.
 local function next_unwalked(st)
   local from = excl(st.walked or -INF)
-  local h = redis.call('ZRANGEBYSCORE', key('h', st), from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  local c = redis.call('ZRANGEBYSCORE', key('c', st), from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local h = redis.call('ZRANGEBYSCORE', key('h', st), from, '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
+  local c = redis.call('ZRANGEBYSCORE', key('c', st), from, '+inf', 'WITHSCORES', 'LIMIT', '0', '1')
   local t = INF
   if h[2] then t = tonumber(h[2]) end
   if c[2] and tonumber(c[2]) < t then t = tonumber(c[2]) end
@@ -583,7 +593,7 @@ local function walk(st, upto)
   end
   local due = next_unwalked(st)
   if due then
-    redis.call('ZADD', PEND_KEY, due, member_of(st))
+    redis.call('ZADD', PEND_KEY, fmt(due), member_of(st))
   else
     redis.call('ZREM', PEND_KEY, member_of(st))
   end
@@ -603,15 +613,18 @@ local function process(sub)
     -- No state yet: keep the clears briefly, in case hits they precede arrive late.
     if #sub.c > 0 then
       local ck, newest = key('c', st), math.min(sub.c[#sub.c], LOW)
-      for _, ts in ipairs(sub.c) do redis.call('ZADD', ck, ts, fmt(ts)) end
+      for _, ts in ipairs(sub.c) do
+        local text = fmt(ts)
+        redis.call('ZADD', ck, text, text)
+      end
       if WARM then redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(newest - sub.l - sub.w)) end
-      redis.call('EXPIRE', ck, math.ceil((sub.l + sub.w) / 1000) + 60)
+      redis.call('EXPIRE', ck, fmt(math.ceil((sub.l + sub.w) / 1000) + 60))
     end
     return
   end
   -- A state saved before walks were gated (no 'need') had walked everything it stored.
   if st.max ~= nil and st.need == nil then st.walked = st.max end
-  st.w, st.d, st.q, st.need = sub.w, tostring(sub.d), tostring(sub.q), sub.n
+  st.w, st.d, st.q, st.need = sub.w, fmt(sub.d), fmt(sub.q), sub.n
   if st.state == 'open' and not st.af then st.af = active_of(st) end  -- saved before 'af'
   if sub.g ~= '' then st.g = sub.g end
   if sub.m ~= '' then st.m = sub.m end
@@ -621,7 +634,8 @@ local function process(sub)
 
   local clears = {}
   for _, ts in ipairs(sub.c) do
-    if redis.call('ZADD', ck, ts, fmt(ts)) == 1 then
+    local text = fmt(ts)
+    if redis.call('ZADD', ck, text, text) == 1 then
       if ts <= walked then clears[#clears + 1] = ts end
       if ts > newest then newest = ts end
     end
@@ -633,7 +647,7 @@ local function process(sub)
     if ts > walked or covered(st, ts) or ts > edge_of(st) then
       local changed
       if st.d == '1' then
-        changed = redis.call('ZADD', hk, 'GT', 'CH', ts, hit[1])
+        changed = redis.call('ZADD', hk, 'GT', 'CH', fmt(ts), hit[1])
         if changed == 1 then
           for _, tag in ipairs(split(hit[3])) do
             local seen = tonumber(redis.call('HGET', tk, tag) or '0')
@@ -641,7 +655,7 @@ local function process(sub)
           end
         end
       else
-        changed = redis.call('ZADD', hk, 'NX', ts, hit[1])
+        changed = redis.call('ZADD', hk, 'NX', fmt(ts), hit[1])
         if changed == 1 and (hit[3] ~= '' or hit[4] ~= '') then
           local value = hit[3]
           if hit[4] ~= '' then value = value .. '\n' .. hit[4] end
@@ -675,9 +689,9 @@ local function process(sub)
       if tonumber(raw[x + 1]) < cut then redis.call('HDEL', tk, raw[x]) end
     end
   end
-  redis.call('EXPIRE', hk, TTL)
-  redis.call('EXPIRE', ck, TTL)
-  redis.call('EXPIRE', xk, TTL)
+  redis.call('EXPIRE', hk, TTL_TEXT)
+  redis.call('EXPIRE', ck, TTL_TEXT)
+  redis.call('EXPIRE', xk, TTL_TEXT)
   save(st)
 end
 
@@ -703,7 +717,7 @@ end
 -- or end episodes), then episodes whose end (pending clear, or quiet for the window) event
 -- time has passed by grace close.
 if WARM then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', PEND_KEY, '-inf', fmt(CUTOFF), 'LIMIT', 0, 1000)) do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', PEND_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', '1000')) do
     local st = load_member(m)
     if st.need then
       walk(st, CUTOFF)
@@ -712,7 +726,7 @@ if WARM then
       redis.call('ZREM', PEND_KEY, m)
     end
   end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(CUTOFF), 'LIMIT', 0, 1000)) do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', '1000')) do
     local st = load_member(m)
     if st.need then walk(st, CUTOFF) end
     if st.state == 'open' and pending(st) and st.pend <= CUTOFF then
