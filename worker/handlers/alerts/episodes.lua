@@ -12,9 +12,12 @@ ARGV[1]  JSON request (times are event-time milliseconds unless said otherwise);
   claim  how many due outbox entries to claim; lease: ms a claim lasts
   keep   1 (a process's first call): make sure no open episode's state expires (states
          saved by versions before open states were kept carry a TTL)
-  subs   one per subject: {k kind, s subject, g group, m meta JSON, n threshold,
-         w window ms (0: unbounded), d 1 = count distinct members, q 1 = closes when quiet,
-         l lateness ms, h hits [[member, ts, tags, info]] in ts order, c clears [ts] in order}
+  late   lateness ms: how long past event time hits are kept
+  rules  [kind, n threshold, w window ms (0: unbounded), d 1 = count distinct members,
+         q 1 = closes when quiet]
+  subs   one per subject: [rule (index into rules, from 0), subject, group, meta JSON,
+         hits [[member, ts, tags, info]] in ts order, clears: their distinct ts as text,
+         newest first, "<ts>," each]
 
 Per subject (kind K, subject S):
   P:s:K:S  hash   state: max (newest event seen), config (w g m d q) and the current
@@ -32,8 +35,11 @@ Per subject (kind K, subject S):
                   are SIM SIDs scored by their newest hit.
   P:x:K:S  hash   event SID -> its tags, then '\n' and its info if it has one (count
                   mode), trimmed with P:h
-  P:c:K:S  zset   clears (events that end an episode and split windows), by ts; for a
-                  subject without state only the recent ones, briefly
+  P:c:K:S  zset   clears (events that end an episode and split windows), by ts, while
+                  the subject has state
+  P:l:K:S  string a subject without state: its recent clears, kept briefly in case hits
+                  they precede arrive late, as a log ("<ts>," per clear, "~<cut>," where
+                  clears before cut were dropped); taken into P:c when it gets state
   P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts); kept
                   like P:s
 Per handler:
@@ -604,23 +610,151 @@ end
 local CUTOFF = -INF
 if WARM then CUTOFF = LOW - GRACE end
 
+-- The clears a log still holds (see P:logs): in order, each clear added and each cut
+-- applied, as the sorted set they stand for would have been trimmed.
+local function replay(log)
+  local held = {}
+  for mark, value in string.gmatch(log, '(~?)([^,~]+),') do
+    local ts = tonumber(value)
+    if mark == '' then
+      held[ts] = true
+    else
+      for kept in pairs(held) do
+        if kept < ts then held[kept] = nil end
+      end
+    end
+  end
+  local list = {}
+  for ts in pairs(held) do list[#list + 1] = ts end
+  table.sort(list)
+  return list
+end
+
+-- Logs of subjects without state, read for the whole batch in one HMGET and written in one
+-- HSET: a SIM's clears come with nearly every event it sends, and a Redis call from a
+-- script costs about as much as the work of a whole event. A log is rewritten with only the
+-- clears it holds when it has cuts and has grown past a power of two times LOG_COMPACT
+-- bytes. Its value is "<expiry>;<log>", expiry in wall ms: the hash gives its fields no
+-- TTL, so an expired log counts as none and sweep_logs deletes it.
+local LOGS_KEY, LOG_SCAN_KEY = P .. ':logs', P .. ':logscan'
+local LOG_COMPACT = 256
+local logs, log_start, log_writes, log_gone = {}, {}, {}, {}  -- logs: values as read
+
+local function read_logs(subs)
+  local fields = {}
+  for i, sub in ipairs(subs) do fields[i] = sub.field end
+  local values = chunked('HMGET', LOGS_KEY, fields)
+  for i, field in ipairs(fields) do
+    local value = values[i]
+    if value then
+      local cut = string.find(value, ';', 1, true)
+      if tonumber(string.sub(value, 1, cut - 1)) >= NOW then
+        logs[field] = value
+        log_start[field] = cut + 1
+      end
+    end
+  end
+end
+
+-- Expired logs, a slice of the hash per call (more than the batch's subjects, so the sweep
+-- keeps ahead of the logs batches create).
+local function sweep_logs(count)
+  local reply = redis.call('HSCAN', LOGS_KEY, redis.call('GET', LOG_SCAN_KEY) or '0',
+    'COUNT', fmt(count))
+  local pairs_found, gone = reply[2], {}
+  for i = 1, #pairs_found, 2 do
+    local value = pairs_found[i + 1]
+    local cut = string.find(value, ';', 1, true)
+    if not cut or tonumber(string.sub(value, 1, cut - 1)) < NOW then
+      gone[#gone + 1] = pairs_found[i]
+    end
+  end
+  if #gone > 0 then chunked('HDEL', LOGS_KEY, gone) end
+  redis.call('SET', LOG_SCAN_KEY, reply[1], 'EX', TTL_TEXT)
+end
+
+local expiries = {}  -- an expiry's text by the TTL it is for
+local function expiry_of(sub)
+  local ttl = (math.ceil((sub.l + sub.w) / 1000) + 60) * 1000
+  local text = expiries[ttl]
+  if text == nil then
+    text = fmt(NOW + ttl)
+    expiries[ttl] = text
+  end
+  return text
+end
+
+-- A subject without state: its clears join its log, with the cut the sorted set they stand
+-- for would have been trimmed at, so that the clears taken into P:c later are the same. A
+-- new log takes over the clears P:c still holds (the subject had state once).
+local function log_clears(st, sub)
+  local field, text = sub.field, sub.clears
+  if WARM then
+    local newest = tonumber(string.sub(text, 1, string.find(text, ',', 1, true) - 1))
+    local cut = math.min(newest, LOW) - sub.l - sub.w
+    if cut > -INF then text = text .. '~' .. fmt(cut) .. ',' end
+  end
+  local value = logs[field]
+  local log
+  if value == nil then
+    local ck = key('c', st)
+    local held = redis.call('ZRANGE', ck, '0', '-1')
+    log = text
+    if #held > 0 then
+      held[#held + 1] = text
+      log = table.concat(held, ',')
+      redis.call('DEL', ck)
+    end
+  else
+    local start = log_start[field]
+    local before = #value - start + 1
+    local limit = LOG_COMPACT
+    while limit <= before do limit = limit * 2 end
+    if before + #text >= limit and string.find(value, '~', start, true) then
+      local list = replay(string.sub(value, start) .. text)
+      for i, ts in ipairs(list) do list[i] = fmt(ts) end
+      list[#list + 1] = ''
+      log = table.concat(list, ',')
+    else
+      log_writes[#log_writes + 1] = field
+      log_writes[#log_writes + 1] = expiry_of(sub) .. ';' .. string.sub(value, start) .. text
+      return
+    end
+  end
+  log_writes[#log_writes + 1] = field
+  log_writes[#log_writes + 1] = expiry_of(sub) .. ';' .. log
+end
+
+-- A subject getting state: the clears its log holds move into P:c, which keeps the log's
+-- expiry until the subject's state is saved.
+local function take_log(st, sub)
+  local value = logs[sub.field]
+  if value == nil then return end
+  local ck = key('c', st)
+  for _, ts in ipairs(replay(string.sub(value, log_start[sub.field]))) do
+    local text = fmt(ts)
+    redis.call('ZADD', ck, text, text)
+  end
+  local expiry = tonumber(string.sub(value, 1, log_start[sub.field] - 2))
+  redis.call('PEXPIRE', ck, fmt(math.max(1, expiry - NOW)))
+  log_gone[#log_gone + 1] = sub.field
+end
+
 -- Ingest a subject's hits and clears (new ones only). Those at or before the subject's
 -- walk arrived late: they are walked at once, as they come. The others wait in storage
 -- until event time passes them (walk).
 local function process(sub)
-  local st = load(sub.k, sub.s)
-  if st.max == nil and #sub.h == 0 then
-    -- No state yet: keep the clears briefly, in case hits they precede arrive late.
-    if #sub.c > 0 then
-      local ck, newest = key('c', st), math.min(sub.c[#sub.c], LOW)
-      for _, ts in ipairs(sub.c) do
-        local text = fmt(ts)
-        redis.call('ZADD', ck, text, text)
-      end
-      if WARM then redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(newest - sub.l - sub.w)) end
-      redis.call('EXPIRE', ck, fmt(math.ceil((sub.l + sub.w) / 1000) + 60))
-    end
+  if logs[sub.field] ~= nil and #sub.h == 0 then  -- a subject with a log has no state
+    if sub.clears ~= '' then log_clears({kind = sub.k, subject = sub.s}, sub) end
     return
+  end
+  local st = load(sub.k, sub.s)
+  if st.max == nil then
+    if #sub.h == 0 then
+      if sub.clears ~= '' then log_clears(st, sub) end
+      return
+    end
+    take_log(st, sub)
   end
   -- A state saved before walks were gated (no 'need') had walked everything it stored.
   if st.max ~= nil and st.need == nil then st.walked = st.max end
@@ -633,10 +767,10 @@ local function process(sub)
   local walked = st.walked or -INF
 
   local clears = {}
-  for _, ts in ipairs(sub.c) do
-    local text = fmt(ts)
-    if redis.call('ZADD', ck, text, text) == 1 then
-      if ts <= walked then clears[#clears + 1] = ts end
+  for value in string.gmatch(sub.clears, '([^,]+),') do
+    local ts = tonumber(value)
+    if redis.call('ZADD', ck, value, value) == 1 then
+      if ts <= walked then table.insert(clears, 1, ts) end  -- oldest first
       if ts > newest then newest = ts end
     end
   end
@@ -706,7 +840,19 @@ if req.keep == 1 then
   end
 end
 
-for _, sub in ipairs(req.subs) do process(sub) end
+-- The request's subjects with their rules' fields.
+local subs = {}
+for i, raw in ipairs(req.subs) do
+  local rule = req.rules[raw[1] + 1]
+  subs[i] = {k = rule[1], n = rule[2], w = rule[3], d = rule[4], q = rule[5], l = req.late,
+    s = raw[2], g = raw[3], m = raw[4], h = raw[5], clears = raw[6],
+    field = rule[1] .. '\t' .. raw[2]}
+end
+sweep_logs(math.max(100, 2 * #subs))
+read_logs(subs)
+for _, sub in ipairs(subs) do process(sub) end
+if #log_writes > 0 then chunked('HSET', LOGS_KEY, log_writes) end
+if #log_gone > 0 then chunked('HDEL', LOGS_KEY, log_gone) end
 
 local function load_member(m)
   local tab = string.find(m, '\t', 1, true)

@@ -78,6 +78,17 @@ class Rule:
     quiet: bool = True
     """Close the episode once no hit came for ``window_ms`` of event time."""
 
+    def request(self) -> list[Any]:
+        """The rule as the script reads it: ``[kind, threshold, window, distinct (0 or 1),
+        quiet (0 or 1, never with an unbounded window)]``."""
+        return [
+            self.kind,
+            self.threshold,
+            self.window_ms,
+            int(self.distinct),
+            int(self.quiet and self.window_ms > 0),
+        ]
+
 
 @dataclass(slots=True)
 class Subject:
@@ -98,21 +109,21 @@ class Subject:
     def clear(self, ts: int) -> None:
         self.clears.append(ts)
 
-    def request(self, lateness_ms: int) -> dict[str, Any]:
-        rule = self.rule
-        return {
-            "k": rule.kind,
-            "s": self.subject,
-            "g": self.group,
-            "m": self.meta,
-            "n": rule.threshold,
-            "w": rule.window_ms,
-            "d": int(rule.distinct),
-            "q": int(rule.quiet and rule.window_ms > 0),
-            "l": lateness_ms,
-            "h": sorted(self.hits, key=_BY_TIME),
-            "c": sorted(set(self.clears)),
-        }
+    def request(self, rule_index: int) -> list[Any]:
+        """The subject as the script reads it: ``[rule, subject, group, meta, hits,
+        clears]``, ``rule`` an index into the request's rules, hits in time order, clears
+        their distinct times as text, newest first, each followed by a comma (the script
+        keeps most of them as text, and the numbers of a JSON array cost it more to
+        decode)."""
+        clears = sorted(set(self.clears), reverse=True)
+        return [
+            rule_index,
+            self.subject,
+            self.group,
+            self.meta,
+            sorted(self.hits, key=_BY_TIME),
+            ",".join(map(str, clears)) + "," if clears else "",
+        ]
 
 
 class Subjects:
@@ -251,6 +262,16 @@ class EpisodeStore:
         """Apply a batch's subjects, record that ``shard`` reached ``newest_ms`` (or that
         every shard reached ``tick_ms``), close what event time has passed, and claim up to
         ``claim`` due outbox entries."""
+        index: dict[Rule, int] = {}
+        rules: list[list[Any]] = []
+        subs: list[list[Any]] = []
+        for subject in subjects:
+            rule = subject.rule
+            at = index.get(rule)
+            if at is None:
+                at = index[rule] = len(rules)
+                rules.append(rule.request())
+            subs.append(subject.request(at))
         request = {
             "now": now_ms,
             "fresh": 0 if self._stale_ms is None else now_ms - self._stale_ms,
@@ -264,7 +285,9 @@ class EpisodeStore:
             "sinks": self._sinks,
             "claim": claim,
             "lease": self._lease_ms,
-            "subs": [subject.request(self._lateness_ms) for subject in subjects],
+            "late": self._lateness_ms,
+            "rules": rules,
+            "subs": subs,
             "keep": 0 if self._kept else 1,
         }
         reply = await self._script(keys=[self._prefix], args=[orjson.dumps(request)])
