@@ -36,10 +36,7 @@ Per subject (kind K, subject S):
   P:x:K:S  hash   event SID -> its tags, then '\n' and its info if it has one (count
                   mode), trimmed with P:h
   P:c:K:S  zset   clears (events that end an episode and split windows), by ts, while
-                  the subject has state
-  P:l:K:S  string a subject without state: its recent clears, kept briefly in case hits
-                  they precede arrive late, as a log ("<ts>," per clear, "~<cut>," where
-                  clears before cut were dropped); taken into P:c when it gets state
+                  the subject has state (without state: P:logs)
   P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts); kept
                   like P:s
 Per handler:
@@ -47,6 +44,12 @@ Per handler:
                   clear, else its last hit plus window (quiet)
   P:active hash   'K\tgroup\tS' -> ts the episode opened (gauges)
   P:pend   zset   'K\tS' -> event time of its earliest stored event not walked yet
+  P:logs   hash   'K\tS' -> '<expiry>;<log>' for a subject without state: its recent
+                  clears, kept briefly in case hits they precede arrive late, "<ts>," per
+                  clear and "~<cut>," where clears before cut were dropped (as P:c would
+                  have been trimmed); taken into P:c when the subject gets state. Expiry
+                  is wall ms (fields have no TTL): an expired log counts as none
+  P:logscan string the cursor of the sweep of expired P:logs fields
   P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
   P:due    zset   entry -> wall ms when it may be (re)claimed; while claimed, the claim's
                   expiry, which fences its settlement (claim.lua, outbox.lua)
@@ -656,8 +659,8 @@ local function read_logs(subs)
   end
 end
 
--- Expired logs, a slice of the hash per call (more than the batch's subjects, so the sweep
--- keeps ahead of the logs batches create).
+-- Expired logs, a slice of the hash per call (as many as the batch's subjects, at least
+-- 50: a call adds no more logs than it has subjects, so the sweep keeps up).
 local function sweep_logs(count)
   local reply = redis.call('HSCAN', LOGS_KEY, redis.call('GET', LOG_SCAN_KEY) or '0',
     'COUNT', fmt(count))
@@ -848,7 +851,7 @@ for i, raw in ipairs(req.subs) do
     s = raw[2], g = raw[3], m = raw[4], h = raw[5], clears = raw[6],
     field = rule[1] .. '\t' .. raw[2]}
 end
-sweep_logs(math.max(100, 2 * #subs))
+sweep_logs(math.max(50, #subs))
 read_logs(subs)
 for _, sub in ipairs(subs) do process(sub) end
 if #log_writes > 0 then chunked('HSET', LOGS_KEY, log_writes) end
