@@ -62,9 +62,15 @@ end
 -- byte 255 and its 16 bytes, handed over in ARGV[6] (no text sid has byte 255: they are
 -- UTF-8); any other sid is the field as it is.
 local SIDS = ARGV[6]
+local sid_fields = {}
 local function session_field(sid, n)
   if n == 0 then return sid end
-  return SIDS:sub(17 * n - 16, 17 * n)
+  local field = sid_fields[n]
+  if field == nil then
+    field = SIDS:sub(17 * n - 16, 17 * n)
+    sid_fields[n] = field
+  end
+  return field
 end
 
 -- Byte sums are Lua numbers (doubles), exact below 2^53. A sum that reaches it (rounding
@@ -163,15 +169,23 @@ end
 -- ("YYYYMMDDHH"): in the day's hourly hash and the month's daily hash. The SIM's buckets
 -- at once; the fleet's, account's and network's summed per (hour, fleet, account,
 -- network) first, as many events of a batch share them (see shared_buckets).
-local groups, group_list = {}, {}
+local groups, group_list = {}, {}  -- groups[hour][fleet][account][network]
+local function child(parent, name)
+  local found = parent[name]
+  if found == nil then
+    found = {}
+    parent[name] = found
+  end
+  return found
+end
 local function bump(sim, fleet, account, network, hour, down, up)
   if down == 0 and up == 0 then return end
   bump_dim('s', sim, parts_of(hour), down, up)
-  local name = hour .. '|' .. fleet .. '|' .. account .. '|' .. network
-  local group = groups[name]
+  local by_network = child(child(child(groups, hour), fleet), account)
+  local group = by_network[network]
   if group == nil then
     group = {hour, fleet, account, network, 0, 0}
-    groups[name] = group
+    by_network[network] = group
     group_list[#group_list + 1] = group
   end
   group[5] = exact(group[5] + down, 'batch total')
@@ -268,8 +282,8 @@ end
 -- there (and moved when written).
 local function load_record(key, sim, day, sid, n, start)
   local field = session_field(sid, n)
-  local id = key .. '|' .. field
-  local entry = records[id]
+  local of_key = child(records, key)
+  local entry = of_key[field]
   if entry then return entry end
   local day_start = start - start % 86400
   local hash, packed = hashes[key], nil
@@ -329,7 +343,7 @@ local function load_record(key, sim, day, sid, n, start)
   end
   entry.rec = rec
   entry.base = day_start + rec.start
-  records[id] = entry
+  of_key[field] = entry
   return entry
 end
 
@@ -339,9 +353,9 @@ end
 -- is only ever matched exactly.
 local function parse_intervals(text)
   if text == '' then return {} end
+  if not text:find(':', 1, true) then return {{0, n36(text)}} end
   local a, b = text:match('^(-?%w+):(-?%w+)$')
   if a then return {{n36(a), n36(b)}} end
-  if not text:find(':', 1, true) then return {{0, n36(text)}} end
   local list = {}
   for a, b in text:gmatch('(-?%w+):(-?%w+)') do list[#list + 1] = {n36(a), n36(b)} end
   return list
@@ -366,11 +380,17 @@ local function covered(list, s, e)
   return false
 end
 
+-- The list with window [s, e] added (the list itself in the usual cases: the first window,
+-- or the next one in order). The text is made once, when the record is written.
 local function with_interval(list, s, e)
-  if s < e then  -- the usual cases: the first window, or the next one in order
-    if #list == 0 then return intervals_text({{s, e}}) end
+  if s < e then
+    if #list == 0 then
+      list[1] = {s, e}
+      return list
+    end
     if #list == 1 and list[1][1] < list[1][2] and list[1][2] == s then
-      return intervals_text({{list[1][1], e}})
+      list[1][2] = e
+      return list
     end
   end
   local out = {}
@@ -389,7 +409,25 @@ local function with_interval(list, s, e)
   end
   out[#out + 1] = {s, e}
   table.sort(out, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
-  return intervals_text(out)
+  return out
+end
+
+-- A record's coverage as a list, parsed once per batch; coverage_text sets rec.cov from
+-- it before the record is packed.
+local function coverage(entry)
+  local list = entry.cov
+  if list == nil then
+    list = parse_intervals(entry.rec.cov)
+    entry.cov = list
+  end
+  return list
+end
+
+local function coverage_text(entry)
+  if entry.cov_changed then
+    entry.rec.cov = intervals_text(entry.cov)
+    entry.cov_changed = false
+  end
 end
 
 -- What the ended window is credited with: the session's cumulative bytes minus the
@@ -445,6 +483,7 @@ end
 -- ---- the batch ----------------------------------------------------------------------------
 
 local counted, unchanged = 0, 0
+local record_keys = {}  -- record_keys[sim][day]: the SIM-day hash's name
 local events = cjson.decode(ARGV[5])
 for i = 1, #events do
   local a = events[i]
@@ -452,7 +491,13 @@ for i = 1, #events do
   -- 8 hour 9 down 10 up 11 cum_down 12 cum_up 13 end 14 fleet 15 account 16 network
   -- 17 operator group 18 location group 19 imei 20 session field number (ARGV[6])
   local kind, sim = a[1], a[2]
-  local entry = load_record(P .. ':m:r:' .. sim .. ':' .. a[4], sim, a[4], a[3], a[20], a[5])
+  local by_day = child(record_keys, sim)
+  local key = by_day[a[4]]
+  if key == nil then
+    key = P .. ':m:r:' .. sim .. ':' .. a[4]
+    by_day[a[4]] = key
+  end
+  local entry = load_record(key, sim, a[4], a[3], a[20], a[5])
   local rec, base = entry.rec, entry.base
   entry.touched = false
   local counts = false
@@ -462,10 +507,10 @@ for i = 1, #events do
     local ws, we = a[6] - base, a[7] - base
     local down, up = a[9], a[10]
     if kind == 'u' then
-      local list = parse_intervals(rec.cov)
+      local list = coverage(entry)
       if not covered(list, ws, we) then
         local old_d, old_u = ended_share(rec)
-        rec.cov = with_interval(list, ws, we)
+        entry.cov, entry.cov_changed = with_interval(list, ws, we), true
         rec.sd = exact(rec.sd + down, 'session download')
         rec.su = exact(rec.su + up, 'session upload')
         bump(sim, a[14], a[15], a[16], a[8], down, up)
@@ -570,6 +615,7 @@ local function join(out)
 end
 
 local function pack(entry, writes)
+  coverage_text(entry)
   local rec, hash, read, stored = entry.rec, entry.hash, entry.read, entry.stored
   local out = {ev = rec.ev, ['end'] = '', lpri = '', ipri = ''}
   for i = 1, #PLAIN do
