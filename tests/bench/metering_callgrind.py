@@ -41,7 +41,7 @@ from worker.handlers.metering import handler as metering
 from worker.handlers.metering.settings import MeteringSettings
 
 CUTS: Final = (
-    ("the call and decoding the batch", "local events = cjson.decode(ARGV[5])\n"),
+    ("the call and decoding the batch", "local TEXTS = cjson.decode(ARGV[7])\n"),
     ("the per-event logic, reads included", "-- ---- writes " + "-" * 79 + "\n"),
     ("the writes", None),
 )

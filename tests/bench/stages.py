@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def meter() -> None:
         for part in batches:
             encoded, _ = metering.encode(part, cache)
-            orjson.dumps(list(dict.fromkeys(encoded)))
+            distinct = list(dict.fromkeys(encoded))
+            pack = getattr(metering, "pack_events", None)  # versions before it sent JSON
+            pack(distinct) if pack is not None else orjson.dumps(distinct)
 
     steps: dict[str, Callable[[], Any]] = {
         "GetRecords body parsed (orjson, base64)": lambda: parse_get_records(

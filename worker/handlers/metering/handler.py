@@ -75,9 +75,12 @@ Memory grows with the number of data sessions and is bounded by the retention.
 from __future__ import annotations
 
 import re
+import struct
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
+from itertools import count
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
@@ -131,6 +134,74 @@ EVENT_FIELDS: Final = (
 numbers the session's field in the script's second argument (from 1), 0 if its sid is
 not a standard one (then the sid is the field)."""
 
+_EVENT_FORMAT: Final = "<BIIIdddIdddddIIIIIIIB"
+"""An event as the script reads it (``struct.unpack`` in Lua): the kind (0 started,
+1 updated, 2 ended), then ``EVENT_FIELDS`` in order, each text as its number in the
+batch's list of texts (from 1) and each number as a double (every time and byte count is
+an integer below 2**53, exact as one), then 1 if it carries cumulative totals. Decoding
+a JSON array of arrays cost the script a quarter of its work; this costs a fraction."""
+_EVENT: Final = struct.Struct(_EVENT_FORMAT)
+_KIND_NUMBERS: Final = {"s": 0, "u": 1, "e": 2}
+
+
+def pack_events(events: Sequence[EncodedEvent]) -> tuple[bytes, bytes]:
+    """``events`` as the script's events argument (``_EVENT_FORMAT`` each) and its texts
+    argument (a JSON array: each distinct text once, numbered in order of appearance)."""
+    numbers: defaultdict[str | int, int] = defaultdict(count(1).__next__)
+    pack = _EVENT.pack
+    kinds = _KIND_NUMBERS
+    out = []
+    for (
+        code,
+        sim,
+        session,
+        start_day,
+        start,
+        win_start,
+        win_end,
+        hour,
+        down,
+        up,
+        cum_down,
+        cum_up,
+        end,
+        fleet,
+        account,
+        network,
+        group,
+        where,
+        imei,
+        number,
+    ) in events:
+        totals = cum_down != ""
+        out.append(
+            pack(
+                kinds[code],
+                numbers[sim],
+                numbers[session],
+                numbers[start_day],
+                start,
+                win_start,
+                win_end,
+                numbers[hour],
+                down,
+                up,
+                cum_down if totals else 0,
+                cum_up if totals else 0,
+                end,
+                numbers[fleet],
+                numbers[account],
+                numbers[network],
+                numbers[group],
+                numbers[where],
+                numbers[imei],
+                number,
+                totals,
+            )
+        )
+    return b"".join(out), orjson.dumps(list(numbers))
+
+
 _KIND_CODES: Final = {
     EventKind.DATA_SESSION_STARTED: "s",
     EventKind.DATA_SESSION_UPDATED: "u",
@@ -169,6 +240,7 @@ def load_script() -> str:
         ("--[[FIELD_LIMIT]]", str(records.FIELD_LIMIT)),
         ("--[[COVERAGE_CODE]]", records.COVERAGE_CODE),
         ("--[[COVERAGE_REF]]", records.COVERAGE_REF),
+        ("--[[EVENT_FORMAT]]", _EVENT_FORMAT),
     ):
         source = source.replace(marker, value)
     return source
@@ -372,8 +444,9 @@ class MeteringHandler:
         # copies of one window, the record keeps the last one written; dropping the copy
         # can change which, never a figure.)
         distinct = list(dict.fromkeys(encoded))
+        packed, texts = pack_events(distinct)
         result: Any = await self._script(
-            keys=[self._route_key], args=[*self._head, orjson.dumps(distinct), sids]
+            keys=[self._route_key], args=[*self._head, packed, sids, texts]
         )
         counted = int(result[0])
         unchanged = int(result[1]) + len(encoded) - len(distinct)

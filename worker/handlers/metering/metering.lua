@@ -3,8 +3,10 @@
 -- KEYS[1]  any key under the prefix (routes the call to the prefix's Cluster slot)
 -- ARGV[1]  key prefix, e.g. "{sw:stream:group}"
 -- ARGV[2]  hourly bucket TTL (s)    ARGV[3] daily bucket TTL (s)    ARGV[4] session TTL (s)
--- ARGV[5]  the events: a JSON array of arrays, each in EVENT_FIELDS order
+-- ARGV[5]  the events, packed (handler._EVENT_FORMAT): EVENT_FIELDS in order, texts as
+--          their numbers in ARGV[7]
 -- ARGV[6]  session fields of standard sids, 17 bytes each (event field 20 numbers them)
+-- ARGV[7]  the batch's texts: a JSON array, each distinct text once
 --
 -- Returns {events that counted bytes, events that changed nothing (duplicates)}.
 
@@ -484,9 +486,20 @@ end
 
 local counted, unchanged = 0, 0
 local record_keys = {}  -- record_keys[sim][day]: the SIM-day hash's name
-local events = cjson.decode(ARGV[5])
-for i = 1, #events do
-  local a = events[i]
+local TEXTS = cjson.decode(ARGV[7])
+local EVENT_FORMAT = '--[[EVENT_FORMAT]]'
+local KINDS = {[0] = 's', [1] = 'u', [2] = 'e'}
+local blob, at = ARGV[5], 1
+while at <= #blob do
+  local code, sim_n, session_n, day_n, start, win_start, win_end, hour_n, down, up,
+    cum_down, cum_up, end_t, fleet_n, account_n, network_n, group_n, where_n, imei_n,
+    number, totals, next_at = struct.unpack(EVENT_FORMAT, blob, at)
+  at = next_at
+  if totals == 0 then cum_down, cum_up = '', '' end
+  local a = {KINDS[code], TEXTS[sim_n], TEXTS[session_n], TEXTS[day_n], start, win_start,
+    win_end, TEXTS[hour_n], down, up, cum_down, cum_up, end_t, TEXTS[fleet_n],
+    TEXTS[account_n], TEXTS[network_n], TEXTS[group_n], TEXTS[where_n], TEXTS[imei_n],
+    number}
   -- EVENT_FIELDS: 1 kind 2 sim 3 session field 4 start_day 5 start 6 win_start 7 win_end
   -- 8 hour 9 down 10 up 11 cum_down 12 cum_up 13 end 14 fleet 15 account 16 network
   -- 17 operator group 18 location group 19 imei 20 session field number (ARGV[6])
