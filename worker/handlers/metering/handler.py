@@ -141,7 +141,7 @@ batch's list of texts (from 1) and each number as a double (every time and byte 
 an integer below 2**53, exact as one), then 1 if it carries cumulative totals. Decoding
 a JSON array of arrays cost the script a quarter of its work; this costs a fraction."""
 _EVENT: Final = struct.Struct(_EVENT_FORMAT)
-_KIND_NUMBERS: Final = {"s": 0, "u": 1, "e": 2}
+_KIND_NUMBERS: Final[dict[str | int, int]] = {"s": 0, "u": 1, "e": 2}
 
 
 def pack_events(events: Sequence[EncodedEvent]) -> tuple[bytes, bytes]:
