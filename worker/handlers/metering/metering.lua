@@ -64,6 +64,7 @@ end
 -- byte 255 and its 16 bytes, handed over in ARGV[6] (no text sid has byte 255: they are
 -- UTF-8); any other sid is the field as it is.
 local SIDS = ARGV[6]
+local TEXTS = cjson.decode(ARGV[7])
 local sid_fields = {}
 local function session_field(sid, n)
   if n == 0 then return sid end
@@ -168,10 +169,11 @@ local function bump_dim(dim, id, parts, down, up)
 end
 
 -- Adds (down, up) to the buckets of every dimension for the UTC hour ``hour``
--- ("YYYYMMDDHH"): in the day's hourly hash and the month's daily hash. The SIM's buckets
--- at once; the fleet's, account's and network's summed per (hour, fleet, account,
--- network) first, as many events of a batch share them (see shared_buckets).
+-- ("YYYYMMDDHH"): in the day's hourly hash and the month's daily hash. Summed per (SIM,
+-- hour) and per (hour, fleet, account, network) first, as many events of a batch share
+-- them (see expand_buckets).
 local groups, group_list = {}, {}  -- groups[hour][fleet][account][network]
+local sim_hours, sim_hour_list = {}, {}  -- sim_hours[sim][hour]
 local function child(parent, name)
   local found = parent[name]
   if found == nil then
@@ -182,7 +184,15 @@ local function child(parent, name)
 end
 local function bump(sim, fleet, account, network, hour, down, up)
   if down == 0 and up == 0 then return end
-  bump_dim('s', sim, parts_of(hour), down, up)
+  local by_hour = child(sim_hours, sim)
+  local sums = by_hour[hour]
+  if sums == nil then
+    sums = {sim, hour, 0, 0}
+    by_hour[hour] = sums
+    sim_hour_list[#sim_hour_list + 1] = sums
+  end
+  sums[3] = exact(sums[3] + down, 'batch total')
+  sums[4] = exact(sums[4] + up, 'batch total')
   local by_network = child(child(child(groups, hour), fleet), account)
   local group = by_network[network]
   if group == nil then
@@ -194,7 +204,11 @@ local function bump(sim, fleet, account, network, hour, down, up)
   group[6] = exact(group[6] + up, 'batch total')
 end
 
-local function shared_buckets()
+local function expand_buckets()
+  for i = 1, #sim_hour_list do
+    local sim, hour, down, up = unpack(sim_hour_list[i])
+    if down ~= 0 or up ~= 0 then bump_dim('s', sim, parts_of(hour), down, up) end
+  end
   for i = 1, #group_list do
     local hour, fleet, account, network, down, up = unpack(group_list[i])
     if down ~= 0 or up ~= 0 then
@@ -463,22 +477,24 @@ end
 -- not even a copy of the ended event naming another fleet, account or network. So the
 -- ended share is always moved under the dimensions it was credited to. Location and IMEI
 -- come from the highest-priority event that has one.
-local function describe(entry, pri, ended, a)
+local function describe(entry, pri, ended, ev)
   local rec = entry.rec
   local opri = rec.opri
   if not is_ended(rec) and (ended or opri == nil or pri >= opri) then
     set(entry, 'opri', pri)
-    set(entry, 'fleet', a[14])
-    set(entry, 'account', a[15])
-    set(entry, 'op', a[17])
+    set(entry, 'fleet', TEXTS[ev.fleet])
+    set(entry, 'account', TEXTS[ev.account])
+    set(entry, 'op', TEXTS[ev.group])
   end
-  if a[18] ~= '' and (rec.lpri == nil or pri >= rec.lpri) then
+  local loc = TEXTS[ev.where]
+  if loc ~= '' and (rec.lpri == nil or pri >= rec.lpri) then
     set(entry, 'lpri', pri)
-    set(entry, 'loc', a[18])
+    set(entry, 'loc', loc)
   end
-  if a[19] ~= '' and (rec.ipri == nil or pri >= rec.ipri) then
+  local imei = TEXTS[ev.imei]
+  if imei ~= '' and (rec.ipri == nil or pri >= rec.ipri) then
     set(entry, 'ipri', pri)
-    set(entry, 'imei', a[19])
+    set(entry, 'imei', imei)
   end
 end
 
@@ -486,39 +502,33 @@ end
 
 local counted, unchanged = 0, 0
 local record_keys = {}  -- record_keys[sim][day]: the SIM-day hash's name
-local TEXTS = cjson.decode(ARGV[7])
 local EVENT_FORMAT = '--[[EVENT_FORMAT]]'
 local KINDS = {[0] = 's', [1] = 'u', [2] = 'e'}
 local blob, at = ARGV[5], 1
+local ev = {}  -- the event's texts' numbers (see describe), one table for the batch
 while at <= #blob do
-  local code, sim_n, session_n, day_n, start, win_start, win_end, hour_n, down, up,
-    cum_down, cum_up, end_t, fleet_n, account_n, network_n, group_n, where_n, imei_n,
-    number, totals, next_at = struct.unpack(EVENT_FORMAT, blob, at)
+  -- EVENT_FIELDS, texts as their numbers in TEXTS (session_field: ARGV[6])
+  local code, sim, session, day, start, win_start, win_end, hour, down, up, cum_down,
+    cum_up, end_t, fleet, account, network, group, where, imei, number, totals, next_at =
+    struct.unpack(EVENT_FORMAT, blob, at)
   at = next_at
-  if totals == 0 then cum_down, cum_up = '', '' end
-  local a = {KINDS[code], TEXTS[sim_n], TEXTS[session_n], TEXTS[day_n], start, win_start,
-    win_end, TEXTS[hour_n], down, up, cum_down, cum_up, end_t, TEXTS[fleet_n],
-    TEXTS[account_n], TEXTS[network_n], TEXTS[group_n], TEXTS[where_n], TEXTS[imei_n],
-    number}
-  -- EVENT_FIELDS: 1 kind 2 sim 3 session field 4 start_day 5 start 6 win_start 7 win_end
-  -- 8 hour 9 down 10 up 11 cum_down 12 cum_up 13 end 14 fleet 15 account 16 network
-  -- 17 operator group 18 location group 19 imei 20 session field number (ARGV[6])
-  local kind, sim = a[1], a[2]
+  local kind = KINDS[code]
+  sim, day = TEXTS[sim], TEXTS[day]
+  ev.fleet, ev.account, ev.group, ev.where, ev.imei = fleet, account, group, where, imei
   local by_day = child(record_keys, sim)
-  local key = by_day[a[4]]
+  local key = by_day[day]
   if key == nil then
-    key = P .. ':m:r:' .. sim .. ':' .. a[4]
-    by_day[a[4]] = key
+    key = P .. ':m:r:' .. sim .. ':' .. day
+    by_day[day] = key
   end
-  local entry = load_record(key, sim, a[4], a[3], a[20], a[5])
+  local entry = load_record(key, sim, day, TEXTS[session], number, start)
   local rec, base = entry.rec, entry.base
   entry.touched = false
   local counts = false
   if kind == 's' then
-    describe(entry, 0, false, a)
+    describe(entry, 0, false, ev)
   else
-    local ws, we = a[6] - base, a[7] - base
-    local down, up = a[9], a[10]
+    local ws, we = win_start - base, win_end - base
     if kind == 'u' then
       local list = coverage(entry)
       if not covered(list, ws, we) then
@@ -526,25 +536,25 @@ while at <= #blob do
         entry.cov, entry.cov_changed = with_interval(list, ws, we), true
         rec.sd = exact(rec.sd + down, 'session download')
         rec.su = exact(rec.su + up, 'session upload')
-        bump(sim, a[14], a[15], a[16], a[8], down, up)
+        bump(sim, TEXTS[fleet], TEXTS[account], TEXTS[network], TEXTS[hour], down, up)
         move_ended_share(sim, entry, old_d, old_u)
         counts = true
       end
-      describe(entry, 2 * we, false, a)
+      describe(entry, 2 * we, false, ev)
     else
       local ended = is_ended(rec)
-      describe(entry, 2 * we + 1, true, a)
+      describe(entry, 2 * we + 1, true, ev)
       -- new, or seen before only as a copy without cumulative totals (schema v1)
-      if not ended or (rec.ev == 'w' and a[11] ~= '') then
+      if not ended or (rec.ev == 'w' and totals == 1) then
         local old_d, old_u
         if ended then
           old_d, old_u = ended_share(rec)
         else
           old_d, old_u = 0, 0
-          rec['end'] = a[13] - base
+          rec['end'] = end_t - base
         end
-        if a[11] ~= '' then
-          rec.ed, rec.eu, rec.ev = a[11], a[12], ''
+        if totals == 1 then
+          rec.ed, rec.eu, rec.ev = cum_down, cum_up, ''
         else
           rec.ed, rec.eu, rec.ev = down, up, 'w'
         end
@@ -566,7 +576,7 @@ end
 
 -- ---- writes -------------------------------------------------------------------------------
 
-shared_buckets()
+expand_buckets()
 
 -- A bucket hash's TTL restarts when it gains a field (a new hour or day), so it expires the
 -- retention after the last period it holds; rewriting a field leaves the TTL alone.
