@@ -815,15 +815,17 @@ local function process(sub)
   -- Keep hits until no shard can still deliver one that needs them (not before warm-up).
   local cut = -INF
   if WARM then cut = math.min(newest, LOW, st.walked or -INF) - sub.l - sub.w end
-  if st.d ~= '1' then
-    chunked('HDEL', xk, redis.call('ZRANGEBYSCORE', hk, '-inf', excl(cut)))
-  end
-  redis.call('ZREMRANGEBYSCORE', hk, '-inf', excl(cut))
-  redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(cut))
-  if st.d == '1' then
-    local raw = redis.call('HGETALL', tk)
-    for x = 1, #raw, 2 do
-      if tonumber(raw[x + 1]) < cut then redis.call('HDEL', tk, raw[x]) end
+  if cut > -INF then  -- else nothing lies before it (a backfill's first half minute)
+    if st.d ~= '1' then
+      chunked('HDEL', xk, redis.call('ZRANGEBYSCORE', hk, '-inf', excl(cut)))
+    end
+    redis.call('ZREMRANGEBYSCORE', hk, '-inf', excl(cut))
+    redis.call('ZREMRANGEBYSCORE', ck, '-inf', excl(cut))
+    if st.d == '1' then
+      local raw = redis.call('HGETALL', tk)
+      for x = 1, #raw, 2 do
+        if tonumber(raw[x + 1]) < cut then redis.call('HDEL', tk, raw[x]) end
+      end
     end
   end
   redis.call('EXPIRE', hk, TTL_TEXT)
