@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from redis.asyncio import Redis
 
 from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subjects, Transition
@@ -27,11 +28,11 @@ NOW = 1_800_000_000_000
 SECOND = 1000
 
 
-def store(redis: Redis) -> EpisodeStore:
+def store(redis: Redis, warmup: timedelta = timedelta(0)) -> EpisodeStore:
     settings = AlertSettings(
         sinks="log",
         stale_after=None,
-        shard_warmup=timedelta(0),
+        shard_warmup=warmup,
         quiet_grace=timedelta(0),
         max_lateness=timedelta(milliseconds=LATENESS_MS),
     )
@@ -105,6 +106,8 @@ async def test_the_log_drops_clears_as_the_sorted_set_was_trimmed(redis: Redis) 
     longest = 0
     for batch in range(60):
         times = [T + batch * 60 * SECOND + offset * SECOND for offset in (40, 0, 20)]
+        if batch % 7 == 3 and batch < 55:  # a batch behind: its cut lies below earlier ones
+            times = [ts - 5 * 60 * SECOND for ts in times]
         await apply(episodes, clears={"sim:B": times})
         reference |= set(times)
         cut = max(times) - LATENESS_MS  # event time is the one shard's newest event
@@ -161,3 +164,99 @@ async def test_a_sorted_set_of_clears_without_state_moves_into_the_log(redis: Re
         (AlertStatus.RESOLVED, T + 4 * SECOND),
     ]
     assert await clear_set(redis, "sim:E") == [T + SECOND, T + 2 * SECOND, T + 4 * SECOND]
+
+
+async def test_a_windowed_rule_cuts_its_log_a_window_further_back(redis: Redis) -> None:
+    """The cut is event time less the lateness and the rule's window (hits a window apart
+    still chain), as the sorted set was trimmed."""
+    rule = Rule("storm", threshold=3, window_ms=60 * SECOND)
+    episodes = store(redis)
+    for batch in range(10):
+        subjects = Subjects()
+        newest = T + batch * 60 * SECOND
+        subjects.get(rule, "sim:W").clear(newest)
+        await episodes.apply(subjects, now_ms=NOW, shard="s0", newest_ms=newest)
+    value = await redis.hget(f"{PREFIX}:logs", "storm\tsim:W")
+    assert value is not None
+    held = sorted({int(t) for t in value.decode().split(";")[1].split(",")[:-1] if "~" not in t})
+    cut = T + 9 * 60 * SECOND - LATENESS_MS - 60 * SECOND
+    assert [ts for ts in held if ts >= cut] == [T + m * 60 * SECOND for m in range(6, 10)]
+
+
+async def test_a_log_beside_state_is_taken_in_and_ends_the_episode(redis: Redis) -> None:
+    """A subject with state never hides clears in a log: one written beside its state (by a
+    replica whose clock is behind, or while an earlier version gave it state) is taken in
+    with the next batch and walked like the batch's own clears; an expired one is deleted."""
+    episodes = store(redis)
+    found = await apply(episodes, hits={"sim:F": [("E5", T + 5 * SECOND)]})
+    assert [t.status for t in found] == [AlertStatus.OPEN]
+    logs = f"{PREFIX}:logs"
+    await redis.hset(logs, "one\tsim:F", f"{NOW + LOG_TTL_MS};{T + 9 * SECOND},")
+    found = await apply(episodes, clears={"sim:F": [T + 20 * SECOND]})
+    assert [(t.status, t.at) for t in found] == [(AlertStatus.RESOLVED, T + 9 * SECOND)]
+    assert await redis.hexists(logs, "one\tsim:F") == 0
+    assert await clear_set(redis, "sim:F") == [T + 9 * SECOND, T + 20 * SECOND]
+
+    await redis.hset(logs, "one\tsim:F", f"{NOW - 1};{T + 30 * SECOND},")  # expired
+    await apply(episodes, clears={"sim:F": [T + 40 * SECOND]})
+    assert await redis.hexists(logs, "one\tsim:F") == 0
+    assert await clear_set(redis, "sim:F") == [T + 9 * SECOND, T + 20 * SECOND, T + 40 * SECOND]
+
+
+async def test_a_hit_and_clears_in_the_batch_that_takes_the_log(redis: Redis) -> None:
+    """A subject with a log whose batch brings a hit and clears: the log's clears and the
+    batch's both bound the episode."""
+    episodes = store(redis)
+    await apply(episodes, clears={"sim:G": [T + 10 * SECOND, T + 30 * SECOND]})
+    found = await apply(
+        episodes,
+        clears={"sim:G": [T + 20 * SECOND]},
+        hits={"sim:G": [("E6", T + 15 * SECOND), ("E7", T + 25 * SECOND)]},
+    )
+    assert [(t.status, t.first, t.at) for t in found] == [
+        (AlertStatus.OPEN, T + 15 * SECOND, T + 15 * SECOND),
+        (AlertStatus.RESOLVED, T + 15 * SECOND, T + 20 * SECOND),
+        (AlertStatus.OPEN, T + 25 * SECOND, T + 25 * SECOND),
+        (AlertStatus.RESOLVED, T + 25 * SECOND, T + 30 * SECOND),
+    ]
+    assert await clear_set(redis, "sim:G") == [T + 10 * SECOND, T + 20 * SECOND, T + 30 * SECOND]
+
+
+async def test_during_warm_up_a_log_is_rewritten_without_its_repeats(redis: Redis) -> None:
+    """Before warm-up ends nothing is cut, but a log that grows big is rewritten with each
+    clear once: a replay of the same clears does not make it longer and longer."""
+    episodes = store(redis, warmup=timedelta(hours=1))
+    times = [T + SECOND, T + 2 * SECOND, T + 3 * SECOND]
+    longest = 0
+    for _ in range(200):
+        await apply(episodes, clears={"sim:H": times})
+        value = await redis.hget(f"{PREFIX}:logs", "one\tsim:H")
+        assert value is not None
+        longest = max(longest, len(value))
+    assert await logged(redis, "sim:H") == times
+    assert longest < 4096 + 64  # 200 batches of 3 clears, kept: 8,400 bytes
+
+
+async def test_the_sweep_comes_round_to_every_expired_log(redis: Redis) -> None:
+    """Expired logs are deleted a slice per call, the sweep's cursor kept between calls,
+    until none is left; live ones stay."""
+    episodes = store(redis)
+    logs = f"{PREFIX}:logs"
+    await redis.hset(logs, mapping={f"one\tsim:X{i}": f"{NOW - 1};{T}," for i in range(3000)})
+    calls = 0
+    while await redis.hlen(logs) > 1 and calls < 400:
+        await apply(episodes, clears={"sim:live": [T + calls]})
+        calls += 1
+    assert await redis.hkeys(logs) == [b"one\tsim:live"]
+    assert calls > 10  # a slice per call, not the whole hash at once
+
+
+async def test_a_subject_given_twice_in_one_call_is_refused(redis: Redis) -> None:
+    """The script reads and writes each subject once a call: two entries for one subject
+    would lose what the first did, so they are refused."""
+    episodes = store(redis)
+    first, second = Subjects(), Subjects()
+    first.get(RULE, "sim:D").clear(T + 10 * SECOND)
+    second.get(RULE, "sim:D").hit("E8", T + 5 * SECOND)
+    with pytest.raises(ValueError, match="twice"):
+        await episodes.apply([*first, *second], now_ms=NOW, shard="s0", newest_ms=T)

@@ -9,9 +9,10 @@ server's instructions from after the first batch (the script loaded, the first k
 to the end. Instruction counts do not move with the machine's load, unlike CPU time.
 
 It does so three times, with the script cut short at two points (``CUTS``), so the
-difference between runs is the share of each part: the call itself and the JSON decoding
-of the batch; the per-event logic, reads of session records included; the writes (bucket
-totals, session records, expiries). A development tool, not part of ``make bench``.
+difference between runs is the share of each part: the call itself and the decoding of the
+batch's texts; the per-event logic (each event unpacked from the packed argument), reads of
+session records included; the writes (bucket totals, session records, expiries). A
+development tool, not part of ``make bench``.
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ Per subject (kind K, subject S):
                   are SIM SIDs scored by their newest hit.
   P:x:K:S  hash   event SID -> its tags, then '\n' and its info if it has one (count
                   mode), trimmed with P:h
-  P:c:K:S  zset   clears (events that end an episode and split windows), by ts, while
-                  the subject has state (without state: P:logs)
+  P:c:K:S  zset   clears (events that end an episode and split windows), by ts, for a
+                  subject with state (one without state logs them in P:logs; a set left
+                  from when it had state moves into its log)
   P:t:K:S  hash   the episode's tags -> count (distinct mode: tag -> newest ts); kept
                   like P:s
 Per handler:
@@ -613,22 +614,26 @@ end
 local CUTOFF = -INF
 if WARM then CUTOFF = LOW - GRACE end
 
--- The clears a log still holds (see P:logs): in order, each clear added and each cut
--- applied, as the sorted set they stand for would have been trimmed.
+-- The clears a log still holds (see P:logs): each clear added and each cut applied in
+-- order, as the sorted set they stand for would have been trimmed. Read from the end, a
+-- clear is held when no later cut lies above it.
 local function replay(log)
-  local held = {}
-  for mark, value in string.gmatch(log, '(~?)([^,~]+),') do
-    local ts = tonumber(value)
-    if mark == '' then
-      held[ts] = true
+  local tokens = {}
+  for token in string.gmatch(log, '([^,]+),') do tokens[#tokens + 1] = token end
+  local held, list, floor = {}, {}, -INF
+  for i = #tokens, 1, -1 do
+    local token = tokens[i]
+    if string.byte(token, 1) == 126 then  -- '~'
+      local cut = tonumber(string.sub(token, 2))
+      if cut > floor then floor = cut end
     else
-      for kept in pairs(held) do
-        if kept < ts then held[kept] = nil end
+      local ts = tonumber(token)
+      if ts >= floor and not held[ts] then
+        held[ts] = true
+        list[#list + 1] = ts
       end
     end
   end
-  local list = {}
-  for ts in pairs(held) do list[#list + 1] = ts end
   table.sort(list)
   return list
 end
@@ -636,12 +641,17 @@ end
 -- Logs of subjects without state, read for the whole batch in one HMGET and written in one
 -- HSET: a SIM's clears come with nearly every event it sends, and a Redis call from a
 -- script costs about as much as the work of a whole event. A log is rewritten with only the
--- clears it holds when it has cuts and has grown past a power of two times LOG_COMPACT
--- bytes. Its value is "<expiry>;<log>", expiry in wall ms: the hash gives its fields no
--- TTL, so an expired log counts as none and sweep_logs deletes it.
+-- clears it holds each time it grows past a power of two times LOG_COMPACT bytes, if it has
+-- cuts or has reached LOG_BIG bytes (during warm-up nothing is cut, and rewriting a log
+-- costs more than keeping a few repeats). Its value
+-- is "<expiry>;<log>", expiry in wall ms (the workers' clocks): the hash gives its fields
+-- no TTL, so an expired log counts as none and sweep_logs deletes it. Only a subject found
+-- without state writes its log, and one found with state takes in or deletes any log it
+-- has (one written by a replica whose clock is behind, or while an earlier version gave
+-- the subject state), so a log never hides clears from a subject's state.
 local LOGS_KEY, LOG_SCAN_KEY = P .. ':logs', P .. ':logscan'
-local LOG_COMPACT = 256
-local logs, log_start, log_writes, log_gone = {}, {}, {}, {}  -- logs: values as read
+local LOG_COMPACT, LOG_BIG = 256, 4096
+local logs, log_start, log_found, log_writes, log_gone = {}, {}, {}, {}, {}
 
 local function read_logs(subs)
   local fields = {}
@@ -650,17 +660,19 @@ local function read_logs(subs)
   for i, field in ipairs(fields) do
     local value = values[i]
     if value then
+      log_found[field] = true
       local cut = string.find(value, ';', 1, true)
-      if tonumber(string.sub(value, 1, cut - 1)) >= NOW then
-        logs[field] = value
+      if cut and tonumber(string.sub(value, 1, cut - 1)) >= NOW then
+        logs[field] = value  -- as read, with its expiry
         log_start[field] = cut + 1
       end
     end
   end
 end
 
--- Expired logs, a slice of the hash per call (as many as the batch's subjects, at least
--- 50: a call adds no more logs than it has subjects, so the sweep keeps up).
+-- Expired logs, a slice of the hash per call (HSCAN's COUNT: about as many buckets as the
+-- batch has subjects, at least 50). The hash holds a field per subject that had clears
+-- without state within its log's lifetime, and the sweep comes round to each in time.
 local function sweep_logs(count)
   local reply = redis.call('HSCAN', LOGS_KEY, redis.call('GET', LOG_SCAN_KEY) or '0',
     'COUNT', fmt(count))
@@ -713,7 +725,8 @@ local function log_clears(st, sub)
     local before = #value - start + 1
     local limit = LOG_COMPACT
     while limit <= before do limit = limit * 2 end
-    if before + #text >= limit and string.find(value, '~', start, true) then
+    if before + #text >= limit
+      and (before + #text >= LOG_BIG or string.find(value, '~', start, true)) then
       local list = replay(string.sub(value, start) .. text)
       for i, ts in ipairs(list) do list[i] = fmt(ts) end
       list[#list + 1] = ''
@@ -728,37 +741,38 @@ local function log_clears(st, sub)
   log_writes[#log_writes + 1] = expiry_of(sub) .. ';' .. log
 end
 
--- A subject getting state: the clears its log holds move into P:c, which keeps the log's
--- expiry until the subject's state is saved.
+-- A subject found with state, or getting it: the clears its log holds (none if it
+-- expired) move into P:c, and the log goes. Without state, P:c keeps the log's expiry
+-- until the state is saved, as the sorted set the log stood for would have; with state
+-- (a log it should not have had), they are returned to be ingested as the batch's own.
 local function take_log(st, sub)
-  local value = logs[sub.field]
-  if value == nil then return end
+  local field = sub.field
+  if not log_found[field] then return {} end
+  log_gone[#log_gone + 1] = field
+  local value = logs[field]
+  if value == nil then return {} end
+  local list = replay(string.sub(value, log_start[field]))
+  if st.max ~= nil then return list end
   local ck = key('c', st)
-  for _, ts in ipairs(replay(string.sub(value, log_start[sub.field]))) do
+  for _, ts in ipairs(list) do
     local text = fmt(ts)
     redis.call('ZADD', ck, text, text)
   end
-  local expiry = tonumber(string.sub(value, 1, log_start[sub.field] - 2))
+  local expiry = tonumber(string.sub(value, 1, log_start[field] - 2))
   redis.call('PEXPIRE', ck, fmt(math.max(1, expiry - NOW)))
-  log_gone[#log_gone + 1] = sub.field
+  return {}
 end
 
 -- Ingest a subject's hits and clears (new ones only). Those at or before the subject's
 -- walk arrived late: they are walked at once, as they come. The others wait in storage
 -- until event time passes them (walk).
 local function process(sub)
-  if logs[sub.field] ~= nil and #sub.h == 0 then  -- a subject with a log has no state
-    if sub.clears ~= '' then log_clears({kind = sub.k, subject = sub.s}, sub) end
+  local st = load(sub.k, sub.s)
+  if st.max == nil and #sub.h == 0 then
+    if sub.clears ~= '' then log_clears(st, sub) end
     return
   end
-  local st = load(sub.k, sub.s)
-  if st.max == nil then
-    if #sub.h == 0 then
-      if sub.clears ~= '' then log_clears(st, sub) end
-      return
-    end
-    take_log(st, sub)
-  end
+  local strays = take_log(st, sub)
   -- A state saved before walks were gated (no 'need') had walked everything it stored.
   if st.max ~= nil and st.need == nil then st.walked = st.max end
   st.w, st.d, st.q, st.need = sub.w, fmt(sub.d), fmt(sub.q), sub.n
@@ -769,14 +783,16 @@ local function process(sub)
   local newest = st.max or -INF
   local walked = st.walked or -INF
 
-  local clears = {}
-  for value in string.gmatch(sub.clears, '([^,]+),') do
-    local ts = tonumber(value)
-    if redis.call('ZADD', ck, value, value) == 1 then
-      if ts <= walked then table.insert(clears, 1, ts) end  -- oldest first
+  local clears = {}  -- new ones at or before the walk, to walk at once, oldest first
+  local function ingest(ts, text)
+    if redis.call('ZADD', ck, text, text) == 1 then
+      if ts <= walked then clears[#clears + 1] = ts end
       if ts > newest then newest = ts end
     end
   end
+  for _, ts in ipairs(strays) do ingest(ts, fmt(ts)) end
+  for value in string.gmatch(sub.clears, '([^,]+),') do ingest(tonumber(value), value) end
+  table.sort(clears)
   local hits = {}
   for _, hit in ipairs(sub.h) do
     local ts = hit[2]
@@ -856,7 +872,10 @@ end
 sweep_logs(math.max(50, #subs))
 read_logs(subs)
 for _, sub in ipairs(subs) do process(sub) end
-if #log_writes > 0 then chunked('HSET', LOGS_KEY, log_writes) end
+if #log_writes > 0 then
+  chunked('HSET', LOGS_KEY, log_writes)
+  redis.call('EXPIRE', LOGS_KEY, TTL_TEXT)  -- gone a retention after a stream's last batch
+end
 if #log_gone > 0 then chunked('HDEL', LOGS_KEY, log_gone) end
 
 local function load_member(m)

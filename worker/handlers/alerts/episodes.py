@@ -259,14 +259,20 @@ class EpisodeStore:
         tick_ms: int = 0,
         claim: int = 0,
     ) -> Applied:
-        """Apply a batch's subjects, record that ``shard`` reached ``newest_ms`` (or that
-        every shard reached ``tick_ms``), close what event time has passed, and claim up to
-        ``claim`` due outbox entries."""
+        """Apply a batch's subjects (each kind and subject once, as ``Subjects`` gives
+        them), record that ``shard`` reached ``newest_ms`` (or that every shard reached
+        ``tick_ms``), close what event time has passed, and claim up to ``claim`` due outbox
+        entries."""
         index: dict[Rule, int] = {}
         rules: list[list[Any]] = []
         subs: list[list[Any]] = []
+        seen: set[tuple[str, str]] = set()
         for subject in subjects:
             rule = subject.rule
+            name = (rule.kind, subject.subject)
+            if name in seen:  # the script reads and writes a subject's state once a call
+                raise ValueError(f"subject {name} given twice in one call: merge them first")
+            seen.add(name)
             at = index.get(rule)
             if at is None:
                 at = index[rule] = len(rules)
