@@ -130,9 +130,10 @@ EVENT_FIELDS: Final = (
     "imei",
     "session_field",
 )
-"""Per-event arguments of the script, in order (see ``metering.lua``). ``session_field``
-numbers the session's field in the script's second argument (from 1), 0 if its sid is
-not a standard one (then the sid is the field)."""
+"""The fields of an event as ``encode`` gives them, in the order ``pack_events`` packs them
+for the script (see ``metering.lua``). ``session_field`` numbers the session's field in the
+script's sids argument (from 1), 0 if its sid is not a standard one (then the sid is the
+field)."""
 
 _EVENT_FORMAT: Final = "<BIIIdddIdddddIIIIIIIB"
 """An event as the script reads it (``struct.unpack`` in Lua): the kind (0 started,
