@@ -3,8 +3,9 @@
 A SIM's clears come with nearly every event it sends. While its subject has no state the
 episode script keeps them in a log read and written once per batch, and takes them into the
 subject's sorted set of clears (``P:c``) when a hit gives it state. These tests hold the log
-to what the sorted set did: the same clears taken in (cuts applied as the set was trimmed),
-a late hit between logged clears bounded by them, expired logs counted as none and swept.
+to what the sorted set did: the same clears, trimmed as the set was, whatever the order and
+however often they came; a late hit between logged clears bounded by them; expired logs
+(their expiries in ``P:logt``) counted as none and deleted.
 """
 
 from __future__ import annotations
@@ -61,17 +62,15 @@ async def apply(
 
 
 async def logged(redis: Redis, subject: str) -> list[int] | None:
-    """The clears a subject's log holds, cuts applied, or None without a log."""
+    """The clears a subject's log holds, oldest first, or None without a log."""
     value = await redis.hget(f"{PREFIX}:logs", f"{RULE.kind}\t{subject}")
     if value is None:
         return None
-    held: set[int] = set()
-    for token in value.decode().split(";", 1)[1].split(",")[:-1]:
-        if token.startswith("~"):
-            held = {ts for ts in held if ts >= int(token[1:])}
-        else:
-            held.add(int(token))
-    return sorted(held)
+    text = value.decode()
+    assert text.endswith(",")
+    times = [int(token) for token in text.split(",")[:-1]]
+    assert times == sorted(set(times), reverse=True)  # distinct, newest first
+    return sorted(times)
 
 
 async def clear_set(redis: Redis, subject: str) -> list[int]:
@@ -99,8 +98,8 @@ async def test_a_late_hit_between_logged_clears_is_bounded_by_them(redis: Redis)
 
 async def test_the_log_drops_clears_as_the_sorted_set_was_trimmed(redis: Redis) -> None:
     """Each batch cuts the clears older than event time less the lateness, as the sorted
-    set was trimmed; the log is rewritten when it grows, so it stays short; the clears a
-    hit takes into the sorted set are those the set would have held."""
+    set was trimmed, so the log stays short; the clears a hit takes into the sorted set are
+    those the set would have held."""
     episodes = store(redis)
     reference: set[int] = set()
     longest = 0
@@ -116,7 +115,7 @@ async def test_the_log_drops_clears_as_the_sorted_set_was_trimmed(redis: Redis) 
         value = await redis.hget(f"{PREFIX}:logs", "one\tsim:B")
         assert value is not None
         longest = max(longest, len(value))
-    assert longest < 600  # rewritten past 256 bytes: not 60 batches of clears and cuts
+    assert longest <= 14 * 12  # the clears of the last lateness, not 60 batches' worth
 
     late = T + 59 * 60 * SECOND - 50 * SECOND
     found = await apply(episodes, hits={"sim:B": [("E2", late)]})
@@ -178,9 +177,8 @@ async def test_a_windowed_rule_cuts_its_log_a_window_further_back(redis: Redis) 
         await episodes.apply(subjects, now_ms=NOW, shard="s0", newest_ms=newest)
     value = await redis.hget(f"{PREFIX}:logs", "storm\tsim:W")
     assert value is not None
-    held = sorted({int(t) for t in value.decode().split(";")[1].split(",")[:-1] if "~" not in t})
-    cut = T + 9 * 60 * SECOND - LATENESS_MS - 60 * SECOND
-    assert [ts for ts in held if ts >= cut] == [T + m * 60 * SECOND for m in range(6, 10)]
+    held = sorted(int(t) for t in value.decode().split(",")[:-1])
+    assert held == [T + m * 60 * SECOND for m in range(6, 10)]  # from 9 min less 3
 
 
 async def test_a_log_beside_state_is_taken_in_and_ends_the_episode(redis: Redis) -> None:
@@ -190,16 +188,19 @@ async def test_a_log_beside_state_is_taken_in_and_ends_the_episode(redis: Redis)
     episodes = store(redis)
     found = await apply(episodes, hits={"sim:F": [("E5", T + 5 * SECOND)]})
     assert [t.status for t in found] == [AlertStatus.OPEN]
-    logs = f"{PREFIX}:logs"
-    await redis.hset(logs, "one\tsim:F", f"{NOW + LOG_TTL_MS};{T + 9 * SECOND},")
+    logs, times = f"{PREFIX}:logs", f"{PREFIX}:logt"
+    await redis.hset(logs, "one\tsim:F", f"{T + 9 * SECOND},")
+    await redis.zadd(times, {"one\tsim:F": NOW + LOG_TTL_MS})
     found = await apply(episodes, clears={"sim:F": [T + 20 * SECOND]})
     assert [(t.status, t.at) for t in found] == [(AlertStatus.RESOLVED, T + 9 * SECOND)]
     assert await redis.hexists(logs, "one\tsim:F") == 0
     assert await clear_set(redis, "sim:F") == [T + 9 * SECOND, T + 20 * SECOND]
 
-    await redis.hset(logs, "one\tsim:F", f"{NOW - 1};{T + 30 * SECOND},")  # expired
+    await redis.hset(logs, "one\tsim:F", f"{T + 30 * SECOND},")
+    await redis.zadd(times, {"one\tsim:F": NOW - 1})  # expired
     await apply(episodes, clears={"sim:F": [T + 40 * SECOND]})
     assert await redis.hexists(logs, "one\tsim:F") == 0
+    assert await redis.zscore(times, "one\tsim:F") is None
     assert await clear_set(redis, "sim:F") == [T + 9 * SECOND, T + 20 * SECOND, T + 40 * SECOND]
 
 
@@ -222,33 +223,34 @@ async def test_a_hit_and_clears_in_the_batch_that_takes_the_log(redis: Redis) ->
     assert await clear_set(redis, "sim:G") == [T + 10 * SECOND, T + 20 * SECOND, T + 30 * SECOND]
 
 
-async def test_during_warm_up_a_log_is_rewritten_without_its_repeats(redis: Redis) -> None:
-    """Before warm-up ends nothing is cut, but a log that grows big is rewritten with each
-    clear once: a replay of the same clears does not make it longer and longer."""
+async def test_the_log_is_the_same_whatever_the_order_and_repeats(redis: Redis) -> None:
+    """Before warm-up ends nothing is cut; a log then holds each clear once, newest first,
+    whether the clears came in order, out of order or again (a replay)."""
     episodes = store(redis, warmup=timedelta(hours=1))
-    times = [T + SECOND, T + 2 * SECOND, T + 3 * SECOND]
-    longest = 0
-    for _ in range(200):
-        await apply(episodes, clears={"sim:H": times})
-        value = await redis.hget(f"{PREFIX}:logs", "one\tsim:H")
-        assert value is not None
-        longest = max(longest, len(value))
-    assert await logged(redis, "sim:H") == times
-    assert longest < 4096 + 64  # 200 batches of 3 clears, kept: 8,400 bytes
+    times = [T + SECOND, T + 2 * SECOND, T + 3 * SECOND, T + 4 * SECOND]
+    for part in ([times[1]], [times[0], times[3]], [times[2]], times, [times[3]]):
+        await apply(episodes, clears={"sim:H": part})
+    assert (
+        await redis.hget(f"{PREFIX}:logs", "one\tsim:H")
+        == (",".join(str(ts) for ts in reversed(times)) + ",").encode()
+    )
 
 
-async def test_the_sweep_comes_round_to_every_expired_log(redis: Redis) -> None:
-    """Expired logs are deleted a slice per call, the sweep's cursor kept between calls,
-    until none is left; live ones stay."""
+async def test_expired_logs_are_deleted_a_slice_per_call(redis: Redis) -> None:
+    """Expired logs are deleted oldest expiry first, as many a call as it has subjects (at
+    least 50), until none is left; live ones stay."""
     episodes = store(redis)
-    logs = f"{PREFIX}:logs"
-    await redis.hset(logs, mapping={f"one\tsim:X{i}": f"{NOW - 1};{T}," for i in range(3000)})
+    logs, times = f"{PREFIX}:logs", f"{PREFIX}:logt"
+    fields = [f"one\tsim:X{i}" for i in range(3000)]
+    await redis.hset(logs, mapping=dict.fromkeys(fields, f"{T},"))
+    await redis.zadd(times, {field: NOW - 1 - i for i, field in enumerate(fields)})
     calls = 0
-    while await redis.hlen(logs) > 1 and calls < 400:
+    while await redis.hlen(logs) > 1 and calls < 100:
         await apply(episodes, clears={"sim:live": [T + calls]})
         calls += 1
     assert await redis.hkeys(logs) == [b"one\tsim:live"]
-    assert calls > 10  # a slice per call, not the whole hash at once
+    assert await redis.zrange(times, 0, -1) == [b"one\tsim:live"]
+    assert calls == 60  # 3,000 at 50 a call
 
 
 async def test_a_subject_given_twice_in_one_call_is_refused(redis: Redis) -> None:
@@ -260,3 +262,28 @@ async def test_a_subject_given_twice_in_one_call_is_refused(redis: Redis) -> Non
     second.get(RULE, "sim:D").hit("E8", T + 5 * SECOND)
     with pytest.raises(ValueError, match="twice"):
         await episodes.apply([*first, *second], now_ms=NOW, shard="s0", newest_ms=T)
+
+
+async def test_a_short_retention_never_expires_the_logs_before_their_time(redis: Redis) -> None:
+    """The hash of logs lives a retention after its last write, but never less than the
+    logs it holds: a retention shorter than a log's life does not drop it."""
+    settings = AlertSettings(
+        sinks="log",
+        stale_after=None,
+        shard_warmup=timedelta(0),
+        quiet_grace=timedelta(0),
+        max_lateness=timedelta(milliseconds=LATENESS_MS),
+        retention=timedelta(seconds=2),
+    )
+    episodes = EpisodeStore(redis, PREFIX, settings, sinks=["log"], lease_ms=1000)
+    await apply(episodes, clears={"sim:R": [T + SECOND]})
+    assert await redis.ttl(f"{PREFIX}:logs") >= LOG_TTL_MS // 1000 - 1
+
+
+async def test_a_field_without_an_expiry_counts_as_no_log(redis: Redis) -> None:
+    """A field of the hash without its expiry (written by something else) is not read as
+    a log: the subject's clears start a new one."""
+    episodes = store(redis)
+    await redis.hset(f"{PREFIX}:logs", "one\tsim:Y", "garbage")
+    await apply(episodes, clears={"sim:Y": [T + SECOND]})
+    assert await logged(redis, "sim:Y") == [T + SECOND]

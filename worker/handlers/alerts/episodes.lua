@@ -45,12 +45,11 @@ Per handler:
                   clear, else its last hit plus window (quiet)
   P:active hash   'K\tgroup\tS' -> ts the episode opened (gauges)
   P:pend   zset   'K\tS' -> event time of its earliest stored event not walked yet
-  P:logs   hash   'K\tS' -> '<expiry>;<log>' for a subject without state: its recent
-                  clears, kept briefly in case hits they precede arrive late, "<ts>," per
-                  clear and "~<cut>," where clears before cut were dropped (as P:c would
-                  have been trimmed); taken into P:c when the subject gets state. Expiry
-                  is wall ms (fields have no TTL): an expired log counts as none
-  P:logscan string the cursor of the sweep of expired P:logs fields
+  P:logs   hash   'K\tS' -> the recent clears of a subject without state, kept briefly in
+                  case hits they precede arrive late: what its P:c would hold ("<ts>,"
+                  each, newest first, those before the trims' cuts dropped); taken into
+                  P:c when the subject gets state
+  P:logt   zset   'K\tS' -> when its log expires (wall ms): fields have no TTL
   P:outbox hash   entry -> transition JSON, entry = 'sink|K|S|key|open|resolved'
   P:due    zset   entry -> wall ms when it may be (re)claimed; while claimed, the claim's
                   expiry, which fences its settlement (claim.lua, outbox.lua)
@@ -614,83 +613,69 @@ end
 local CUTOFF = -INF
 if WARM then CUTOFF = LOW - GRACE end
 
--- The clears a log still holds (see P:logs): each clear added and each cut applied in
--- order, as the sorted set they stand for would have been trimmed. Read from the end, a
--- clear is held when no later cut lies above it.
-local function replay(log)
-  local tokens = {}
-  for token in string.gmatch(log, '([^,]+),') do tokens[#tokens + 1] = token end
-  local held, list, floor = {}, {}, -INF
-  for i = #tokens, 1, -1 do
-    local token = tokens[i]
-    if string.byte(token, 1) == 126 then  -- '~'
-      local cut = tonumber(string.sub(token, 2))
-      if cut > floor then floor = cut end
-    else
-      local ts = tonumber(token)
-      if ts >= floor and not held[ts] then
-        held[ts] = true
-        list[#list + 1] = ts
-      end
-    end
+-- Logs of subjects without state (P:logs, expiries in P:logt), read for the whole batch
+-- in one HMGET and one ZMSCORE and written in one HSET and one ZADD: a SIM's clears come
+-- with nearly every event it sends, and a Redis call from a script costs about as much as
+-- the work of a whole event. A log holds what the sorted set it stands for would: the
+-- distinct clears, newest first ("<ts>," each), those before a cut dropped; so the state
+-- is the same whatever order and however often the events came. Its expiry is wall ms
+-- (the workers' clocks): a hash field has no TTL, so an expired log counts as none and is
+-- deleted by a later call. Only a subject found without state writes its log, and one
+-- found with state takes in or deletes any log it has (one written by a replica whose
+-- clock is behind, say), so a log never hides clears from a subject's state.
+local LOGS_KEY, LOG_TIMES_KEY = P .. ':logs', P .. ':logt'
+local logs, log_found, log_writes, log_times, log_gone = {}, {}, {}, {}, {}
+
+-- The times of a log or of a request's clears (newest first).
+local function times_of(text)
+  local list = {}
+  for value in string.gmatch(text, '([^,]+),') do
+    local ts = tonumber(value)  -- nil: not a time (never written by this script)
+    if ts then list[#list + 1] = ts end
   end
-  table.sort(list)
   return list
 end
 
--- Logs of subjects without state, read for the whole batch in one HMGET and written in one
--- HSET: a SIM's clears come with nearly every event it sends, and a Redis call from a
--- script costs about as much as the work of a whole event. A log is rewritten with only the
--- clears it holds each time it grows past a power of two times LOG_COMPACT bytes, if it has
--- cuts or has reached LOG_BIG bytes (during warm-up nothing is cut, and rewriting a log
--- costs more than keeping a few repeats). Its value
--- is "<expiry>;<log>", expiry in wall ms (the workers' clocks): the hash gives its fields
--- no TTL, so an expired log counts as none and sweep_logs deletes it. Only a subject found
--- without state writes its log, and one found with state takes in or deletes any log it
--- has (one written by a replica whose clock is behind, or while an earlier version gave
--- the subject state), so a log never hides clears from a subject's state.
-local LOGS_KEY, LOG_SCAN_KEY = P .. ':logs', P .. ':logscan'
-local LOG_COMPACT, LOG_BIG = 256, 4096
-local logs, log_start, log_found, log_writes, log_gone = {}, {}, {}, {}, {}
+local function first_time(text)
+  local comma = string.find(text, ',', 1, true)
+  return comma and tonumber(string.sub(text, 1, comma - 1))
+end
+
+-- The oldest time of a log (its last entry), found from the end.
+local function last_time(text)
+  local at = #text - 1
+  while at > 0 and string.byte(text, at) ~= 44 do at = at - 1 end  -- ','
+  return tonumber(string.sub(text, at + 1, -2))
+end
 
 local function read_logs(subs)
   local fields = {}
   for i, sub in ipairs(subs) do fields[i] = sub.field end
   local values = chunked('HMGET', LOGS_KEY, fields)
+  local expiries = chunked('ZMSCORE', LOG_TIMES_KEY, fields)
   for i, field in ipairs(fields) do
-    local value = values[i]
-    if value then
-      log_found[field] = true
-      local cut = string.find(value, ';', 1, true)
-      if cut and tonumber(string.sub(value, 1, cut - 1)) >= NOW then
-        logs[field] = value  -- as read, with its expiry
-        log_start[field] = cut + 1
-      end
-    end
+    if values[i] or expiries[i] then log_found[field] = true end
+    local expiry = expiries[i] and tonumber(expiries[i])
+    if values[i] and expiry and expiry >= NOW then logs[field] = values[i] end
   end
 end
 
--- Expired logs, a slice of the hash per call (HSCAN's COUNT: about as many buckets as the
--- batch has subjects, at least 50). The hash holds a field per subject that had clears
--- without state within its log's lifetime, and the sweep comes round to each in time.
+-- Expired logs: the oldest expiries, at most 'count' a call (as many as the batch has
+-- subjects, so the deletes keep up with the logs calls write).
 local function sweep_logs(count)
-  local reply = redis.call('HSCAN', LOGS_KEY, redis.call('GET', LOG_SCAN_KEY) or '0',
-    'COUNT', fmt(count))
-  local pairs_found, gone = reply[2], {}
-  for i = 1, #pairs_found, 2 do
-    local value = pairs_found[i + 1]
-    local cut = string.find(value, ';', 1, true)
-    if not cut or tonumber(string.sub(value, 1, cut - 1)) < NOW then
-      gone[#gone + 1] = pairs_found[i]
-    end
+  local gone = redis.call('ZRANGEBYSCORE', LOG_TIMES_KEY, '-inf', '(' .. fmt(NOW),
+    'LIMIT', '0', fmt(count))
+  if #gone > 0 then
+    chunked('HDEL', LOGS_KEY, gone)
+    chunked('ZREM', LOG_TIMES_KEY, gone)
   end
-  if #gone > 0 then chunked('HDEL', LOGS_KEY, gone) end
-  redis.call('SET', LOG_SCAN_KEY, reply[1], 'EX', TTL_TEXT)
 end
 
 local expiries = {}  -- an expiry's text by the TTL it is for
+local longest_log_ttl = 0  -- ms, of the logs this call wrote
 local function expiry_of(sub)
   local ttl = (math.ceil((sub.l + sub.w) / 1000) + 60) * 1000
+  if ttl > longest_log_ttl then longest_log_ttl = ttl end
   local text = expiries[ttl]
   if text == nil then
     text = fmt(NOW + ttl)
@@ -699,46 +684,62 @@ local function expiry_of(sub)
   return text
 end
 
--- A subject without state: its clears join its log, with the cut the sorted set they stand
--- for would have been trimmed at, so that the clears taken into P:c later are the same. A
--- new log takes over the clears P:c still holds (the subject had state once).
+-- A subject without state: its clears join its log, and the log drops those before the
+-- cut the sorted set it stands for would have been trimmed at. A new log takes over the
+-- clears P:c still holds (the subject had state once).
 local function log_clears(st, sub)
   local field, text = sub.field, sub.clears
-  if WARM then
-    local newest = tonumber(string.sub(text, 1, string.find(text, ',', 1, true) - 1))
-    local cut = math.min(newest, LOW) - sub.l - sub.w
-    if cut > -INF then text = text .. '~' .. fmt(cut) .. ',' end
-  end
-  local value = logs[field]
-  local log
-  if value == nil then
+  local log = logs[field]
+  if log == nil then
     local ck = key('c', st)
-    local held = redis.call('ZRANGE', ck, '0', '-1')
-    log = text
+    local held = redis.call('ZREVRANGE', ck, '0', '-1')
     if #held > 0 then
-      held[#held + 1] = text
-      log = table.concat(held, ',')
       redis.call('DEL', ck)
-    end
-  else
-    local start = log_start[field]
-    local before = #value - start + 1
-    local limit = LOG_COMPACT
-    while limit <= before do limit = limit * 2 end
-    if before + #text >= limit
-      and (before + #text >= LOG_BIG or string.find(value, '~', start, true)) then
-      local list = replay(string.sub(value, start) .. text)
-      for i, ts in ipairs(list) do list[i] = fmt(ts) end
-      list[#list + 1] = ''
-      log = table.concat(list, ',')
+      held[#held + 1] = ''
+      log = table.concat(held, ',')
     else
-      log_writes[#log_writes + 1] = field
-      log_writes[#log_writes + 1] = expiry_of(sub) .. ';' .. string.sub(value, start) .. text
-      return
+      log = ''
     end
+  end
+  -- Newer clears than any logged go in front (clears come in time order, mostly);
+  -- otherwise the two are merged.
+  local newest, top = first_time(text), first_time(log)
+  if log == '' then
+    log = text
+  elseif top and last_time(text) > top then
+    log = text .. log
+  else
+    local union, list = {}, {}
+    for _, ts in ipairs(times_of(log)) do union[ts] = true end
+    for _, ts in ipairs(times_of(text)) do union[ts] = true end
+    for ts in pairs(union) do list[#list + 1] = ts end
+    table.sort(list, function(x, y) return x > y end)
+    for i, ts in ipairs(list) do list[i] = fmt(ts) end
+    list[#list + 1] = ''
+    log = table.concat(list, ',')
+  end
+  if WARM then
+    local cut = math.min(newest, LOW) - sub.l - sub.w
+    local oldest = last_time(log)
+    if cut > -INF and (oldest == nil or oldest < cut) then
+      local keep, at = 0, 1
+      while true do
+        local comma = string.find(log, ',', at, true)
+        local ts = comma and tonumber(string.sub(log, at, comma - 1))
+        if not ts or ts < cut then break end
+        keep, at = comma, comma + 1
+      end
+      log = string.sub(log, 1, keep)
+    end
+  end
+  if log == '' then  -- as the sorted set, trimmed empty, would be gone
+    if log_found[field] then log_gone[#log_gone + 1] = field end
+    return
   end
   log_writes[#log_writes + 1] = field
-  log_writes[#log_writes + 1] = expiry_of(sub) .. ';' .. log
+  log_writes[#log_writes + 1] = log
+  log_times[#log_times + 1] = expiry_of(sub)
+  log_times[#log_times + 1] = field
 end
 
 -- A subject found with state, or getting it: the clears its log holds (none if it
@@ -749,16 +750,17 @@ local function take_log(st, sub)
   local field = sub.field
   if not log_found[field] then return {} end
   log_gone[#log_gone + 1] = field
-  local value = logs[field]
-  if value == nil then return {} end
-  local list = replay(string.sub(value, log_start[field]))
+  local log = logs[field]
+  if log == nil then return {} end
+  local list = times_of(log)
+  table.sort(list)
   if st.max ~= nil then return list end
   local ck = key('c', st)
   for _, ts in ipairs(list) do
     local text = fmt(ts)
     redis.call('ZADD', ck, text, text)
   end
-  local expiry = tonumber(string.sub(value, 1, log_start[field] - 2))
+  local expiry = tonumber(redis.call('ZSCORE', LOG_TIMES_KEY, field))
   redis.call('PEXPIRE', ck, fmt(math.max(1, expiry - NOW)))
   return {}
 end
@@ -872,11 +874,20 @@ end
 sweep_logs(math.max(50, #subs))
 read_logs(subs)
 for _, sub in ipairs(subs) do process(sub) end
+if #log_gone > 0 then
+  chunked('HDEL', LOGS_KEY, log_gone)
+  chunked('ZREM', LOG_TIMES_KEY, log_gone)
+end
 if #log_writes > 0 then
   chunked('HSET', LOGS_KEY, log_writes)
-  redis.call('EXPIRE', LOGS_KEY, TTL_TEXT)  -- gone a retention after a stream's last batch
+  chunked('ZADD', LOG_TIMES_KEY, log_times)
+  -- Gone a retention after a stream's last batch, and never before a log they hold (the
+  -- TTL is only ever raised: another call may have written a log that lives longer).
+  local needed = math.max(TTL, longest_log_ttl / 1000)
+  for _, k in ipairs({LOGS_KEY, LOG_TIMES_KEY}) do
+    if redis.call('TTL', k) < needed then redis.call('EXPIRE', k, fmt(needed)) end
+  end
 end
-if #log_gone > 0 then chunked('HDEL', LOGS_KEY, log_gone) end
 
 local function load_member(m)
   local tab = string.find(m, '\t', 1, true)
