@@ -287,3 +287,51 @@ async def test_a_field_without_an_expiry_counts_as_no_log(redis: Redis) -> None:
     await redis.hset(f"{PREFIX}:logs", "one\tsim:Y", "garbage")
     await apply(episodes, clears={"sim:Y": [T + SECOND]})
     assert await logged(redis, "sim:Y") == [T + SECOND]
+
+
+async def test_a_batch_between_logged_clears_is_merged_in_order(redis: Redis) -> None:
+    """Clears that interleave with logged ones, with cuts active, leave the log exactly as
+    the sorted set would be: each once, newest first, none below the cut."""
+    episodes = store(redis)
+    await apply(episodes, clears={"sim:M": [T + 10 * SECOND, T + 30 * SECOND]})
+    await apply(episodes, clears={"sim:M": [T + 20 * SECOND, T + 40 * SECOND, T + 10 * SECOND]})
+    expected = [T + 40 * SECOND, T + 30 * SECOND, T + 20 * SECOND, T + 10 * SECOND]
+    assert (
+        await redis.hget(f"{PREFIX}:logs", "one\tsim:M")
+        == (",".join(map(str, expected)) + ",").encode()
+    )
+    late = T + 40 * SECOND + LATENESS_MS - 15 * SECOND  # cuts below T + 25 s
+    await apply(episodes, clears={"sim:M": [T + 35 * SECOND, late]})
+    assert (
+        await redis.hget(f"{PREFIX}:logs", "one\tsim:M")
+        == (f"{late},{T + 40 * SECOND},{T + 35 * SECOND},{T + 30 * SECOND},").encode()
+    )
+
+
+async def test_a_log_is_live_until_its_expiry_to_the_millisecond(redis: Redis) -> None:
+    """A log whose expiry equals the call's time still counts (a TTL runs out after its
+    last millisecond); a taken log leaves no expiry behind."""
+    episodes = store(redis)
+    await apply(episodes, clears={"sim:N": [T + 10 * SECOND]})
+    expiry = await redis.zscore(f"{PREFIX}:logt", "one\tsim:N")
+    assert expiry == NOW + LOG_TTL_MS
+    found = await apply(episodes, hits={"sim:N": [("E9", T + 5 * SECOND)]}, now=NOW + LOG_TTL_MS)
+    assert [(t.status, t.at) for t in found] == [
+        (AlertStatus.OPEN, T + 5 * SECOND),
+        (AlertStatus.RESOLVED, T + 10 * SECOND),
+    ]
+    assert await redis.hexists(f"{PREFIX}:logs", "one\tsim:N") == 0
+    assert await redis.zscore(f"{PREFIX}:logt", "one\tsim:N") is None
+
+
+async def test_the_sweep_deletes_as_many_logs_as_the_call_has_subjects(redis: Redis) -> None:
+    """A call with many subjects deletes as many expired logs, so the deletes keep up with
+    the logs calls write."""
+    episodes = store(redis)
+    logs, times = f"{PREFIX}:logs", f"{PREFIX}:logt"
+    fields = [f"one\tsim:X{i}" for i in range(500)]
+    await redis.hset(logs, mapping=dict.fromkeys(fields, f"{T},"))
+    await redis.zadd(times, dict.fromkeys(fields, NOW - 1))
+    live = {f"sim:L{i}": [T + SECOND] for i in range(200)}
+    await apply(episodes, clears=live)
+    assert await redis.hlen(logs) == 500 - 200 + 200
