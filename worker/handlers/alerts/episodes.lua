@@ -624,7 +624,7 @@ if WARM then CUTOFF = LOW - GRACE end
 -- found with state takes in or deletes any log it has (one written by a replica whose
 -- clock is behind, say), so a log never hides clears from a subject's state.
 local LOGS_KEY, LOG_TIMES_KEY = P .. ':logs', P .. ':logt'
-local logs, log_found, log_writes, log_times, log_gone = {}, {}, {}, {}, {}
+local logs, log_expiry, log_found, log_writes, log_times, log_gone = {}, {}, {}, {}, {}, {}
 
 -- The times of a log or of a request's clears (newest first).
 local function times_of(text)
@@ -656,7 +656,9 @@ local function read_logs(subs)
   for i, field in ipairs(fields) do
     if values[i] or expiries[i] then log_found[field] = true end
     local expiry = expiries[i] and tonumber(expiries[i])
-    if values[i] and expiry and expiry >= NOW then logs[field] = values[i] end
+    if values[i] and expiry and expiry >= NOW then
+      logs[field], log_expiry[field] = values[i], expiry
+    end
   end
 end
 
@@ -760,8 +762,7 @@ local function take_log(st, sub)
     local text = fmt(ts)
     redis.call('ZADD', ck, text, text)
   end
-  local expiry = tonumber(redis.call('ZSCORE', LOG_TIMES_KEY, field))
-  redis.call('PEXPIRE', ck, fmt(math.max(1, expiry - NOW)))
+  redis.call('PEXPIRE', ck, fmt(math.max(1, log_expiry[field] - NOW)))
   return {}
 end
 
