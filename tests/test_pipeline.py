@@ -10,12 +10,13 @@ import errno
 import socket
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 import redis.exceptions
 from botocore.exceptions import ClientError, EndpointConnectionError
-from events import make_record
+from events import make_other_event, make_record, make_sink_test_event
 from redis.asyncio import Redis
 
 from worker.backoff import Backoff
@@ -27,9 +28,11 @@ from worker.consumer.pipeline import (
     HandlerUnavailable,
     RawRecord,
 )
+from worker.devtools.simulator import SimulationOptions, generate
 from worker.events.records import ConnectionEvent
 from worker.handlers.base import Batch
 from worker.metrics import Metrics
+from worker.testing.events import as_connection_event
 
 SHARD = "shardId-000000000000"
 
@@ -322,3 +325,69 @@ async def test_a_timed_out_handler_is_an_outage_whatever_it_does_with_the_cancel
         await pipeline.process(SHARD, records(["attachment.accepted"] * 3))
     assert await dlq.length() == 0
     assert metrics.handler_timeouts.labels(handler="stubborn")._value.get() == 2
+
+
+class Noting:
+    """A handler that keeps what each batch it gets says of itself: kinds, latest time."""
+
+    name = "noting"
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[str], object, list[str], object]] = []
+        self.last_time = datetime.max.replace(tzinfo=UTC)
+
+    async def handle(self, batch: Batch) -> None:
+        worked_out = Batch(batch.shard_id, list(batch.events))
+        self.last_time = batch.events[-1].envelope.data.timestamp
+        self.batches.append(
+            (
+                [kind.value for kind in batch.kinds],
+                batch.latest,
+                [kind.value for kind in worked_out.kinds],
+                worked_out.latest,
+            )
+        )
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis) -> None:
+    """``Batch.kinds`` and ``Batch.latest``, noted while decoding, are what the events say,
+    with corrupt records, sink test events and other products' events left out, and times
+    out of order (the latest is not the last)."""
+    simulated, _ = generate(SimulationOptions(sims=20, hours=6, seed=3))
+    raw = list(reversed(simulated[:300]))  # newest first: the latest event comes first
+    raw[5:5] = [
+        b"{not json",
+        orjson.dumps(make_sink_test_event()),
+        orjson.dumps(make_other_event()),
+    ]
+    batch_records = [RawRecord(data, str(i).zfill(20), "pk") for i, data in enumerate(raw)]
+    noting = Noting()
+    dlq = store(redis)
+    outcome = await BatchProcessor([noting], dlq, Metrics()).process(SHARD, batch_records)
+    assert outcome.dead_lettered == 1
+    assert sum(outcome.skipped.values()) == 2
+    [(kinds, latest, expected_kinds, expected_latest)] = noting.batches
+    assert len(kinds) == 300
+    assert kinds == expected_kinds
+    assert latest is not None
+    assert latest == expected_latest
+    assert latest > noting.last_time  # out of order: the batch's last event is not its latest
+    assert sum(outcome.kinds.values()) == 300
+    assert dict(outcome.kinds) == {kind: kinds.count(kind) for kind in set(kinds)}
+
+
+def test_a_split_batch_works_out_its_halves() -> None:
+    events = [
+        as_connection_event(make_record(kind, seq=i))
+        for i, kind in enumerate(["attachment.accepted", "data-session.updated"] * 3)
+    ]
+    whole = Batch.decoded(SHARD, events, [event.kind for event in events], None)
+    for half in whole.split():
+        assert list(half.kinds) == [event.kind for event in half.events]
+        assert half.latest == max(event.envelope.data.timestamp for event in half.events)
+    empty = Batch(SHARD, [])
+    assert empty.latest is None
+    assert list(empty.kinds) == []

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from operator import attrgetter
 from typing import Any, Final
 
 import structlog
 
 from worker.handlers.base import Batch, HandlerContext, Plugin
-
-_KIND: Final = attrgetter("kind")
 
 
 class LogHandler:
@@ -23,9 +20,9 @@ class LogHandler:
         self.totals: Counter[str] = Counter()
 
     async def handle(self, batch: Batch) -> None:
-        # Counted by kind, then named: one C-level pass over the events (a generator reading
-        # each kind's value costs about ten times as much).
-        by_kind = Counter(map(_KIND, batch.events))
+        # Counted by kind, then named: one C-level pass over the batch's kinds (a generator
+        # reading each event's kind's value costs about ten times as much).
+        by_kind = Counter(batch.kinds)
         counts = Counter({kind.value: count for kind, count in by_kind.items()})
         self.totals.update(counts)
         self._log.info("batch", shard_id=batch.shard_id, events=len(batch), kinds=dict(counts))

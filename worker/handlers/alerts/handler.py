@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 import orjson
 import structlog
 
-from worker.events.records import ConnectionData, ConnectionEvent
+from worker.events.records import ConnectionData, ConnectionEvent, EventKind
 from worker.events.times import unix_ms
 from worker.handlers.alerts.dispatch import SEND_MARGIN_MS, Dispatcher, RetryPolicy
 from worker.handlers.alerts.episodes import EpisodeStore, Rule, Subject, Subjects, Transition
@@ -34,13 +34,6 @@ from worker.handlers.base import Batch, Gauge, HandlerContext
 CLOSE_GRACE_S = 5.0
 """At shutdown, queued deliveries get this long; the rest are delivered after their lease
 (by another replica or the next start), with the same idempotency keys."""
-
-
-def newest_event_ms(events: Sequence[ConnectionEvent]) -> int:
-    """The latest event time of ``events`` (not empty) in Unix milliseconds: the datetimes
-    are compared (decoded events share one UTC tzinfo, so that is a plain comparison) and
-    only the latest is converted."""
-    return unix_ms(max(event.envelope.data.timestamp for event in events))
 
 
 def window_ms(window: timedelta) -> int:
@@ -108,8 +101,14 @@ class AlertHandler(ABC):
         """The rules of this handler's alert kinds under one fleet's thresholds."""
 
     @abstractmethod
-    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
-        """Add the batch's hits and clears to ``subjects``."""
+    def collect(
+        self,
+        events: Sequence[ConnectionEvent],
+        subjects: Subjects,
+        kinds: Sequence[EventKind] | None = None,
+    ) -> None:
+        """Add the batch's hits and clears to ``subjects``. ``kinds``: each event's kind,
+        as ``Batch.kinds`` holds them (read from the events when None)."""
 
     @abstractmethod
     def render(self, transition: Transition) -> Alert:
@@ -146,12 +145,13 @@ class AlertHandler(ABC):
         if not batch.events:
             return
         subjects = Subjects()
-        self.collect(batch.events, subjects)
+        self.collect(batch.events, subjects, batch.kinds)
         now_ms = round(self._clock() * 1000)
         # A shard's progress never passes the wall clock minus the upstream delay: events up
         # to that late may still come, on this shard as on any other (and a clock ahead of
         # ours does not move event time).
-        newest = min(newest_event_ms(batch.events), now_ms - self._delay_ms)
+        assert batch.latest is not None  # the batch has events
+        newest = min(unix_ms(batch.latest), now_ms - self._delay_ms)
         await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
 
     async def tick(self, now: datetime | None = None) -> None:

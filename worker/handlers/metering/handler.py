@@ -331,18 +331,23 @@ _STANDARD_SID: Final = re.compile(r"PI[0-9a-f]{32}")
 
 
 def encode(
-    events: Sequence[ConnectionEvent], texts: _Texts | None = None
+    events: Sequence[ConnectionEvent],
+    texts: _Texts | None = None,
+    kinds: Sequence[EventKind] | None = None,
 ) -> tuple[list[EncodedEvent], bytes]:
     """The script's arguments for each event that matters to metering (started, updated
     and ended data-session events; ``EVENT_FIELDS``), and the session fields of their
     standard sids (byte 255 and the sid's 16 bytes each, see ``records``). Times are Unix
-    seconds; text that is stored in session records loses any ``|``."""
+    seconds; text that is stored in session records loses any ``|``. ``kinds``: each
+    event's kind, as ``Batch.kinds`` holds them (read from the events when None)."""
     texts = texts or _Texts()
+    if kinds is None:
+        kinds = [event.kind for event in events]
     hour_of = texts.hour
     out: list[EncodedEvent] = []
     fields: dict[str, int] = {}
-    for event in events:
-        code = _KIND_CODES.get(event.kind)
+    for kind, event in zip(kinds, events, strict=True):
+        code = _KIND_CODES.get(kind)
         if code is None:
             continue
         data = event.envelope.data
@@ -436,7 +441,7 @@ class MeteringHandler:
         self.unchanged = 0
 
     async def handle(self, batch: Batch) -> None:
-        encoded, sids = encode(batch.events, self._texts)
+        encoded, sids = encode(batch.events, self._texts, batch.kinds)
         if not encoded:
             return
         # A copy identical to an event earlier in the batch (a duplicate delivery, the same

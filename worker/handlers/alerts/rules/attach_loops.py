@@ -50,10 +50,16 @@ class AttachLoopsHandler(AlertHandler):
             ),
         )
 
-    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+    def collect(
+        self,
+        events: Sequence[ConnectionEvent],
+        subjects: Subjects,
+        kinds: Sequence[EventKind] | None = None,
+    ) -> None:
         seen: dict[tuple[int, str], Subject] = {}
-        for event in events:
-            kind = event.kind
+        if kinds is None:
+            kinds = [event.kind for event in events]
+        for kind, event in zip(kinds, events, strict=True):
             if (
                 kind is not EventKind.ATTACHMENT_ACCEPTED
                 and kind is not EventKind.DATA_SESSION_STARTED

@@ -117,12 +117,18 @@ class RejectionsHandler(AlertHandler):
             ),
         )
 
-    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+    def collect(
+        self,
+        events: Sequence[ConnectionEvent],
+        subjects: Subjects,
+        kinds: Sequence[EventKind] | None = None,
+    ) -> None:
         ignored = self.settings.fleet_ignore_codes
         seen: dict[tuple[int, str], Subject] = {}
         sim_subject = partial(self.sim_subject, subjects, seen)
-        for event in events:
-            kind = event.kind
+        if kinds is None:
+            kinds = [event.kind for event in events]
+        for kind, event in zip(kinds, events, strict=True):
             if kind not in _RELEVANT:
                 continue
             data = event.envelope.data
