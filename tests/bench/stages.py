@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,9 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = getattr(metering, "_Texts", None) or metering._Hours  # type: ignore[attr-defined]
     cache = texts()
 
+    # Each batch's kinds, as the pipeline notes them while decoding (``Batch.kinds``); older
+    # versions' handlers read each event's kind themselves.
+    kinds = [[event.kind for event in part] for part in batches]
+    takes_kinds = "kinds" in inspect.signature(metering.encode).parameters
+    extra: Callable[[int], tuple[Any, ...]] = (
+        (lambda i: (kinds[i],)) if takes_kinds else (lambda i: ())
+    )
+
     def meter() -> None:
-        for part in batches:
-            encoded, _ = metering.encode(part, cache)
+        for i, part in enumerate(batches):
+            encoded, _ = metering.encode(part, cache, *extra(i))
             distinct = list(dict.fromkeys(encoded))
             pack = getattr(metering, "pack_events", None)  # versions before it sent JSON
             pack(distinct) if pack is not None else orjson.dumps(distinct)
@@ -101,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = cls(HandlerContext(settings, client, "{stages}"), clock=lambda: 0.0)
 
         def alert(handler: Any = handler) -> None:
-            for part in batches:
+            for i, part in enumerate(batches):
                 subjects = Subjects()
-                handler.collect(part, subjects)
+                handler.collect(part, subjects, *extra(i))
                 orjson.dumps([subject.request(0) for subject in subjects])
 
         steps[f"`{handler.name}`: collect and request"] = alert
