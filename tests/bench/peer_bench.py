@@ -169,6 +169,8 @@ class Run:
     """(CPU s, s since the child started) when the first record reached the consumer's code."""
     gc_cpu: float = float("nan")
     """CPU s in garbage collection after the first record (ours only: ``worker_probe``)."""
+    max_rss_kib: int = 0
+    """The child's peak resident set size (ours only: ``worker_probe``; 0 when unknown)."""
 
 
 def _child_cpu() -> float:
@@ -237,6 +239,7 @@ def run_child(
         wall=wall,
         first=since_start(marks.get("first")),
         gc_cpu=marks["gc"][1] if "gc" in marks else float("nan"),
+        max_rss_kib=marks.get("max_rss_kib", 0),
     )
 
 

@@ -7,7 +7,8 @@ Fills a 4-shard kinesalite stream with simulator records (as ``peer_bench`` does
 our worker (``worker_probe.py run --from-start --until-caught-up``, 10,000 records a read)
 over it with ``log`` alone, ``log`` and each handler, then all of them, each run in a
 consumer group of its own; prints steady-state worker CPU (the run over an empty stream
-taken off) and redis-server CPU per record. With ``--baseline DIR`` (a directory holding
+taken off), redis-server CPU, and the worker's garbage collections' CPU per record, and
+the worker's peak RSS. With ``--baseline DIR`` (a directory holding
 another version's ``worker`` package, e.g. an unpacked ``git archive``) each run is followed
 by the same run of that version, for before/after pairs measured side by side. A
 development tool, not part of ``make bench``.
@@ -61,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv_ += ["run", "--from-start", "--until-caught-up"]
         print(f"{len(records):,} records, {args.sims} SIMs over 24 h")
         print(
-            "| handlers | worker | worker CPU µs per record | Redis CPU µs per record |\n"
-            "|---|---|---:|---:|"
+            "| handlers | worker | worker CPU µs per record | Redis CPU µs per record "
+            "| of the worker's, garbage collection | peak RSS MiB |\n"
+            "|---|---|---:|---:|---:|---:|"
         )
         versions: list[tuple[str, dict[str, str]]] = [("this", {})]
         if args.baseline:
@@ -82,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     full = run_child(argv_, {**env, **extra}, len(records), client, kinesalite)
                     worker = (full.cpu - empty.cpu) / len(records) * 1e6
                     per_redis = full.redis_cpu / len(records) * 1e6
+                    per_gc = full.gc_cpu / len(records) * 1e6
                     print(
-                        f"| `{handlers}` | {version} | {worker:.1f} | {per_redis:.2f} |", flush=True
+                        f"| `{handlers}` | {version} | {worker:.1f} | {per_redis:.2f} "
+                        f"| {per_gc:.1f} | {full.max_rss_kib / 1024:.0f} |",
+                        flush=True,
                     )
         client.close()
     finally:

@@ -28,6 +28,7 @@ import orjson
 import redis.asyncio
 
 import worker
+from worker.consumer.app import GC_THRESHOLD
 from worker.consumer.kinesis import utc_timestamp
 from worker.consumer.kinesis_parser import parse_get_records
 from worker.devtools.simulator import SimulationOptions, generate
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(comma-separated sizes, e.g. 100,10000): how much the CPU's caches weigh",
     )
     args = parser.parse_args(argv)
-    gc.set_threshold(500_000, 50, 100)  # as the worker runs (worker/consumer/app.py)
+    gc.set_threshold(*GC_THRESHOLD)  # as the worker runs
     records = generate(SimulationOptions(sims=560, hours=24, seed=7))[0][: args.records]
     raw_body = get_records_body(records)
     events = [e for e in map(decode, records) if isinstance(e, ConnectionEvent)]

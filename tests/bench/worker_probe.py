@@ -8,17 +8,19 @@ reaches it and after each batch (two clock reads per batch of up to 10,000 recor
 exit it writes the marks to ``MARKS.json``::
 
     {"first": [cpu, wall], "last": [cpu, wall], "records": N, "exit": [cpu, wall],
-     "gc": [collections, cpu]}
+     "gc": [collections, cpu], "max_rss_kib": N}
 
 ``first`` is when the first record reached the handler (start-up plus the first read and
 decode), ``last`` when the last batch had been handled, ``exit`` after the worker stopped
 (checkpoints written, leases released), ``gc`` the garbage collections after the first
-record reached the handler and the process CPU they took (``gc.callbacks``). The handler itself is unchanged.
+record reached the handler and the process CPU they took (``gc.callbacks``), ``max_rss_kib``
+the process's peak resident set size (``ru_maxrss``). The handler itself is unchanged.
 """
 
 from __future__ import annotations
 
 import gc
+import resource
 import sys
 import time
 from pathlib import Path
@@ -65,5 +67,6 @@ if __name__ == "__main__":
     gc.callbacks.append(_gc_timer)
     status = main(sys.argv[2:])
     marks["exit"] = _now()
+    marks["max_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(sys.argv[1]).write_bytes(orjson.dumps(marks))
     raise SystemExit(status)
