@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
+import pytest
 from alerts_support import (
     NOISY,
     SIM_A,
     Clock,
     at,
+    context,
     event,
     feed,
     finish,
     handler,
     iso,
     match,
+    settings,
     sim_end,
     sim_subject,
     simulated,
     stream_alerts,
 )
 from redis.asyncio import Redis
+
+from worker.events.records import ConnectionEvent
+from worker.handlers.alerts.episodes import Subjects
+from worker.handlers.alerts.handler import AlertHandler
+from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler
 
 
 async def test_one_alert_per_attach_loop_and_none_for_normal_sims(redis: Redis) -> None:
@@ -75,3 +84,37 @@ async def test_loop_resolves_when_a_data_session_starts(redis: Redis) -> None:
     assert (resolved["id"], resolved["status"]) == (opened["id"], "resolved")
     assert resolved["resolved_at"] == iso(at(200))
     assert resolved["resolution"] == "a data session started"
+
+
+class CollectOnly(AlertHandler):
+    """An alert rule written to the original API: ``collect(events, subjects)`` only (the
+    attach-loop rule, reading each event's kind itself)."""
+
+    name = "attach_loops"
+    rules = AttachLoopsHandler.rules
+    render = AttachLoopsHandler.render
+
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        self.calls = getattr(self, "calls", 0) + 1
+        AttachLoopsHandler.collect_kinds(self, events, [e.kind for e in events], subjects)
+
+
+async def test_a_rule_providing_only_collect_gets_every_batch(redis: Redis) -> None:
+    """``handle`` calls ``collect_kinds``, whose default hands the batch to ``collect``: a
+    rule written before ``collect_kinds`` existed alerts as before."""
+    rule = CollectOnly(context(redis), settings=settings(), clock=Clock(at(3600)))
+    await feed([rule], [event("attachment.accepted", i, i * 30) for i in range(5)], batch_size=2)
+    await finish([rule], at(120 + 60))
+    (alert,) = await stream_alerts(redis)
+    assert (alert["kind"], alert["sim_sid"], alert["count"]) == ("attach_loop", SIM_A, 5)
+    assert rule.calls == 3
+
+
+def test_a_rule_providing_neither_collect_nor_collect_kinds_is_refused(redis: Redis) -> None:
+    class Neither(AlertHandler):
+        name = "neither"
+        rules = AttachLoopsHandler.rules
+        render = AttachLoopsHandler.render
+
+    with pytest.raises(TypeError, match="Neither must provide collect or collect_kinds"):
+        Neither(context(redis), settings=settings())

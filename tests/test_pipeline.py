@@ -29,7 +29,7 @@ from worker.consumer.pipeline import (
     RawRecord,
 )
 from worker.devtools.simulator import SimulationOptions, generate
-from worker.events.records import ConnectionEvent
+from worker.events.records import ConnectionEvent, EventKind
 from worker.handlers.base import Batch
 from worker.metrics import Metrics
 from worker.testing.events import as_connection_event
@@ -328,37 +328,31 @@ async def test_a_timed_out_handler_is_an_outage_whatever_it_does_with_the_cancel
 
 
 class Noting:
-    """A handler that keeps what each batch it gets says of itself: kinds, latest time."""
+    """A handler that keeps what each batch it gets says of itself (kinds, latest time),
+    and what its events say."""
 
     name = "noting"
 
     def __init__(self) -> None:
-        self.batches: list[tuple[list[str], object, list[str], object]] = []
-        self.last_time = datetime.max.replace(tzinfo=UTC)
+        self.noted: list[tuple[list[EventKind], datetime | None]] = []
+        self.told: list[tuple[list[EventKind], datetime, datetime]] = []
 
     async def handle(self, batch: Batch) -> None:
-        worked_out = Batch(batch.shard_id, list(batch.events))
-        self.last_time = batch.events[-1].envelope.data.timestamp
-        self.batches.append(
-            (
-                [kind.value for kind in batch.kinds],
-                batch.latest,
-                [kind.value for kind in worked_out.kinds],
-                worked_out.latest,
-            )
-        )
+        self.noted.append((list(batch.kinds), batch.latest))
+        times = [event.envelope.data.timestamp for event in batch.events]
+        self.told.append(([event.kind for event in batch.events], max(times), times[-1]))
 
     async def close(self) -> None:
         return None
 
 
 async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis) -> None:
-    """``Batch.kinds`` and ``Batch.latest``, noted while decoding, are what the events say,
-    with corrupt records, sink test events and other products' events left out, and times
-    out of order (the latest is not the last)."""
-    simulated, _ = generate(SimulationOptions(sims=20, hours=6, seed=3))
-    raw = list(reversed(simulated[:300]))  # newest first: the latest event comes first
-    raw[5:5] = [
+    """``Batch.kinds`` and ``Batch.latest``, noted while decoding (over more than one
+    ``DECODE_CHUNK``), are what the events say, with corrupt records, sink test events and
+    other products' events left out, and times out of order (the latest is not the last)."""
+    simulated, _ = generate(SimulationOptions(sims=20, hours=12, seed=3))
+    raw = list(reversed(simulated[: 2 * DECODE_CHUNK + 100]))  # newest first
+    raw[DECODE_CHUNK - 1 : DECODE_CHUNK - 1] = [
         b"{not json",
         orjson.dumps(make_sink_test_event()),
         orjson.dumps(make_other_event()),
@@ -369,25 +363,26 @@ async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis)
     outcome = await BatchProcessor([noting], dlq, Metrics()).process(SHARD, batch_records)
     assert outcome.dead_lettered == 1
     assert sum(outcome.skipped.values()) == 2
-    [(kinds, latest, expected_kinds, expected_latest)] = noting.batches
-    assert len(kinds) == 300
-    assert kinds == expected_kinds
-    assert latest is not None
-    assert latest == expected_latest
-    assert latest > noting.last_time  # out of order: the batch's last event is not its latest
-    assert sum(outcome.kinds.values()) == 300
-    assert dict(outcome.kinds) == {kind: kinds.count(kind) for kind in set(kinds)}
+    [(kinds, latest)] = noting.noted
+    [(kinds_told, latest_told, last_told)] = noting.told
+    assert len(kinds) == 2 * DECODE_CHUNK + 100
+    assert kinds == kinds_told
+    assert latest == latest_told
+    assert latest_told > last_told
+    assert dict(outcome.kinds) == {kind.value: kinds.count(kind) for kind in set(kinds)}
 
 
 def test_a_split_batch_works_out_its_halves() -> None:
+    kinds = ["attachment.accepted", "data-session.updated"]
     events = [
-        as_connection_event(make_record(kind, seq=i))
-        for i, kind in enumerate(["attachment.accepted", "data-session.updated"] * 3)
+        as_connection_event(make_record(kinds[i % 2], seq=i, at=f"2024-03-01T10:0{t}:00Z"))
+        for i, t in enumerate([3, 1, 7, 2, 9, 4])
     ]
     whole = Batch.decoded(SHARD, events, [event.kind for event in events], None)
-    for half in whole.split():
+    left, right = whole.split()
+    for half, minute in ((left, 7), (right, 9)):
         assert list(half.kinds) == [event.kind for event in half.events]
-        assert half.latest == max(event.envelope.data.timestamp for event in half.events)
+        assert half.latest == datetime(2024, 3, 1, 10, minute, tzinfo=UTC)
     empty = Batch(SHARD, [])
     assert empty.latest is None
     assert list(empty.kinds) == []

@@ -70,8 +70,8 @@ async def one_batch(raw: bytes, processor: BatchProcessor) -> int:
     decoded = processor.decode_all("shardId-000000000000", records, outcome)
     if inspect.isawaitable(decoded):  # it was not, before decoding yielded to the loop
         decoded = await decoded
-    events, _ = decoded
-    return len(events) + sum(outcome.kinds.values())
+    batch, _ = decoded  # a Batch, or a list of events from versions before Batch.decoded
+    return len(batch) + sum(outcome.kinds.values())
 
 
 async def main(batches: int, count: int) -> None:

@@ -28,7 +28,6 @@ import orjson
 import redis.asyncio
 
 import worker
-from worker.consumer.app import GC_THRESHOLD
 from worker.consumer.kinesis import utc_timestamp
 from worker.consumer.kinesis_parser import parse_get_records
 from worker.devtools.simulator import SimulationOptions, generate
@@ -74,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(comma-separated sizes, e.g. 100,10000): how much the CPU's caches weigh",
     )
     args = parser.parse_args(argv)
-    gc.set_threshold(*GC_THRESHOLD)  # as the worker runs
+    gc.set_threshold(500_000, 50, 100)  # as the worker runs (worker/consumer/app.py)
     records = generate(SimulationOptions(sims=560, hours=24, seed=7))[0][: args.records]
     raw_body = get_records_body(records)
     events = [e for e in map(decode, records) if isinstance(e, ConnectionEvent)]
@@ -83,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = getattr(metering, "_Texts", None) or metering._Hours  # type: ignore[attr-defined]
     cache = texts()
 
-    # Each batch's kinds, as the pipeline notes them while decoding (``Batch.kinds``); older
-    # versions' handlers read each event's kind themselves.
+    # Each batch's kinds, as the pipeline notes them while decoding (``Batch.kinds``, not
+    # timed here: "records decoded" is ``decode`` alone); older versions' handlers read each
+    # event's kind themselves.
     kinds = [[event.kind for event in part] for part in batches]
     takes_kinds = "kinds" in inspect.signature(metering.encode).parameters
     extra: Callable[[int], tuple[Any, ...]] = (
@@ -111,9 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = cls(HandlerContext(settings, client, "{stages}"), clock=lambda: 0.0)
 
         def alert(handler: Any = handler) -> None:
+            collect_kinds = getattr(handler, "collect_kinds", None)
             for i, part in enumerate(batches):
                 subjects = Subjects()
-                handler.collect(part, subjects, *extra(i))
+                if collect_kinds is not None:
+                    collect_kinds(part, kinds[i], subjects)
+                else:
+                    handler.collect(part, subjects)
                 orjson.dumps([subject.request(0) for subject in subjects])
 
         steps[f"`{handler.name}`: collect and request"] = alert

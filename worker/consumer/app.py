@@ -54,19 +54,14 @@ class RunSummary:
     and was left running; their leases were released all the same."""
 
 
-GC_THRESHOLD = (2_000_000, 50, 100)
-"""Young collections once the tracked objects alive grew by 2,000,000: more than a replica's
-batches hold at once unless it reads dozens of shards, so a batch's objects are mostly freed
-by reference counting before any collection walks them. A decoded record is about 20 tracked objects, and a shard holds
-the batch being handled and ``prefetch_batches`` (2) read ahead: 60,000 objects at the
-default batch limit (1,000), 600,000 at the largest (10,000): 2,000,000 covers about 33
-shards at the default, 3 at the largest, where a collection then walks what is in flight
-once per 2,000,000 objects rather than once per batch. At 50,000, collections walked
-each batch's objects while it was alive: 0.45-0.81 s of collection for 105,467 records. At
-500,000 that fell to 0.02 s with the ``log`` handler, but with all four handlers (batches
-held longer, waiting on Redis) collection still took 1.8-2.6 µs a record on a 4-shard
-stream at the largest limit; 0.0 at 2,000,000, with the same peak RSS (BENCHMARKS.md).
-Cyclic garbage waits longer for its collection, bounded by the same count."""
+GC_THRESHOLD = (500_000, 50, 100)
+"""Young collections once the tracked objects alive grew by 500,000: more than a shard's
+batches held at once at the largest batch limit (a 10,000-record batch is about 200,000
+tracked objects decoded, and one more is read ahead), so a batch's objects are mostly freed
+by reference counting before any collection walks them. At 50,000, collections walked each batch's objects while it was
+alive: 0.45-0.81 s of collection against 0.02-0.21 s at 500,000 for 105,467 records
+(BENCHMARKS.md), the same peak RSS. Cyclic garbage waits longer for its collection, bounded
+by the same count."""
 
 
 def tune_gc() -> None:

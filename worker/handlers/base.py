@@ -58,7 +58,8 @@ class Batch:
     while it decodes the batch, so that a handler interested in a few kinds, or in the
     batch's latest time, need not walk every decoded event for them (with thousands of events
     a batch, each walk reads memory the CPU's caches no longer hold). ``Batch(shard_id,
-    events)`` works them out itself."""
+    events)`` works them out itself. ``events`` must not be changed once the batch is made:
+    ``kinds`` and ``latest`` describe them as they were."""
 
     shard_id: str
     events: Sequence[ConnectionEvent]

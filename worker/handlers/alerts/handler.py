@@ -93,6 +93,9 @@ class AlertHandler(ABC):
         self.transitions: Counter[tuple[str, str]] = Counter()
         """Alerts recorded by (kind, status), for the metrics."""
         self._log = structlog.get_logger("worker.handlers.alerts")
+        cls = type(self)
+        if cls.collect is AlertHandler.collect and cls.collect_kinds is AlertHandler.collect_kinds:
+            raise TypeError(f"{cls.__name__} must provide collect or collect_kinds")
 
     # --- what a subclass provides -------------------------------------------------------
 
@@ -100,15 +103,21 @@ class AlertHandler(ABC):
     def rules(self, thresholds: Thresholds) -> tuple[Rule, ...]:
         """The rules of this handler's alert kinds under one fleet's thresholds."""
 
-    @abstractmethod
-    def collect(
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        """Add the batch's hits and clears to ``subjects``. A subclass provides this or
+        ``collect_kinds``; this one reads each event's kind and calls ``collect_kinds``."""
+        self.collect_kinds(events, [event.kind for event in events], subjects)
+
+    def collect_kinds(
         self,
         events: Sequence[ConnectionEvent],
+        kinds: Sequence[EventKind],
         subjects: Subjects,
-        kinds: Sequence[EventKind] | None = None,
     ) -> None:
-        """Add the batch's hits and clears to ``subjects``. ``kinds``: each event's kind,
-        as ``Batch.kinds`` holds them (read from the events when None)."""
+        """``collect``, told each event's kind (``kinds``, in the same order: ``Batch.kinds``),
+        so that a rule interested in a few kinds skips the others without reading each event.
+        ``handle`` calls this one; this one calls ``collect``."""
+        self.collect(events, subjects)
 
     @abstractmethod
     def render(self, transition: Transition) -> Alert:
@@ -145,13 +154,15 @@ class AlertHandler(ABC):
         if not batch.events:
             return
         subjects = Subjects()
-        self.collect(batch.events, subjects, batch.kinds)
+        self.collect_kinds(batch.events, batch.kinds, subjects)
         now_ms = round(self._clock() * 1000)
         # A shard's progress never passes the wall clock minus the upstream delay: events up
         # to that late may still come, on this shard as on any other (and a clock ahead of
         # ours does not move event time).
-        assert batch.latest is not None  # the batch has events
-        newest = min(unix_ms(batch.latest), now_ms - self._delay_ms)
+        latest = batch.latest
+        if latest is None:  # a batch with events has a latest time
+            raise ValueError("batch has events but no latest event time")
+        newest = min(unix_ms(latest), now_ms - self._delay_ms)
         await self._apply(subjects, now_ms, shard=batch.shard_id, newest_ms=newest)
 
     async def tick(self, now: datetime | None = None) -> None:

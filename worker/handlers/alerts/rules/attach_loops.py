@@ -50,15 +50,13 @@ class AttachLoopsHandler(AlertHandler):
             ),
         )
 
-    def collect(
+    def collect_kinds(
         self,
         events: Sequence[ConnectionEvent],
+        kinds: Sequence[EventKind],
         subjects: Subjects,
-        kinds: Sequence[EventKind] | None = None,
     ) -> None:
         seen: dict[tuple[int, str], Subject] = {}
-        if kinds is None:
-            kinds = [event.kind for event in events]
         for kind, event in zip(kinds, events, strict=True):
             if (
                 kind is not EventKind.ATTACHMENT_ACCEPTED

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import orjson
 
-from worker.events.records import ConnectionData, ConnectionEvent, EventKind
+from worker.events.records import ConnectionData, ConnectionEvent
 from worker.events.times import unix_ms
 from worker.handlers.alerts.episodes import Rule, Subject, Subjects, Transition
 from worker.handlers.alerts.handler import AlertHandler
@@ -51,12 +51,7 @@ class DataLimitHandler(AlertHandler):
     def rules(self, thresholds: Thresholds) -> tuple[Rule, ...]:
         return (Rule(AlertKind.DATA_LIMIT_REACHED, threshold=1, window_ms=0, quiet=False),)
 
-    def collect(
-        self,
-        events: Sequence[ConnectionEvent],
-        subjects: Subjects,
-        kinds: Sequence[EventKind] | None = None,
-    ) -> None:
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
         seen: dict[tuple[int, str], Subject] = {}
         for event in events:  # every event is a hit or a clear of its SIM
             data = event.envelope.data

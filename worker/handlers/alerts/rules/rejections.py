@@ -117,17 +117,15 @@ class RejectionsHandler(AlertHandler):
             ),
         )
 
-    def collect(
+    def collect_kinds(
         self,
         events: Sequence[ConnectionEvent],
+        kinds: Sequence[EventKind],
         subjects: Subjects,
-        kinds: Sequence[EventKind] | None = None,
     ) -> None:
         ignored = self.settings.fleet_ignore_codes
         seen: dict[tuple[int, str], Subject] = {}
         sim_subject = partial(self.sim_subject, subjects, seen)
-        if kinds is None:
-            kinds = [event.kind for event in events]
         for kind, event in zip(kinds, events, strict=True):
             if kind not in _RELEVANT:
                 continue
