@@ -5,8 +5,10 @@
 Builds a GetRecords body of ``--records`` simulator records (560 SIMs over 24 hours,
 seed 7: each record different, as in a real stream, so the CPU's caches hold few of them)
 and times, in this process, the best of ``--repeat`` runs of each step: the body parsed
-(orjson, base64), the records decoded into events, metering's encoding of the events
-for its script, and each alert handler's ``collect`` with its script request. No I/O, no
+(orjson, base64), the records decoded into events (``decode`` alone, then the pipeline's
+``decode_all``), three walks of the decoded batches for their latest event time (what the
+alert handlers did before ``Batch.latest``), metering's encoding of the events for its
+script, and each alert handler's ``collect`` with its script request. No I/O, no
 Redis. Instruction counts would not show what these steps spend waiting on memory, so this
 reports process CPU; for a before/after pair run it twice in one sitting, the second time
 with ``PYTHONPATH`` naming another version's ``worker`` package (an unpacked ``git
@@ -16,6 +18,7 @@ archive``). A development tool, not part of ``make bench``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import inspect
 import sys
@@ -30,6 +33,7 @@ import redis.asyncio
 import worker
 from worker.consumer.kinesis import utc_timestamp
 from worker.consumer.kinesis_parser import parse_get_records
+from worker.consumer.pipeline import BatchOutcome, BatchProcessor, raw_records
 from worker.devtools.simulator import SimulationOptions, generate
 from worker.events.decode import decode
 from worker.events.records import ConnectionEvent
@@ -40,6 +44,7 @@ from worker.handlers.alerts.rules.rejections import RejectionsHandler
 from worker.handlers.alerts.settings import AlertSettings
 from worker.handlers.base import HandlerContext
 from worker.handlers.metering import handler as metering
+from worker.metrics import Metrics
 
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
@@ -98,11 +103,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             pack = getattr(metering, "pack_events", None)  # versions before it sent JSON
             pack(distinct) if pack is not None else orjson.dumps(distinct)
 
+    raw = raw_records(parse_get_records(raw_body, utc_timestamp)["Records"])
+    processor = BatchProcessor([], None, Metrics())  # type: ignore[arg-type]  # never writes
+    loop = asyncio.new_event_loop()
+
+    def decode_all() -> Any:
+        return loop.run_until_complete(
+            processor.decode_all("shardId-000000000000", raw, BatchOutcome(records=len(raw)))
+        )
+
+    def latest_walks() -> None:
+        for part in batches:  # each alert handler walked its batch for the latest time
+            for _ in range(3):
+                max(event.envelope.data.timestamp for event in part)
+
     steps: dict[str, Callable[[], Any]] = {
         "GetRecords body parsed (orjson, base64)": lambda: parse_get_records(
             raw_body, utc_timestamp
         ),
         "records decoded into events": lambda: [decode(raw) for raw in records],
+        "the pipeline's decoding (`decode_all`: kinds counted, or noted with the latest time)": (
+            decode_all
+        ),
+        "three walks of each batch for its latest time (the alert handlers' before `Batch.latest`)": (
+            latest_walks
+        ),
         "metering: events encoded for its script": meter,
     }
     settings = AlertSettings(sinks="log")
