@@ -9,6 +9,7 @@ import pytest
 from alerts_support import (
     NOISY,
     SIM_A,
+    SIM_B,
     Clock,
     at,
     context,
@@ -26,7 +27,7 @@ from alerts_support import (
 )
 from redis.asyncio import Redis
 
-from worker.events.records import ConnectionEvent
+from worker.events.records import ConnectionEvent, EventKind
 from worker.handlers.alerts.episodes import Subjects
 from worker.handlers.alerts.handler import AlertHandler
 from worker.handlers.alerts.rules.attach_loops import AttachLoopsHandler
@@ -86,28 +87,66 @@ async def test_loop_resolves_when_a_data_session_starts(redis: Redis) -> None:
     assert resolved["resolution"] == "a data session started"
 
 
-class CollectOnly(AlertHandler):
-    """An alert rule written to the original API: ``collect(events, subjects)`` only (the
-    attach-loop rule, reading each event's kind itself)."""
+class SkipsSimB(AttachLoopsHandler):
+    """A rule built on the attach-loop rule with the original API: its ``collect`` drops
+    one SIM's events and hands the rest to the rule's own (``super().collect``)."""
 
-    name = "attach_loops"
-    rules = AttachLoopsHandler.rules
-    render = AttachLoopsHandler.render
+    calls = 0
 
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
-        self.calls = getattr(self, "calls", 0) + 1
-        AttachLoopsHandler.collect_kinds(self, events, [e.kind for e in events], subjects)
+        self.calls += 1
+        super().collect([e for e in events if e.envelope.data.sim_sid != SIM_B], subjects)
 
 
-async def test_a_rule_providing_only_collect_gets_every_batch(redis: Redis) -> None:
-    """``handle`` calls ``collect_kinds``, whose default hands the batch to ``collect``: a
-    rule written before ``collect_kinds`` existed alerts as before."""
-    rule = CollectOnly(context(redis), settings=settings(), clock=Clock(at(3600)))
-    await feed([rule], [event("attachment.accepted", i, i * 30) for i in range(5)], batch_size=2)
+async def test_a_rule_overriding_collect_of_a_built_in_gets_every_batch(redis: Redis) -> None:
+    """``handle`` calls the method the class defines nearest (here ``collect``, though the
+    built-in rule provides ``collect_kinds``), and ``super().collect`` reaches the rule."""
+    rule = SkipsSimB(context(redis), settings=settings(), clock=Clock(at(3600)))
+    loops = [
+        event("attachment.accepted", i, i * 30, sim=sim) for sim in (SIM_A, SIM_B) for i in range(5)
+    ]
+    await feed([rule], loops, batch_size=4)
     await finish([rule], at(120 + 60))
     (alert,) = await stream_alerts(redis)
     assert (alert["kind"], alert["sim_sid"], alert["count"]) == ("attach_loop", SIM_A, 5)
     assert rule.calls == 3
+
+
+class CallsSuper(AlertHandler):
+    """A rule whose ``collect`` calls its base's, which must not call it back."""
+
+    name = "attach_loops"
+    rules = AttachLoopsHandler.rules
+    render = AttachLoopsHandler.render
+    collected = 0
+
+    def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
+        self.collected += len(events)
+        super().collect(events, subjects)
+
+
+class CallsSuperKinds(CallsSuper):
+    """The same with ``collect_kinds``, which ``handle`` then calls instead."""
+
+    def collect_kinds(
+        self, events: Sequence[ConnectionEvent], kinds: Sequence[EventKind], subjects: Subjects
+    ) -> None:
+        self.collected += 10 * len(events)
+        super().collect_kinds(events, kinds, subjects)
+
+
+@pytest.mark.parametrize(("rule_class", "collected"), [(CallsSuper, 5), (CallsSuperKinds, 55)])
+async def test_the_defaults_called_through_super_do_not_call_back(
+    redis: Redis, rule_class: type[CallsSuper], collected: int
+) -> None:
+    """Through ``super()``, ``AlertHandler``'s ``collect`` calls a ``collect_kinds`` only
+    when the class has one (here ``CallsSuperKinds``, whose base's ``collect`` then runs
+    once), and its ``collect_kinds`` a ``collect`` only when the class has one: no loop."""
+    rule = rule_class(context(redis), settings=settings(), clock=Clock(at(3600)))
+    await feed([rule], [event("attachment.accepted", i, i * 30) for i in range(5)], batch_size=2)
+    await finish([rule], at(120 + 60))
+    assert rule.collected == collected
+    assert await stream_alerts(redis) == []
 
 
 def test_a_rule_providing_neither_collect_nor_collect_kinds_is_refused(redis: Redis) -> None:

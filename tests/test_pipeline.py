@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import socket
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -28,7 +29,6 @@ from worker.consumer.pipeline import (
     HandlerUnavailable,
     RawRecord,
 )
-from worker.devtools.simulator import SimulationOptions, generate
 from worker.events.records import ConnectionEvent, EventKind
 from worker.handlers.base import Batch
 from worker.metrics import Metrics
@@ -349,9 +349,18 @@ class Noting:
 async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis) -> None:
     """``Batch.kinds`` and ``Batch.latest``, noted while decoding (over more than one
     ``DECODE_CHUNK``), are what the events say, with corrupt records, sink test events and
-    other products' events left out, and times out of order (the latest is not the last)."""
-    simulated, _ = generate(SimulationOptions(sims=20, hours=12, seed=3))
-    raw = list(reversed(simulated[: 2 * DECODE_CHUNK + 100]))  # newest first
+    other products' events left out, and times out of order: the latest is in the second
+    chunk, neither first nor last."""
+    count = 2 * DECODE_CHUNK + 100
+    order = random.Random(7).sample(range(count), count)
+    newest = order.index(count - 1)
+    order[newest], order[DECODE_CHUNK + 50] = order[DECODE_CHUNK + 50], order[newest]
+    kinds = ["attachment.accepted", "data-session.updated", "attachment.rejected"]
+    start = datetime(2024, 3, 1, tzinfo=UTC)
+    raw = [
+        make_record(kinds[i % 3], seq=i, at=start + timedelta(seconds=seconds))
+        for i, seconds in enumerate(order)
+    ]
     raw[DECODE_CHUNK - 1 : DECODE_CHUNK - 1] = [
         b"{not json",
         orjson.dumps(make_sink_test_event()),
@@ -363,13 +372,13 @@ async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis)
     outcome = await BatchProcessor([noting], dlq, Metrics()).process(SHARD, batch_records)
     assert outcome.dead_lettered == 1
     assert sum(outcome.skipped.values()) == 2
-    [(kinds, latest)] = noting.noted
-    [(kinds_told, latest_told, last_told)] = noting.told
-    assert len(kinds) == 2 * DECODE_CHUNK + 100
-    assert kinds == kinds_told
-    assert latest == latest_told
-    assert latest_told > last_told
-    assert dict(outcome.kinds) == {kind.value: kinds.count(kind) for kind in set(kinds)}
+    [(noted_kinds, latest)] = noting.noted
+    [(told_kinds, latest_told, last_told)] = noting.told
+    assert len(noted_kinds) == count
+    assert noted_kinds == told_kinds
+    assert latest == latest_told == start + timedelta(seconds=count - 1)
+    assert last_told < latest_told
+    assert dict(outcome.kinds) == {k.value: noted_kinds.count(k) for k in set(noted_kinds)}
 
 
 def test_a_split_batch_works_out_its_halves() -> None:

@@ -82,6 +82,8 @@ class Batch:
     ) -> Batch:
         """A batch whose maker noted ``kinds`` and ``latest`` as it built ``events`` (they
         must be what ``Batch(shard_id, events)`` would work out)."""
+        if len(kinds) != len(events):
+            raise ValueError(f"{len(kinds)} kinds for {len(events)} events")
         batch = object.__new__(cls)
         for name, value in (
             ("shard_id", shard_id),

@@ -1,7 +1,8 @@
 """The base of the alert handlers: batch -> subjects -> one script call -> dispatch.
 
-A subclass says which events are hits and clears of which subjects (``collect``) and how
-a transition reads as an alert (``render``). Everything else is shared: settings, the
+A subclass says which events are hits and clears of which subjects (``collect``, or
+``collect_kinds``, which is told each event's kind) and how a transition reads as an alert
+(``render``). Everything else is shared: settings, the
 episode store, the outbox, the sinks and the dispatcher.
 
 Besides the ``Handler`` methods it offers ``tick(now)``, which the consumer may call
@@ -17,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -57,6 +59,8 @@ class AlertHandler(ABC):
         settings: AlertSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if self._collects_kinds is None:
+            raise TypeError(f"{type(self).__name__} must provide collect or collect_kinds")
         self.settings = settings if settings is not None else context.settings
         self._clock = clock
         self._delay_ms = round(self.settings.upstream_delay.total_seconds() * 1000)
@@ -93,9 +97,6 @@ class AlertHandler(ABC):
         self.transitions: Counter[tuple[str, str]] = Counter()
         """Alerts recorded by (kind, status), for the metrics."""
         self._log = structlog.get_logger("worker.handlers.alerts")
-        cls = type(self)
-        if cls.collect is AlertHandler.collect and cls.collect_kinds is AlertHandler.collect_kinds:
-            raise TypeError(f"{cls.__name__} must provide collect or collect_kinds")
 
     # --- what a subclass provides -------------------------------------------------------
 
@@ -103,10 +104,38 @@ class AlertHandler(ABC):
     def rules(self, thresholds: Thresholds) -> tuple[Rule, ...]:
         """The rules of this handler's alert kinds under one fleet's thresholds."""
 
+    _collects_kinds: ClassVar[bool | None] = None
+    """Whether ``handle`` calls ``collect_kinds`` (True) or ``collect`` (False): the one the
+    class, or the nearest of its bases, defines (``collect_kinds`` if it defines both);
+    None when neither is defined below ``AlertHandler``."""
+
+    _crossing = False
+    """Set while a default ``collect`` or ``collect_kinds`` calls the other: a class that
+    overrides both, each calling its base's, does not loop."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for klass in cls.__mro__:
+            if klass is AlertHandler:
+                cls._collects_kinds = None
+                break
+            if "collect_kinds" in vars(klass) or "collect" in vars(klass):
+                cls._collects_kinds = "collect_kinds" in vars(klass)
+                break
+
     def collect(self, events: Sequence[ConnectionEvent], subjects: Subjects) -> None:
-        """Add the batch's hits and clears to ``subjects``. A subclass provides this or
-        ``collect_kinds``; this one reads each event's kind and calls ``collect_kinds``."""
-        self.collect_kinds(events, [event.kind for event in events], subjects)
+        """Add the batch's hits and clears to ``subjects``. A rule provides this or
+        ``collect_kinds``; ``handle`` calls the one its class defines (or the nearest base
+        does). This default hands the events to ``collect_kinds`` when the class has one of
+        its own, so ``super().collect`` in a subclass of a rule that provides
+        ``collect_kinds`` reaches it; otherwise, or when called back from the default
+        ``collect_kinds``, it does nothing."""
+        if type(self).collect_kinds is not AlertHandler.collect_kinds and not self._crossing:
+            self._crossing = True
+            try:
+                self.collect_kinds(events, [event.kind for event in events], subjects)
+            finally:
+                self._crossing = False
 
     def collect_kinds(
         self,
@@ -116,8 +145,14 @@ class AlertHandler(ABC):
     ) -> None:
         """``collect``, told each event's kind (``kinds``, in the same order: ``Batch.kinds``),
         so that a rule interested in a few kinds skips the others without reading each event.
-        ``handle`` calls this one; this one calls ``collect``."""
-        self.collect(events, subjects)
+        This default hands the events to ``collect`` when the class has one of its own;
+        otherwise, or when called back from the default ``collect``, it does nothing."""
+        if type(self).collect is not AlertHandler.collect and not self._crossing:
+            self._crossing = True
+            try:
+                self.collect(events, subjects)
+            finally:
+                self._crossing = False
 
     @abstractmethod
     def render(self, transition: Transition) -> Alert:
@@ -154,7 +189,10 @@ class AlertHandler(ABC):
         if not batch.events:
             return
         subjects = Subjects()
-        self.collect_kinds(batch.events, batch.kinds, subjects)
+        if self._collects_kinds:
+            self.collect_kinds(batch.events, batch.kinds, subjects)
+        else:
+            self.collect(batch.events, subjects)
         now_ms = round(self._clock() * 1000)
         # A shard's progress never passes the wall clock minus the upstream delay: events up
         # to that late may still come, on this shard as on any other (and a clock ahead of
