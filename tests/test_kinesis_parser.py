@@ -162,7 +162,23 @@ def test_any_body_parses_as_botocore_parses_it(body: Any) -> None:
     assert parse(fast_parser(), raw) == parse(botocore_parser(), raw)
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b"null", b'{"Records": {}}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b"null",
+        b'{"Records": {}}',
+        # Data that is not strict base64 (unpadded, with a newline, URL-safe, empty), or null
+        *(b'{"Records": [{"Data": "%s"}]}' % data for data in (b"YQ", b"YQ==\\n", b"-_8=", b"")),
+        b'{"Records": [{"Data": null, "SequenceNumber": "1"}]}',
+        b'{"Records": [{"ApproximateArrivalTimestamp": true}]}',
+        b'{"Records": [{"ApproximateArrivalTimestamp": 1765000000, "Other": {"a": 1}}]}',
+        b'{"Records": [], "MillisBehindLatest": 1.0}',
+        b'{"Records": [], "NextShardIterator": null, "ChildShards": []}',
+    ],
+)
 def test_odd_bodies_parse_as_botocore_parses_them(raw: bytes) -> None:
     assert parse(fast_parser(), raw) == parse(botocore_parser(), raw)
 

@@ -47,12 +47,11 @@ STEPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("start-up: imports", ("<frozen importlib", "importlib/__init__")),
     ("garbage collection (with --native)", ("gc_collect",)),
     ("waiting (py-spy's GIL guess)", ("concurrent/futures/thread.py:81)",)),
-    ("base64 of Data", (_line_of(_PARSER, "pybase64.b64decode("),)),
     (
         "arrival timestamps",
         (_line_of(_PARSER, "self._parsed = self._parse(raw)"), "utc_timestamp ("),
     ),
-    ("GetRecords body: orjson + records", (_PARSER,)),
+    ("GetRecords body: msgspec, base64 included", (_PARSER,)),
     ("decode (worker.events: orjson, pydantic)", ("worker/events/",)),
     ("log handler + structlog", ("worker/handlers/log.py", "structlog/", "worker/logs.py")),
     ("metering handler", ("worker/handlers/metering/",)),

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max(event.envelope.data.timestamp for event in part)
 
     steps: dict[str, Callable[[], Any]] = {
-        "GetRecords body parsed (orjson, base64)": lambda: parse_get_records(
+        "GetRecords body parsed (records, base64 of Data)": lambda: parse_get_records(
             raw_body, utc_timestamp
         ),
         "records decoded into events": lambda: [decode(raw) for raw in records],
