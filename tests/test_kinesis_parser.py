@@ -177,6 +177,10 @@ def test_any_body_parses_as_botocore_parses_it(body: Any) -> None:
         b'{"Records": [{"ApproximateArrivalTimestamp": 1765000000, "Other": {"a": 1}}]}',
         b'{"Records": [], "MillisBehindLatest": 1.0}',
         b'{"Records": [], "NextShardIterator": null, "ChildShards": []}',
+        # not UTF-8 where msgspec would skip it, and a partition key that is
+        b'{"Records": [{"Other": "\xff", "Data": "YQ=="}]}',
+        b'{"Records": [{"\xff": 1}]}',
+        '{"Records": [{"PartitionKey": "cl\u00e9", "Data": "YQ=="}]}'.encode(),
     ],
 )
 def test_odd_bodies_parse_as_botocore_parses_them(raw: bytes) -> None:

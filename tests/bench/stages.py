@@ -5,7 +5,7 @@
 Builds a GetRecords body of ``--records`` simulator records (560 SIMs over 24 hours,
 seed 7: each record different, as in a real stream, so the CPU's caches hold few of them)
 and times, in this process, the best of ``--repeat`` runs of each step: the body parsed
-(orjson, base64), the records decoded into events (``decode`` alone, then the pipeline's
+(records, base64), the records decoded into events (``decode`` alone, then the pipeline's
 ``decode_all``), three walks of the decoded batches for their latest event time (what the
 alert handlers did before ``Batch.latest``), metering's encoding of the events for its
 script, and each alert handler's ``collect`` with its script request. No I/O, no
