@@ -713,9 +713,12 @@ async def test_previous_layout_data_is_read_counted_against_and_moved(
     clean = await metered_groups(client, reader, [updated, ended], batch_size=1)
     prefix = "{sw:legacy:" + uuid.uuid4().hex + "}"
     (event,) = record_events(updated)
-    (args,), _ = encode([event])
+    encoded = encode([event])
+    (args,) = encoded.events
     sim, sid = event.data.sim_sid, str(event.data.data_session_sid)
-    fleet, account, network, op, loc, imei = (str(args[i]) for i in (13, 14, 15, 16, 17, 18))
+    fleet, account, network, op, loc, imei = (
+        encoded.texts[args[i] - 1] for i in (13, 14, 15, 16, 17, 18)
+    )
     # What the previous layout held after the updated window (10:00-10:40, 600/60 bytes).
     for dimension, ident in (("s", sim), ("f", fleet), ("a", account), ("n", network)):
         reader.hset(f"{prefix}:m:h:{dimension}:{ident}:20240301", mapping={"10d": 600, "10u": 60})

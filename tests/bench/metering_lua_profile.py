@@ -123,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40, help="lines listed")
     args = parser.parse_args(argv)
 
-    import orjson
-
     from worker.devtools.simulator import SimulationOptions, generate
     from worker.events.decode import decode
     from worker.events.records import ConnectionEvent
@@ -136,13 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = metering._Texts()
     batches = []
     for at in range(0, len(events), args.batch):
-        encoded, sids = metering.encode(events[at : at + args.batch], texts)
-        packed, text_list = metering.pack_events(list(dict.fromkeys(encoded)))
-        rows = [
-            list(metering._EVENT.unpack_from(packed, offset))
-            for offset in range(0, len(packed), metering._EVENT.size)
-        ]
-        batches.append((rows, sids, orjson.loads(text_list)))
+        encoded = metering.encode(events[at : at + args.batch], texts)
+        rows = [list(event) for event in dict.fromkeys(encoded.events)]
+        batches.append((rows, encoded.sids, encoded.texts))
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "args.pickle"
         dump.write_bytes(

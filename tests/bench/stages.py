@@ -99,10 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def meter() -> None:
         for i, part in enumerate(batches):
-            encoded, _ = metering.encode(part, cache, *extra(i))
-            distinct = list(dict.fromkeys(encoded))
+            encoded = metering.encode(part, cache, *extra(i))
+            distinct = list(dict.fromkeys(encoded[0]))
             pack = getattr(metering, "pack_events", None)  # versions before it sent JSON
-            pack(distinct) if pack is not None else orjson.dumps(distinct)
+            if pack is None:
+                orjson.dumps(distinct)
+            elif hasattr(metering, "texts_argument"):  # texts numbered by encode
+                pack(distinct)
+                metering.texts_argument(encoded.texts)
+            else:
+                pack(distinct)
 
     raw = raw_records(parse_get_records(raw_body, utc_timestamp)["Records"])
     processor = BatchProcessor([], None, Metrics())  # type: ignore[arg-type]  # never writes
@@ -172,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else:
                         handler.collect(lot, subjects)
                 del lot
-            metering.pack_events(list(dict.fromkeys(encoded)))
+            metering.pack_events(list(dict.fromkeys(encoded)))  # (each lot numbers its texts)
             for subjects in collected:
                 orjson.dumps([subject.request(0) for subject in subjects])
 

@@ -81,7 +81,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from itertools import count
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 import orjson
 import structlog
@@ -130,83 +130,49 @@ EVENT_FIELDS: Final = (
     "imei",
     "session_field",
 )
-"""The fields of an event as ``encode`` gives them, in the order ``pack_events`` packs them
-for the script (see ``metering.lua``). ``session_field`` numbers the session's field in the
-script's sids argument (from 1), 0 if its sid is not a standard one (then the sid is the
-field)."""
+"""The fields of an event as ``encode`` gives them and the script reads them (see
+``metering.lua``), then a last one, 1 if it carries cumulative totals (else both cumulative
+fields are 0). ``kind`` is 0 started, 1 updated, 2 ended; each text is its number in the
+batch's list of texts (from 1). ``session_field`` numbers the session's field
+in the script's sids argument (from 1), 0 if its sid is not a standard one (then the sid is
+the field)."""
 
 _EVENT_FORMAT: Final = "<BIIIdddIdddddIIIIIIIB"
-"""An event as the script reads it (``struct.unpack`` in Lua): the kind (0 started,
-1 updated, 2 ended), then ``EVENT_FIELDS`` in order, each text as its number in the
-batch's list of texts (from 1) and each number as a double (every time and byte count is
-an integer below 2**53, exact as one), then 1 if it carries cumulative totals. Decoding
-a JSON array of arrays cost the script a quarter of its work; this costs a fraction."""
+"""An encoded event as the script reads it (``struct.unpack`` in Lua): each text number an
+unsigned int, each number a double (every time and byte count is an integer below 2**53,
+exact as one). Decoding a JSON array of arrays cost the script a quarter of its work; this
+costs a fraction."""
 _EVENT: Final = struct.Struct(_EVENT_FORMAT)
-_KIND_NUMBERS: Final[dict[str | int, int]] = {"s": 0, "u": 1, "e": 2}
+
+EncodedEvent = tuple[int, ...]
+"""An event for the script: its kind, ``EVENT_FIELDS`` and the totals flag, as numbers."""
 
 
-def pack_events(events: Sequence[EncodedEvent]) -> tuple[bytes, bytes]:
-    """``events`` as the script's events argument (``_EVENT_FORMAT`` each) and its texts
-    argument (a JSON array: each distinct text once, numbered in order of appearance)."""
-    numbers: defaultdict[str | int, int] = defaultdict(count(1).__next__)
+class Encoded(NamedTuple):
+    """What ``encode`` gives for a batch."""
+
+    events: list[EncodedEvent]
+    sids: bytes
+    """The session fields of the standard sids: byte 255 and the sid's 16 bytes each."""
+    texts: list[str]
+    """The batch's texts, each once, in the order of the numbers the events give them."""
+
+
+def pack_events(events: Sequence[EncodedEvent]) -> bytes:
+    """``events`` as the script's events argument (``_EVENT_FORMAT`` each)."""
     pack = _EVENT.pack
-    kinds = _KIND_NUMBERS
-    out = []
-    for (
-        code,
-        sim,
-        session,
-        start_day,
-        start,
-        win_start,
-        win_end,
-        hour,
-        down,
-        up,
-        cum_down,
-        cum_up,
-        end,
-        fleet,
-        account,
-        network,
-        group,
-        where,
-        imei,
-        number,
-    ) in events:
-        totals = cum_down != ""
-        out.append(
-            pack(
-                kinds[code],
-                numbers[sim],
-                numbers[session],
-                numbers[start_day],
-                start,
-                win_start,
-                win_end,
-                numbers[hour],
-                down,
-                up,
-                cum_down if totals else 0,
-                cum_up if totals else 0,
-                end,
-                numbers[fleet],
-                numbers[account],
-                numbers[network],
-                numbers[group],
-                numbers[where],
-                numbers[imei],
-                number,
-                totals,
-            )
-        )
-    return b"".join(out), orjson.dumps(list(numbers))
+    return b"".join([pack(*event) for event in events])
+
+
+def texts_argument(texts: Sequence[str]) -> bytes:
+    """The script's texts argument: a JSON array."""
+    return orjson.dumps(texts)
 
 
 _KIND_CODES: Final = {
-    EventKind.DATA_SESSION_STARTED: "s",
-    EventKind.DATA_SESSION_UPDATED: "u",
-    EventKind.DATA_SESSION_ENDED: "e",
+    EventKind.DATA_SESSION_STARTED: 0,
+    EventKind.DATA_SESSION_UPDATED: 1,
+    EventKind.DATA_SESSION_ENDED: 2,
 }
 _HOUR_CACHE_MAX: Final = 50_000
 K = TypeVar("K")
@@ -325,8 +291,6 @@ def _place(cell_id: str | None, lat: float | None, lon: float | None) -> str:
     return f"{_text(cell_id)}^{'' if lat is None else repr(lat)}^{'' if lon is None else repr(lon)}"
 
 
-EncodedEvent = tuple[str | int, ...]
-
 _STANDARD_SID: Final = re.compile(r"PI[0-9a-f]{32}")
 
 
@@ -334,16 +298,18 @@ def encode(
     events: Sequence[ConnectionEvent],
     texts: _Texts | None = None,
     kinds: Sequence[EventKind] | None = None,
-) -> tuple[list[EncodedEvent], bytes]:
+) -> Encoded:
     """The script's arguments for each event that matters to metering (started, updated
-    and ended data-session events; ``EVENT_FIELDS``), and the session fields of their
-    standard sids (byte 255 and the sid's 16 bytes each, see ``records``). Times are Unix
-    seconds; text that is stored in session records loses any ``|``. ``kinds``: each
-    event's kind, as ``Batch.kinds`` holds them (read from the events when None)."""
+    and ended data-session events; see ``EVENT_FIELDS``), with the batch's texts numbered in
+    order of appearance, and the session fields of the standard sids. Times are Unix
+    seconds; text that is stored in session records loses any ``|``. Identical events give
+    identical tuples. ``kinds``: each event's kind, as ``Batch.kinds`` holds them (read from
+    the events when None)."""
     texts = texts or _Texts()
     if kinds is None:
         kinds = [event.kind for event in events]
     hour_of = texts.hour
+    numbers: defaultdict[str, int] = defaultdict(count(1).__next__)
     out: list[EncodedEvent] = []
     fields: dict[str, int] = {}
     for kind, event in zip(kinds, events, strict=True):
@@ -364,11 +330,9 @@ def encode(
             raise ValueError(f"{event.kind.value} event lacks data.data_session_start_time")
         start = unix_seconds(start_time)
         start_day = hour_of(start)[:8]
-        win_start = win_end = end = down = up = 0
+        win_start = win_end = end = down = up = cum_down = cum_up = totals = 0
         hour = ""
-        cum_down: str | int = ""
-        cum_up: str | int = ""
-        if code != "s":
+        if code:
             window_start = data.data_session_update_start_time
             window_end = data.data_session_update_end_time
             if window_start is None or window_end is None:  # decode refuses these too
@@ -378,44 +342,49 @@ def encode(
             down, up = data.data_download or 0, data.data_upload or 0
             cd, cu = data.data_session_data_download, data.data_session_data_upload
             if cd is not None and cu is not None:
-                cum_down, cum_up = cd, cu
+                cum_down, cum_up, totals = cd, cu, 1
             end_time = data.data_session_end_time
             end = unix_seconds(end_time) if end_time is not None else win_end
-        fleet, account = _text(data.fleet_sid), _text(data.account_sid)
         net, group = texts.group(data.network, data.rat_type)
-        where = texts.place(data.location)
-        imei = _text(data.imei)
         number = fields.get(session)
         if number is None:
             number = len(fields) + 1 if _STANDARD_SID.fullmatch(session) else 0
             if number:
                 fields[session] = number
+        # Texts are numbered in this order (sim, session, day, hour, fleet, account,
+        # network, group, place, IMEI), as the script's list of texts holds them.
+        sim_n, session_n = numbers[data.sim_sid], numbers[session]
+        day_n, hour_n = numbers[start_day], numbers[hour]
+        fleet_n, account_n = numbers[_text(data.fleet_sid)], numbers[_text(data.account_sid)]
+        net_n, group_n = numbers[net], numbers[group]
+        where_n, imei_n = numbers[texts.place(data.location)], numbers[_text(data.imei)]
         out.append(
             (
                 code,
-                data.sim_sid,
-                session,
-                start_day,
+                sim_n,
+                session_n,
+                day_n,
                 start,
                 win_start,
                 win_end,
-                hour,
+                hour_n,
                 down,
                 up,
                 cum_down,
                 cum_up,
                 end,
-                fleet,
-                account,
-                net,
-                group,
-                where,
-                imei,
+                fleet_n,
+                account_n,
+                net_n,
+                group_n,
+                where_n,
+                imei_n,
                 number,
+                totals,
             )
         )
     blob = b"".join(records.BINARY_SID + bytes.fromhex(sid[2:]) for sid in fields)
-    return out, blob
+    return Encoded(out, blob, list(numbers))
 
 
 class MeteringHandler:
@@ -441,7 +410,7 @@ class MeteringHandler:
         self.unchanged = 0
 
     async def handle(self, batch: Batch) -> None:
-        encoded, sids = encode(batch.events, self._texts, batch.kinds)
+        encoded, sids, texts = encode(batch.events, self._texts, batch.kinds)
         if not encoded:
             return
         # A copy identical to an event earlier in the batch (a duplicate delivery, the same
@@ -450,9 +419,9 @@ class MeteringHandler:
         # copies of one window, the record keeps the last one written; dropping the copy
         # can change which, never a figure.)
         distinct = list(dict.fromkeys(encoded))
-        packed, texts = pack_events(distinct)
         result: Any = await self._script(
-            keys=[self._route_key], args=[*self._head, packed, sids, texts]
+            keys=[self._route_key],
+            args=[*self._head, pack_events(distinct), sids, texts_argument(texts)],
         )
         counted = int(result[0])
         unchanged = int(result[1]) + len(encoded) - len(distinct)
