@@ -39,6 +39,21 @@ from worker.devtools.simulator import SimulationOptions, generate  # noqa: E402
 HANDLER_SETS = ("log", "log,metering", "log,rejections", "log,data_limit", "log,attach_loops")
 
 
+def print_commandstats(client: redis.Redis, records: int) -> None:
+    """Redis's own time per command since the last reset, per record: the commands a script
+    runs are counted under their own names as well as in the script's total."""
+    stats = client.info("commandstats")
+    rows = sorted(stats.items(), key=lambda item: -float(item[1]["usec"]))
+    for name, row in rows:
+        calls, usec = int(row["calls"]), float(row["usec"])
+        if usec / records >= 0.01:
+            print(
+                f"|   | {name.removeprefix('cmdstat_')}: {calls / records:.3f} calls, "
+                f"{usec / records:.2f} µs per record ({usec / max(calls, 1):.2f} µs a call) "
+                "| | | |"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sims", type=int, default=200)
@@ -46,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="another version's worker, run too")
     parser.add_argument(
         "--sets", nargs="*", help="handler sets to run (default: each alone, then all)"
+    )
+    parser.add_argument(
+        "--commandstats",
+        action="store_true",
+        help="after each run, Redis's own time per command (INFO commandstats), per record",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
@@ -81,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     env = our_env(
                         base, "full", kinesalite.url, redis_server.url, f"f{run}", handlers
                     )
+                    if args.commandstats:
+                        client.config_resetstat()
                     full = run_child(argv_, {**env, **extra}, len(records), client, kinesalite)
                     worker = (full.cpu - empty.cpu) / len(records) * 1e6
                     per_redis = full.redis_cpu / len(records) * 1e6
@@ -90,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"| {per_gc:.1f} | {full.max_rss_kib / 1024:.0f} |",
                         flush=True,
                     )
+                    if args.commandstats:
+                        print_commandstats(client, len(records))
         client.close()
     finally:
         kinesalite.stop()
