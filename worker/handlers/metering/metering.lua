@@ -44,15 +44,23 @@ local function head(n)  -- 0 <= n < 1296, without a leading zero
   return PAIR[n]
 end
 local function b36(n)
-  local sign = ''
-  if n < 0 then sign, n = '-', -n end
-  local text = ''
+  if n < 0 then return '-' .. b36(-n) end
+  if n < 1296 then return head(n) end
+  -- Up to 36^6 (2,176,782,336) the text is made in one concatenation: each string made
+  -- costs Redis's Lua far more than the arithmetic.
+  local low = n % 1296
+  n = (n - low) / 1296
+  if n < 1296 then return head(n) .. PAIR[low] end
+  local mid = n % 1296
+  n = (n - mid) / 1296
+  if n < 1296 then return head(n) .. PAIR[mid] .. PAIR[low] end
+  local text = PAIR[mid] .. PAIR[low]
   while n >= 1296 do
-    local low = n % 1296
+    low = n % 1296
     text = PAIR[low] .. text
     n = (n - low) / 1296
   end
-  return sign .. head(n) .. text
+  return head(n) .. text
 end
 local function n36(text)
   if text == nil or text == '' then return nil end
@@ -111,24 +119,26 @@ end
 
 -- ---- buckets: summed per batch, written once per (key, field) at the end -----------------
 
-local bucket_keys, bucket_ttl, bucket_sums, bucket_fields = {}, {}, {}, {}
+-- One array per key: {key, ttl, field, sum, field, sum, ...}, fields in order of first use
+-- (a key gets a field or two per hour of the batch, so a scan finds one at once).
+local buckets, bucket_list = {}, {}
 
 local function add(key, field, delta, ttl)
-  local sums = bucket_sums[key]
-  if sums == nil then
-    sums = {}
-    bucket_sums[key] = sums
-    bucket_fields[key] = {}
-    bucket_ttl[key] = ttl
-    bucket_keys[#bucket_keys + 1] = key
+  local bucket = buckets[key]
+  if bucket == nil then
+    bucket = {key, ttl, field, exact(delta, 'batch total')}
+    buckets[key] = bucket
+    bucket_list[#bucket_list + 1] = bucket
+    return
   end
-  local old = sums[field]
-  if old == nil then
-    local fields = bucket_fields[key]
-    fields[#fields + 1] = field
-    old = 0
+  local n = #bucket
+  for j = 3, n, 2 do
+    if bucket[j] == field then
+      bucket[j + 1] = exact(bucket[j + 1] + delta, 'batch total')
+      return
+    end
   end
-  sums[field] = exact(old + delta, 'batch total')
+  bucket[n + 1], bucket[n + 2] = field, exact(delta, 'batch total')
 end
 
 -- Key names, built once per batch.
@@ -238,6 +248,24 @@ local function split(packed, names)
   return out
 end
 
+-- Redis's Lua spends far more on making tables and strings than on reading them, and most on
+-- a table grown key by key (each growth rehashes it): so records are read with one match
+-- into a table built whole, and written from one array of their fields.
+assert(table.concat(RECORD_FIELDS, ',') ==
+  'start,opri,cov,sd,su,ed,eu,ev,end,fleet,account,op,loc,imei,lpri,ipri',
+  'metering.lua reads RECORD_FIELDS in this order: update read_record and BLANK')
+local RECORD_PATTERN = '^' .. string.rep('([^|]*)|?', NFIELDS) .. '(.*)$'
+local function read_record(packed)
+  local start, opri, cov, sd, su, ed, eu, ev, end_, fleet, account, op, loc, imei, lpri, ipri,
+    rest = packed:match(RECORD_PATTERN)
+  if rest ~= '' then error('session record with more fields than this release knows', 0) end
+  return {start = start, opri = opri, cov = cov, sd = sd, su = su, ed = ed, eu = eu, ev = ev,
+    ['end'] = end_, fleet = fleet, account = account, op = op, loc = loc, imei = imei,
+    lpri = lpri, ipri = ipri}
+end
+local FIELD = {}  -- a record field's position in RECORD_FIELDS
+for i = 1, NFIELDS do FIELD[RECORD_FIELDS[i]] = i end
+
 local function is_ended(rec)
   return rec.opri ~= nil and rec.opri % 2 == 1
 end
@@ -255,6 +283,9 @@ local function decode(stored)
     start = n36(stored.start), opri = n36(stored.opri), cov = stored.cov,
     sd = n36(stored.sd) or 0, su = n36(stored.su) or 0,
     ed = n36(stored.ed) or 0, eu = n36(stored.eu) or 0, ev = stored.ev,
+    -- set below or by load_record (named here so that the table is made at its size)
+    ['end'] = nil, fleet = nil, account = nil, op = nil, loc = nil, imei = nil, lpri = nil,
+    ipri = nil,
   }
   if is_ended(rec) then
     rec['end'] = n36(stored['end']) or ended_window_end(rec)
@@ -306,16 +337,19 @@ local function load_record(key, sim, day, sid, n, start)
   if hash == nil then
     local got = redis.call('HMGET', key, field, unpack(HEAD))
     packed = got[1]
-    hash = {count = tonumber(got[2]) or 0, defaults = {}}
-    for i = 1, #COMPONENTS do hash.defaults[COMPONENTS[i]] = got[i + 2] or '' end
+    local defaults = {fleet = '', account = '', op = '', loc = '', imei = ''}
+    for i = 1, #COMPONENTS do defaults[COMPONENTS[i]] = got[i + 2] or '' end
+    hash = {count = tonumber(got[2]) or 0, defaults = defaults, counted = false}
     hashes[key] = hash
   else
     packed = redis.call('HGET', key, field)
   end
-  entry = {key = key, field = field, hash = hash, touched = false, queued = false, slots = {}}
+  entry = {key = key, field = field, hash = hash, touched = false, queued = false, slots = {},
+    stored = nil, read = nil, rec = nil, base = nil, cov = nil, cov_changed = nil,
+    legacy = nil, sid = nil}
   local rec
   if packed then
-    local stored = split(packed, RECORD_FIELDS)
+    local stored = read_record(packed)
     rec = decode(stored)
     entry.stored = stored
     local wanted = {}
@@ -334,16 +368,24 @@ local function load_record(key, sim, day, sid, n, start)
         wanted[#wanted + 1] = name
       end
     end
+    local values
     if #wanted > 0 then
       local names = {}
       for i = 1, #wanted do
         names[i] = '~' .. CODE_OF[wanted[i]] .. entry.slots[wanted[i]]
       end
-      local values = redis.call('HMGET', key, unpack(names))
+      values = redis.call('HMGET', key, unpack(names))
       for i = 1, #wanted do rec[wanted[i]] = values[i] or '' end
     end
-    entry.read = {}
-    for i = 1, #PLAIN do entry.read[PLAIN[i]] = rec[PLAIN[i]] end
+    -- The values as read: the PLAIN fields', and a component's own entry (``values``), so
+    -- that packing rewrites neither when it did not change.
+    local read = {start = rec.start, opri = rec.opri, cov = rec.cov, sd = rec.sd, su = rec.su,
+      ed = rec.ed, eu = rec.eu, fleet = nil, account = nil, op = nil, loc = nil, imei = nil}
+    for i = 1, #wanted do
+      local name = wanted[i]
+      if name ~= 'cov' then read[name] = values[i] end
+    end
+    entry.read = read
     rec.lpri = rec.loc ~= '' and (n36(stored.lpri) or rec.opri) or nil
     rec.ipri = rec.imei ~= '' and (n36(stored.ipri) or rec.opri) or nil
   else
@@ -353,7 +395,9 @@ local function load_record(key, sim, day, sid, n, start)
       rec = from_legacy(old[1], old[2], day_start)
       entry.legacy, entry.sid = legacy, sid
     else
-      rec = {start = start - day_start, cov = '', sd = 0, su = 0, ed = 0, eu = 0, ev = ''}
+      rec = {start = start - day_start, cov = '', sd = 0, su = 0, ed = 0, eu = 0, ev = '',
+        fleet = '', account = '', op = '', loc = '', imei = '', opri = nil, ['end'] = nil,
+        lpri = nil, ipri = nil}
       for i = 1, #COMPONENTS do rec[COMPONENTS[i]] = '' end
     end
   end
@@ -584,10 +628,10 @@ expand_buckets()
 -- so those are undone here before failing: the call counts everything or nothing. Any other
 -- refusal (OOM, READONLY, MISCONF: Redis refuses a script's first write, so nothing is
 -- undone then) is passed on as Redis gave it, so the caller sees an outage, not bad data.
-local applied = {}
+local applied, napplied = {}, 0  -- key, field, delta, created: four entries per write
 local function undo()
-  for k = #applied, 1, -1 do
-    local key, field, delta, created = applied[k][1], applied[k][2], applied[k][3], applied[k][4]
+  for k = napplied - 3, 1, -4 do
+    local key, field, delta, created = applied[k], applied[k + 1], applied[k + 2], applied[k + 3]
     if created then
       redis.call('HDEL', key, field)
     else
@@ -595,13 +639,13 @@ local function undo()
     end
   end
 end
-for i = 1, #bucket_keys do
-  local key = bucket_keys[i]
-  local sums, fields, grew = bucket_sums[key], bucket_fields[key], false
-  for j = 1, #fields do
-    local delta = sums[fields[j]]
+for i = 1, #bucket_list do
+  local bucket = bucket_list[i]
+  local key, grew = bucket[1], false
+  for j = 3, #bucket, 2 do
+    local field, delta = bucket[j], bucket[j + 1]
     if delta ~= 0 then
-      local total = redis.pcall('HINCRBY', key, fields[j], fmt('%d', delta))
+      local total = redis.pcall('HINCRBY', key, field, fmt('%d', delta))
       if type(total) == 'table' then
         undo()
         local why = tostring(total.err)
@@ -610,11 +654,13 @@ for i = 1, #bucket_keys do
         end
         return redis.error_reply(why)
       end
-      applied[#applied + 1] = {key, fields[j], delta, total == delta}
+      applied[napplied + 1], applied[napplied + 2] = key, field
+      applied[napplied + 3], applied[napplied + 4] = delta, total == delta
+      napplied = napplied + 4
       if total == delta then grew = true end
     end
   end
-  if grew then redis.call('EXPIRE', key, bucket_ttl[key]) end
+  if grew then redis.call('EXPIRE', key, bucket[2]) end
 end
 
 -- Session records. A component's first non-empty value written to a hash becomes its
@@ -630,61 +676,76 @@ local function same(text) return text end
 local ENCODE = {start = b36, opri = b36, cov = same, sd = number, su = number,
   ed = number, eu = number}
 
+-- The record's fields in RECORD_FIELDS order, joined, without the empty ones at the end.
 local function join(out)
-  local parts = {}
-  for i = 1, NFIELDS do parts[i] = out[RECORD_FIELDS[i]] end
-  while parts[#parts] == '' do parts[#parts] = nil end
-  return table.concat(parts, '|')
+  local n = NFIELDS
+  while n > 0 and out[n] == '' do n = n - 1 end
+  return table.concat(out, '|', 1, n)
 end
+
+local function blank()  -- a record's fields, all empty: one table made at its size
+  return {'', '', '', '', '', '', '', '', '', '', '', '', '', '', '', ''}
+end
+assert(#blank() == NFIELDS, 'metering.lua: blank() must have NFIELDS fields')
+local PLAIN_AT, COMPONENT_AT = {}, {}
+for i = 1, #PLAIN do PLAIN_AT[i] = FIELD[PLAIN[i]] end
+for i = 1, #COMPONENTS do COMPONENT_AT[i] = FIELD[COMPONENTS[i]] end
+local END_AT, EV_AT, LPRI_AT, IPRI_AT, COV_AT = FIELD['end'], FIELD.ev, FIELD.lpri,
+  FIELD.ipri, FIELD.cov
 
 local function pack(entry, writes)
   coverage_text(entry)
   local rec, hash, read, stored = entry.rec, entry.hash, entry.read, entry.stored
-  local out = {ev = rec.ev, ['end'] = '', lpri = '', ipri = ''}
+  local out = blank()
+  out[EV_AT] = rec.ev
   for i = 1, #PLAIN do
     local name = PLAIN[i]
     if read and read[name] == rec[name] then
-      out[name] = stored[name]
+      out[PLAIN_AT[i]] = stored[name]
     else
-      out[name] = ENCODE[name](rec[name])
+      out[PLAIN_AT[i]] = ENCODE[name](rec[name])
     end
   end
-  if is_ended(rec) and rec['end'] ~= ended_window_end(rec) then out['end'] = b36(rec['end']) end
-  if rec.loc ~= '' and rec.lpri ~= rec.opri then out.lpri = b36(rec.lpri) end
-  if rec.imei ~= '' and rec.ipri ~= rec.opri then out.ipri = b36(rec.ipri) end
+  if is_ended(rec) and rec['end'] ~= ended_window_end(rec) then out[END_AT] = b36(rec['end']) end
+  if rec.loc ~= '' and rec.lpri ~= rec.opri then out[LPRI_AT] = b36(rec.lpri) end
+  if rec.imei ~= '' and rec.ipri ~= rec.opri then out[IPRI_AT] = b36(rec.ipri) end
+  local slots, defaults, set, gone = entry.slots, hash.defaults, writes.set, writes.gone
   for i = 1, #COMPONENTS do
-    local name, value = COMPONENTS[i], rec[COMPONENTS[i]]
-    local slot = entry.slots[name]
-    local own = slot and ('~' .. CODES[i] .. slot)
-    if value == '' or value == hash.defaults[name] or hash.defaults[name] == '' then
+    local name = COMPONENTS[i]
+    local value, slot, default = rec[name], slots[name], defaults[name]
+    if value == '' or value == default or default == '' then
       if value == '' then
-        out[name] = NONE
+        out[COMPONENT_AT[i]] = NONE
       else
-        out[name] = ''
-        if hash.defaults[name] == '' then
-          hash.defaults[name] = value
-          writes.set[#writes.set + 1] = '~' .. CODES[i]
-          writes.set[#writes.set + 1] = value
+        out[COMPONENT_AT[i]] = ''
+        if default == '' then
+          defaults[name] = value
+          set[#set + 1] = '~' .. CODES[i]
+          set[#set + 1] = value
         end
       end
-      if own then writes.gone[#writes.gone + 1] = own end
-      entry.slots[name] = nil
+      if slot then
+        gone[#gone + 1] = '~' .. CODES[i] .. slot
+        slots[name] = nil
+      end
     else
-      if own == nil then
+      if slot == nil then
         hash.count = hash.count + 1
         hash.counted = true
         slot = fmt('%d', hash.count)
-        entry.slots[name] = slot
-        own = '~' .. CODES[i] .. slot
+        slots[name] = slot
+        set[#set + 1] = '~' .. CODES[i] .. slot
+        set[#set + 1] = value
+      elseif not (read and read[name] == value) then  -- its entry holds it already
+        set[#set + 1] = '~' .. CODES[i] .. slot
+        set[#set + 1] = value
       end
-      writes.set[#writes.set + 1] = own
-      writes.set[#writes.set + 1] = value
-      out[name] = slot
+      out[COMPONENT_AT[i]] = slot
     end
   end
   local packed = join(out)
   local slot = entry.slots.cov
-  if #packed > LIMIT and out.cov:find(',', 1, true) then
+  if #packed > LIMIT and out[COV_AT]:find(',', 1, true) then
     -- Windows arrived out of order: the coverage moves to an entry of the record's own.
     if slot == nil then
       hash.count = hash.count + 1
@@ -693,10 +754,10 @@ local function pack(entry, writes)
       entry.slots.cov = slot
     end
     writes.set[#writes.set + 1] = '~' .. COV_CODE .. slot
-    writes.set[#writes.set + 1] = out.cov
-    out.cov = COV_REF .. slot
+    writes.set[#writes.set + 1] = out[COV_AT]
+    out[COV_AT] = COV_REF .. slot
     packed = join(out)
-  elseif slot and out.cov:sub(1, 1) ~= COV_REF then
+  elseif slot and out[COV_AT]:sub(1, 1) ~= COV_REF then
     writes.gone[#writes.gone + 1] = '~' .. COV_CODE .. slot
     entry.slots.cov = nil
   end
