@@ -141,20 +141,11 @@ local function add(key, field, delta, ttl)
   bucket[n + 1], bucket[n + 2] = field, exact(delta, 'batch total')
 end
 
--- Key names, built once per batch.
-local key_names = {h = {}, d = {}}
+-- A bucket key's name. Each is needed once or twice a batch (expand_buckets sums per SIM
+-- and hour first), so it is made each time rather than kept: tables to keep it cost more.
+local PM = P .. ':m:'
 local function key_name(kind, dim, id, period)
-  local by_dim = key_names[kind]
-  local by_id = by_dim[dim]
-  if by_id == nil then by_id = {}; by_dim[dim] = by_id end
-  local by_period = by_id[id]
-  if by_period == nil then by_period = {}; by_id[id] = by_period end
-  local name = by_period[period]
-  if name == nil then
-    name = P .. ':m:' .. kind .. ':' .. dim .. ':' .. id .. ':' .. period
-    by_period[period] = name
-  end
-  return name
+  return PM .. kind .. ':' .. dim .. ':' .. id .. ':' .. period
 end
 
 -- The parts of an hour "YYYYMMDDHH": its day and month (key suffixes) and the field names
@@ -194,7 +185,11 @@ local function child(parent, name)
 end
 local function bump(sim, fleet, account, network, hour, down, up)
   if down == 0 and up == 0 then return end
-  local by_hour = child(sim_hours, sim)
+  local by_hour = sim_hours[sim]
+  if by_hour == nil then
+    by_hour = {}
+    sim_hours[sim] = by_hour
+  end
   local sums = by_hour[hour]
   if sums == nil then
     sums = {sim, hour, 0, 0}
@@ -203,7 +198,21 @@ local function bump(sim, fleet, account, network, hour, down, up)
   end
   sums[3] = exact(sums[3] + down, 'batch total')
   sums[4] = exact(sums[4] + up, 'batch total')
-  local by_network = child(child(child(groups, hour), fleet), account)
+  local by_fleet = groups[hour]
+  if by_fleet == nil then
+    by_fleet = {}
+    groups[hour] = by_fleet
+  end
+  local by_account = by_fleet[fleet]
+  if by_account == nil then
+    by_account = {}
+    by_fleet[fleet] = by_account
+  end
+  local by_network = by_account[account]
+  if by_network == nil then
+    by_network = {}
+    by_account[account] = by_network
+  end
   local group = by_network[network]
   if group == nil then
     group = {hour, fleet, account, network, 0, 0}
@@ -508,13 +517,6 @@ local function move_ended_share(sim, entry, old_d, old_u)
   bump(sim, rec.fleet, rec.account, rec.op:match('^[^%^]*'), hour, d - old_d, u - old_u)
 end
 
-local function set(entry, name, value)
-  if entry.rec[name] ~= value then
-    entry.rec[name] = value
-    entry.touched = true
-  end
-end
-
 -- Descriptive fields come from the event with the highest priority (twice its window end,
 -- plus one for the ended event), until the first ended event: it always sets the operator
 -- group (fleet, account, network, radio, operator) and from then on nothing changes it,
@@ -522,24 +524,27 @@ end
 -- ended share is always moved under the dimensions it was credited to. Location and IMEI
 -- come from the highest-priority event that has one.
 local function describe(entry, pri, ended, ev)
-  local rec = entry.rec
+  -- A field that changes marks the record to be written (touched).
+  local rec, touched = entry.rec, false
   local opri = rec.opri
-  if not is_ended(rec) and (ended or opri == nil or pri >= opri) then
-    set(entry, 'opri', pri)
-    set(entry, 'fleet', TEXTS[ev.fleet])
-    set(entry, 'account', TEXTS[ev.account])
-    set(entry, 'op', TEXTS[ev.group])
+  if (opri == nil or opri % 2 ~= 1) and (ended or opri == nil or pri >= opri) then
+    local fleet, account, op = TEXTS[ev.fleet], TEXTS[ev.account], TEXTS[ev.group]
+    if opri ~= pri then rec.opri, touched = pri, true end
+    if rec.fleet ~= fleet then rec.fleet, touched = fleet, true end
+    if rec.account ~= account then rec.account, touched = account, true end
+    if rec.op ~= op then rec.op, touched = op, true end
   end
   local loc = TEXTS[ev.where]
   if loc ~= '' and (rec.lpri == nil or pri >= rec.lpri) then
-    set(entry, 'lpri', pri)
-    set(entry, 'loc', loc)
+    if rec.lpri ~= pri then rec.lpri, touched = pri, true end
+    if rec.loc ~= loc then rec.loc, touched = loc, true end
   end
   local imei = TEXTS[ev.imei]
   if imei ~= '' and (rec.ipri == nil or pri >= rec.ipri) then
-    set(entry, 'ipri', pri)
-    set(entry, 'imei', imei)
+    if rec.ipri ~= pri then rec.ipri, touched = pri, true end
+    if rec.imei ~= imei then rec.imei, touched = imei, true end
   end
+  if touched then entry.touched = true end
 end
 
 -- ---- the batch ----------------------------------------------------------------------------
