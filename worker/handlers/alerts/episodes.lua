@@ -140,16 +140,17 @@ local function load(kind, subject)
 end
 
 local function save(st)
-  local args = {}
-  for _, field in ipairs(FIELDS) do
+  local args, n = {}, 0
+  for i = 1, #FIELDS do
+    local field = FIELDS[i]
     local value = st[field]
     if value ~= nil then
-      args[#args + 1] = field
-      args[#args + 1] = type(value) == 'number' and fmt(value) or value
+      args[n + 1], args[n + 2] = field, type(value) == 'number' and fmt(value) or value
+      n = n + 2
     end
   end
   local sk, tk = key('s', st), key('t', st)
-  redis.call('HSET', sk, unpack(args))
+  redis.call('HSET', sk, unpack(args, 1, n))
   if st.state == 'open' then
     redis.call('PERSIST', sk)
     redis.call('PERSIST', tk)
