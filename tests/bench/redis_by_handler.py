@@ -10,7 +10,8 @@ consumer group of its own; prints steady-state worker CPU (the run over an empty
 taken off), redis-server CPU, and the worker's garbage collections' CPU per record, and
 the worker's peak RSS. With ``--baseline DIR`` (a directory holding
 another version's ``worker`` package, e.g. an unpacked ``git archive``) each run is followed
-by the same run of that version, for before/after pairs measured side by side. A
+by the same run of that version (before it in every other round), for before/after pairs
+measured side by side. A
 development tool, not part of ``make bench``.
 """
 
@@ -90,9 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline:
             versions.append(("baseline", {"PYTHONPATH": str(args.baseline.resolve())}))
         run = 0
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for handlers in args.sets or (*HANDLER_SETS, ALL_HANDLERS):
-                for version, extra in versions:
+                # The order alternates by round: a run can leave the next one a warmer or
+                # a fuller Redis.
+                for version, extra in versions[:: -1 if round_ % 2 else 1]:
                     run += 1
                     env = our_env(
                         base, "empty", kinesalite.url, redis_server.url, f"e{run}", handlers
