@@ -748,6 +748,34 @@ async def test_previous_layout_data_is_read_counted_against_and_moved(
     }
 
 
+@pytest.mark.parametrize("layout", ["current", "previous"])
+async def test_a_stored_record_it_cannot_read_fails_the_call_with_nothing_written(
+    client: redis.asyncio.Redis, reader: redis.Redis, layout: str
+) -> None:
+    """A session record with more fields than this release knows (a newer layout's, or a
+    damaged one), or a previous-layout record with a coverage bound that is not a whole
+    number, fails the call before anything is written, instead of being misread."""
+    (event,) = record_events(make_record("data-session.updated"))
+    (args,) = encode([event]).events
+    sim, sid = event.data.sim_sid, str(event.data.data_session_sid)
+    assert event.data.data_session_start_time is not None
+    day = event.data.data_session_start_time.strftime("%Y%m%d")
+    if layout == "current":
+        field = b"\xff" + bytes.fromhex(sid[2:])
+        reader.hset(sessions_key(PREFIX, sim, day), field, "0" + "|" * 16)  # 17 fields
+        reason = "more fields than this release knows"
+    else:
+        reader.hset(
+            legacy_sessions_key(PREFIX, sim, day),
+            mapping={sid: f"{args[4]}||4800|=||=||=|0:1.5|600|60|||||", "~": "a^b^c||"},
+        )
+        reason = "coverage bound that is not a whole number"
+    before = snapshot(reader)
+    with pytest.raises(redis.exceptions.ResponseError, match=reason):
+        await handler(client).handle(Batch("s", [event]))
+    assert snapshot(reader) == before
+
+
 @pytest.mark.parametrize(
     "sid",
     ["session-1", "PI" + "A" * 32, "PI" + "0" * 31, "QS" + "0" * 32, "PI\u00ff" + "0" * 31],
@@ -1000,7 +1028,8 @@ async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
     client: redis.asyncio.Redis, reader: redis.Redis
 ) -> None:
     """HINCRBY refuses a total beyond 2**63 - 1 part-way through the writes: the writes made
-    before it are undone, so a retried batch never counts its other windows twice."""
+    before it are undone, so a retried batch never counts its other windows twice, and no
+    bucket's TTL restarts (one that gained a field before the refusal keeps its own)."""
     sim = "HS" + "3" * 32
     # 1024 sessions of 2**53 - 1 bytes in one SIM-hour: its buckets reach 2**63 - 1024.
     target = handler(client)
@@ -1011,8 +1040,16 @@ async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
     # Another SIM in another fleet, account and network: its buckets are written first.
     other = "HS" + "4" * 32
     apart = {"fleet_sid": "HF" + "4" * 32, "account_sid": "AC" + "4" * 32, "network": None}
+    # It has counted an hour before: its buckets exist, and gain the next hour first.
+    await target.handle(
+        Batch("s", record_events(big_window(other, "PI" + "7" * 32, 0, 10, 4999, **apart)))
+    )
+    others = [key for key in reader.scan_iter(f"{PREFIX}:m:[hd]:*") if b"4444" in key]
+    assert len(others) == 6  # hourly and daily, of the SIM, its fleet and its account
+    for key in others:
+        reader.expire(key, 100)
     small, overflowing = record_events(
-        big_window(other, "PI" + "5" * 32, 0, 1000, 5000, **apart),
+        big_window(other, "PI" + "5" * 32, 3600, 1000, 5000, **apart),
         big_window(sim, "PI" + "6" * 32, 0, 2000, 5001),
     )
     before = snapshot(reader)
@@ -1020,9 +1057,12 @@ async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
         with pytest.raises(redis.exceptions.ResponseError, match="nothing counted"):
             await target.handle(Batch("s", [small, overflowing]))
         assert snapshot(reader) == before
+        assert all(0 < reader.ttl(key) <= 100 for key in others)
     await target.handle(Batch("s", [small]))
     day = LIMIT_START.date()
-    assert figures(reader, PREFIX, "sim", other, day, day)[0].down == 1000
+    assert figures(reader, PREFIX, "sim", other, day, day)[0].down == 1010
+    # The hourly hashes gained the hour: their TTLs restart; the daily ones did not.
+    assert all((reader.ttl(key) > 100) == (b":m:h:" in key) for key in others)
 
 
 async def test_a_session_event_without_its_start_is_refused_not_filed_apart(

@@ -165,7 +165,8 @@ async def cpu_rounds(
                 per_event[name].append((server_cpu(server) - before) / len(events) * 1e6)
             await connection.flushall()
             old, new = per_event["old"][-1], per_event["new"][-1]
-            print(f"round {round_}: old {old:.2f}, new {new:.2f} µs per event ({new / old:.3f})")
+            ratio = f"{new / old:.3f}" if old else "no CPU measured: a longer stream"
+            print(f"round {round_}: old {old:.2f}, new {new:.2f} µs per event ({ratio})")
     finally:
         await connection.aclose()
     return per_event
@@ -204,11 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         events = connection_events(SimulationOptions(sims=args.sims, hours=args.hours, seed=7))
         print(f"{len(events):,} events, batches of {args.batch:,}")
         per_event = asyncio.run(cpu_rounds(servers["old"], scripts, events, args))
-        ratios = [n / o for n, o in zip(per_event["new"], per_event["old"], strict=True)]
+        ratios = [n / o for n, o in zip(per_event["new"], per_event["old"], strict=True) if o]
         print(
             f"median: old {statistics.median(per_event['old']):.2f}, new "
             f"{statistics.median(per_event['new']):.2f} µs per event; median ratio "
-            f"{statistics.median(ratios):.3f}"
+            f"{statistics.median(ratios) if ratios else float('nan'):.3f}"
         )
     finally:
         for server in servers.values():

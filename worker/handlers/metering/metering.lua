@@ -46,7 +46,7 @@ end
 local function b36(n)
   if n < 0 then return '-' .. b36(-n) end
   if n < 1296 then return head(n) end
-  -- Up to 36^6 (2,176,782,336) the text is made in one concatenation: each string made
+  -- Below 36^6 (2,176,782,336) the text is made in one concatenation: each string made
   -- costs Redis's Lua far more than the arithmetic.
   local low = n % 1296
   n = (n - low) / 1296
@@ -141,8 +141,9 @@ local function add(key, field, delta, ttl)
   bucket[n + 1], bucket[n + 2] = field, exact(delta, 'batch total')
 end
 
--- A bucket key's name. Each is needed once or twice a batch (expand_buckets sums per SIM
--- and hour first), so it is made each time rather than kept: tables to keep it cost more.
+-- A bucket key's name, made each time it is needed rather than kept: expand_buckets sums
+-- per (SIM, hour) and per (hour, fleet, account, network) first, so a name is needed about
+-- once per such sum, and tables to keep names cost more than making them.
 local PM = P .. ':m:'
 local function key_name(kind, dim, id, period)
   return PM .. kind .. ':' .. dim .. ':' .. id .. ':' .. period
@@ -257,13 +258,15 @@ local function split(packed, names)
   return out
 end
 
--- Redis's Lua spends far more on making tables and strings than on reading them, and most on
--- a table grown key by key (each growth rehashes it): so records are read with one match
--- into a table built whole, and written from one array of their fields.
+-- Redis's Lua spends far more on making tables and strings than on reading them, and much on
+-- a table grown key by key (each time its hash part doubles, it is rehashed): so records are
+-- read with one match into a table built whole, and written from one array of their fields.
 assert(table.concat(RECORD_FIELDS, ',') ==
   'start,opri,cov,sd,su,ed,eu,ev,end,fleet,account,op,loc,imei,lpri,ipri',
-  'metering.lua reads RECORD_FIELDS in this order: update read_record and BLANK')
-local RECORD_PATTERN = '^' .. string.rep('([^|]*)|?', NFIELDS) .. '(.*)$'
+  'metering.lua reads RECORD_FIELDS in this order: update read_record and blank()')
+assert(table.concat(COMPONENTS, ',') == 'fleet,account,op,loc,imei',
+  'metering.lua names COMPONENTS in its tables: update load_record')
+local RECORD_PATTERN = '^' .. string.rep('([^|]*)|?', NFIELDS - 1) .. '([^|]*)(.*)$'
 local function read_record(packed)
   local start, opri, cov, sd, su, ed, eu, ev, end_, fleet, account, op, loc, imei, lpri, ipri,
     rest = packed:match(RECORD_PATTERN)
@@ -316,7 +319,13 @@ local function from_legacy(packed, defaults, day_start)
   local fleet, account, op = old.og:match('^([^%^]*)%^([^%^]*)%^(.*)$')
   local rec = {
     start = tonumber(old.start) - day_start, opri = tonumber(old.opri),
-    cov = (old.cov:gsub('[^:,]+', function(x) return b36(tonumber(x)) end)),
+    cov = (old.cov:gsub('[^:,]+', function(x)
+      local n = tonumber(x)
+      if n == nil or n ~= floor(n) then
+        error('legacy session record with a coverage bound that is not a whole number', 0)
+      end
+      return b36(n)
+    end)),
     sd = tonumber(old.sd) or 0, su = tonumber(old.su) or 0, ed = 0, eu = 0, ev = '',
     fleet = fleet or '', account = account or '', op = op or '', loc = old.loc,
     imei = old.imei, lpri = tonumber(old.lpri), ipri = tonumber(old.ipri),
@@ -348,7 +357,8 @@ local function load_record(key, sim, day, sid, n, start)
     packed = got[1]
     local defaults = {fleet = '', account = '', op = '', loc = '', imei = ''}
     for i = 1, #COMPONENTS do defaults[COMPONENTS[i]] = got[i + 2] or '' end
-    hash = {count = tonumber(got[2]) or 0, defaults = defaults, counted = false}
+    hash = {count = tonumber(got[2]) or 0, defaults = defaults, counted = false,
+      own_written = nil}
     hashes[key] = hash
   else
     packed = redis.call('HGET', key, field)
@@ -391,8 +401,8 @@ local function load_record(key, sim, day, sid, n, start)
     local read = {start = rec.start, opri = rec.opri, cov = rec.cov, sd = rec.sd, su = rec.su,
       ed = rec.ed, eu = rec.eu, fleet = nil, account = nil, op = nil, loc = nil, imei = nil}
     for i = 1, #wanted do
-      local name = wanted[i]
-      if name ~= 'cov' then read[name] = values[i] end
+      local name, value = wanted[i], values[i]
+      if name ~= 'cov' and type(value) == 'string' then read[name] = value end
     end
     entry.read = read
     rec.lpri = rec.loc ~= '' and (n36(stored.lpri) or rec.opri) or nil
@@ -630,7 +640,8 @@ expand_buckets()
 -- A bucket hash's TTL restarts when it gains a field (a new hour or day), so it expires the
 -- retention after the last period it holds; rewriting a field leaves the TTL alone.
 -- HINCRBY refuses a total beyond 2^63 - 1; Redis does not undo a script's earlier writes,
--- so those are undone here before failing: the call counts everything or nothing. Any other
+-- so those are undone here before failing: the call counts everything or nothing (and TTLs
+-- restart only once every sum is written). Any other
 -- refusal (OOM, READONLY, MISCONF: Redis refuses a script's first write, so nothing is
 -- undone then) is passed on as Redis gave it, so the caller sees an outage, not bad data.
 local applied, napplied = {}, 0  -- key, field, delta, created: four entries per write
@@ -644,6 +655,7 @@ local function undo()
     end
   end
 end
+local grown = {}  -- buckets that gained a field: their TTLs restart once every sum is written
 for i = 1, #bucket_list do
   local bucket = bucket_list[i]
   local key, grew = bucket[1], false
@@ -665,8 +677,9 @@ for i = 1, #bucket_list do
       if total == delta then grew = true end
     end
   end
-  if grew then redis.call('EXPIRE', key, bucket[2]) end
+  if grew then grown[#grown + 1] = bucket end
 end
+for i = 1, #grown do redis.call('EXPIRE', grown[i][1], grown[i][2]) end
 
 -- Session records. A component's first non-empty value written to a hash becomes its
 -- default there; a record's value that differs from it is kept in an entry of the
@@ -697,6 +710,16 @@ for i = 1, #PLAIN do PLAIN_AT[i] = FIELD[PLAIN[i]] end
 for i = 1, #COMPONENTS do COMPONENT_AT[i] = FIELD[COMPONENTS[i]] end
 local END_AT, EV_AT, LPRI_AT, IPRI_AT, COV_AT = FIELD['end'], FIELD.ev, FIELD.lpri,
   FIELD.ipri, FIELD.cov
+
+-- Notes a component's own entry written or deleted by this call in the hash.
+local function wrote_own(hash, own)
+  local written = hash.own_written
+  if written == nil then
+    written = {}
+    hash.own_written = written
+  end
+  written[own] = true
+end
 
 local function pack(entry, writes)
   coverage_text(entry)
@@ -730,7 +753,9 @@ local function pack(entry, writes)
         end
       end
       if slot then
-        gone[#gone + 1] = '~' .. CODES[i] .. slot
+        local own = '~' .. CODES[i] .. slot
+        gone[#gone + 1] = own
+        wrote_own(hash, own)
         slots[name] = nil
       end
     else
@@ -739,11 +764,23 @@ local function pack(entry, writes)
         hash.counted = true
         slot = fmt('%d', hash.count)
         slots[name] = slot
-        set[#set + 1] = '~' .. CODES[i] .. slot
+      end
+      -- An own entry is written unless it holds the value already: read so by this call,
+      -- and not written or deleted since (only a damaged hash has records sharing a slot).
+      local own = nil
+      if read and read[name] == value then
+        local written = hash.own_written
+        if written then
+          own = '~' .. CODES[i] .. slot
+          if not written[own] then own = nil end
+        end
+      else
+        own = '~' .. CODES[i] .. slot
+      end
+      if own then
+        set[#set + 1] = own
         set[#set + 1] = value
-      elseif not (read and read[name] == value) then  -- its entry holds it already
-        set[#set + 1] = '~' .. CODES[i] .. slot
-        set[#set + 1] = value
+        wrote_own(hash, own)
       end
       out[COMPONENT_AT[i]] = slot
     end
