@@ -186,11 +186,7 @@ local function child(parent, name)
 end
 local function bump(sim, fleet, account, network, hour, down, up)
   if down == 0 and up == 0 then return end
-  local by_hour = sim_hours[sim]
-  if by_hour == nil then
-    by_hour = {}
-    sim_hours[sim] = by_hour
-  end
+  local by_hour = child(sim_hours, sim)
   local sums = by_hour[hour]
   if sums == nil then
     sums = {sim, hour, 0, 0}
@@ -199,21 +195,7 @@ local function bump(sim, fleet, account, network, hour, down, up)
   end
   sums[3] = exact(sums[3] + down, 'batch total')
   sums[4] = exact(sums[4] + up, 'batch total')
-  local by_fleet = groups[hour]
-  if by_fleet == nil then
-    by_fleet = {}
-    groups[hour] = by_fleet
-  end
-  local by_account = by_fleet[fleet]
-  if by_account == nil then
-    by_account = {}
-    by_fleet[fleet] = by_account
-  end
-  local by_network = by_account[account]
-  if by_network == nil then
-    by_network = {}
-    by_account[account] = by_network
-  end
+  local by_network = child(child(child(groups, hour), fleet), account)
   local group = by_network[network]
   if group == nil then
     group = {hour, fleet, account, network, 0, 0}
