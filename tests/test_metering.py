@@ -748,6 +748,61 @@ async def test_previous_layout_data_is_read_counted_against_and_moved(
     }
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("changed, then kept", b"HF" + b"1" * 32), ("deleted, then kept", b"HF" + b"1" * 32)],
+)
+async def test_records_sharing_a_slot_in_a_damaged_hash_end_as_the_last_write_left_them(
+    client: redis.asyncio.Redis, reader: redis.Redis, case: str, expected: bytes
+) -> None:
+    """A component's own entry is not rewritten when it holds the value already, unless an
+    earlier record of the call wrote or deleted it: in a hash whose records share a slot
+    (a damaged ``~#``), the last record written decides the entry, as it always did."""
+    sim, start = "HS" + "9" * 32, LIMIT_START
+    sids = {n: "PI" + f"{n:032x}" for n in (1, 2, 3)}
+    fleets = {n: "HF" + str(n) * 32 for n in (0, 1, 2, 9)}
+
+    def window(session: int, n: int, fleet: int) -> ConnectionEvent:
+        (event,) = record_events(
+            make_record(
+                "data-session.updated",
+                seq=100 * session + n,
+                schema_version=1,
+                sim_sid=sim,
+                data_session_sid=sids[session],
+                timestamp=_iso(start + timedelta(seconds=n + 1)),
+                data_session_start_time=_iso(start),
+                data_session_update_start_time=_iso(start + timedelta(seconds=n)),
+                data_session_update_end_time=_iso(start + timedelta(seconds=n + 1)),
+                data_download=5,
+                data_upload=0,
+                data_total=5,
+                fleet_sid=fleets[fleet],
+            )
+        )
+        return event
+
+    target = handler(client)
+    for session, fleet in ((1, 0), (2, 1), (3, 2)):  # fleet 0 the default, then slots 1, 2
+        await target.handle(Batch("s", [window(session, 0, fleet)]))
+    key = sessions_key(PREFIX, sim, "20240301")
+    field = b"\xff" + bytes.fromhex(sids[3][2:])
+    record = reader.hget(key, field)
+    assert record is not None
+    parts = record.split(b"|")
+    assert parts[9] == b"2"
+    parts[9] = b"1"  # session 3 now shares session 2's slot, and the counter is gone
+    reader.hset(key, field, b"|".join(parts))
+    reader.hdel(key, "~#")
+    assert reader.hget(key, "~f1") == fleets[1].encode()
+    if case == "changed, then kept":  # 3 writes fleet 9 into slot 1, then 2 keeps fleet 1
+        batch = [window(3, 1, 9), window(2, 1, 1)]
+    else:  # 2 moves to the default (its entry deleted), then 3 keeps fleet 1 in slot 1
+        batch = [window(2, 1, 0), window(3, 1, 1)]
+    await target.handle(Batch("s", batch))
+    assert reader.hget(key, "~f1") == expected
+
+
 @pytest.mark.parametrize("layout", ["current", "previous"])
 async def test_a_stored_record_it_cannot_read_fails_the_call_with_nothing_written(
     client: redis.asyncio.Redis, reader: redis.Redis, layout: str
@@ -1037,7 +1092,8 @@ async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
         await target.handle(
             Batch("s", record_events(big_window(sim, f"PI{n:032d}", 0, MAX_COUNT, n)))
         )
-    # Another SIM in another fleet, account and network: its buckets are written first.
+    # Another SIM in another fleet, account and network: its SIM buckets are written before
+    # the overflowing one (the fleet, account and network ones after it, so never).
     other = "HS" + "4" * 32
     apart = {"fleet_sid": "HF" + "4" * 32, "account_sid": "AC" + "4" * 32, "network": None}
     # It has counted an hour before: its buckets exist, and gain the next hour first.
@@ -1053,6 +1109,8 @@ async def test_a_bucket_total_redis_refuses_undoes_the_whole_call(
         big_window(sim, "PI" + "6" * 32, 0, 2000, 5001),
     )
     before = snapshot(reader)
+    gained = hourly_key(PREFIX, "sim", other, "20240301").encode()
+    assert gained in others  # it gains the hour 11 field before the refusal
     for _ in range(3):
         with pytest.raises(redis.exceptions.ResponseError, match="nothing counted"):
             await target.handle(Batch("s", [small, overflowing]))
