@@ -304,7 +304,8 @@ local function from_legacy(packed, defaults, day_start)
     cov = (old.cov:gsub('[^:,]+', function(x)
       local n = tonumber(x)
       if n == nil or n ~= floor(n) or n >= EXACT or n <= -EXACT then
-        error('legacy session record with a coverage bound that is not a whole number below 2^53', 0)
+        error('legacy session record with a coverage bound that is not a whole number '
+          .. 'below 2^53', 0)
       end
       return b36(n)
     end)),
