@@ -54,24 +54,6 @@ from worker.handlers.metering.settings import MeteringSettings  # noqa: E402
 SHARD = "shardId-000000000000"
 
 
-def script_from(text: str) -> str:
-    """``text`` (a metering.lua) with the layout filled in, as ``load_script`` does."""
-    files = metering.resources.files
-
-    class _Source:
-        def joinpath(self, name: str) -> _Source:
-            return self
-
-        def read_text(self, encoding: str) -> str:
-            return text
-
-    metering.resources.files = lambda package: _Source()  # type: ignore[assignment]
-    try:
-        return metering.load_script()
-    finally:
-        metering.resources.files = files
-
-
 def connection_events(options: SimulationOptions) -> list[ConnectionEvent]:
     records, _ = generate(options)
     return [event for event in map(decode, records) if isinstance(event, ConnectionEvent)]
@@ -182,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", type=int, default=24)
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    scripts = {"old": script_from(args.old.read_text("utf-8")), "new": metering.load_script()}
+    scripts = {
+        "old": metering.fill_layout(args.old.read_text("utf-8")),
+        "new": metering.load_script(),
+    }
     servers = {name: start_redis() for name in scripts}
     try:
         if args.scenarios:

@@ -193,7 +193,13 @@ def network_key(iso_country: str | None, mcc: str | None, mnc: str | None) -> st
 
 def load_script() -> str:
     """The Lua source with the record layouts filled in from ``records``."""
-    source = resources.files("worker.handlers.metering").joinpath("metering.lua").read_text("utf-8")
+    return fill_layout(
+        resources.files("worker.handlers.metering").joinpath("metering.lua").read_text("utf-8")
+    )
+
+
+def fill_layout(source: str) -> str:
+    """``source`` (a ``metering.lua``) with its markers replaced by the layout in ``records``."""
     for marker, names in (
         ("--[[RECORD_FIELDS]]", records.RECORD_FIELDS),
         ("--[[COMPONENTS]]", records.COMPONENTS),
