@@ -216,11 +216,18 @@ async def run_worker(
             interval=settings.idle_interval,
             timeout=settings.handler_timeout,
         )
-        async with reporter, ticker:
-            if stop is None:
-                await supervisor.run()
-            else:
-                await _run_until(supervisor, stop)
+        async with reporter:
+            async with ticker:
+                if stop is None:
+                    await supervisor.run()
+                else:
+                    await _run_until(supervisor, stop)
+            if supervisor.caught_up:
+                # Ended caught up on every shard (``--until-caught-up``): tick once, as the
+                # ticker does while every shard stays caught up, so that what event time has
+                # passed is walked and closed now (a short backfill ends within its warm-up,
+                # its last events within the quiet grace), not left for a later run.
+                await ticker.tick()
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,

@@ -3,7 +3,8 @@
 Handlers with event-time windows (the alert handlers) close episodes that went quiet only
 when event time moves on. While events flow, the batches move it; once every shard is
 caught up nothing arrives, so the ticker calls ``tick()`` of each handler that ``Ticks``
-every ``interval`` seconds, and only then. It also reads the gauges of each handler that
+every ``interval`` seconds, and only then (``run --until-caught-up`` calls ``tick`` once
+more as it ends caught up). It also reads the gauges of each handler that
 ``HasGauges`` into the metrics, every ``GAUGE_EVERY`` rounds, whether or not the shards are
 caught up (and whether or not that could be told).
 
@@ -82,10 +83,15 @@ class Ticker(OwnedTask):
             self._log.warning("ticker_round_failed", error=f"{type(exc).__name__}: {exc}")
             caught_up = False
         if caught_up:
-            for ticking in self._tickers:
-                await self._call(ticking, ticking.tick)
+            await self.tick()
         if rounds % GAUGE_EVERY == 1:
             await self.read_gauges()
+
+    async def tick(self) -> None:
+        """Call ``tick()`` of every handler that ``Ticks``, one after another, each bounded
+        as the rounds' calls are. Only while every shard is caught up."""
+        for ticking in self._tickers:
+            await self._call(ticking, ticking.tick)
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and
