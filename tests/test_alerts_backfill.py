@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from alerts_support import (
+    FLEET_A,
     NOISY,
+    PREFIX,
     Clock,
     Receiver,
     at,
@@ -25,6 +27,7 @@ from alerts_support import (
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from worker.handlers.alerts.settings import ThresholdOverrides
 from worker.handlers.base import Batch
 
 NAMES = ("rejections", "data_limit", "attach_loops")
@@ -130,3 +133,34 @@ async def test_a_redriven_dead_letter_holds_back_no_shards_event_time(redis: Red
         shards |= set(await redis.hkeys(key))
     assert shards == {b"shardId-000000000001"}
     await close_all([rejections])
+
+
+async def test_one_tick_walks_and_closes_more_subjects_than_one_script_call_takes(
+    redis: Redis,
+) -> None:
+    """A script call walks at most 1,000 subjects and closes at most 1,000 episodes; a tick
+    calls again while more are due, so a backfill Job's last tick leaves none behind."""
+    sims = [f"HS{index:032x}" for index in range(1_100)]
+    events = [
+        event("attachment.rejected", index, 10 + index % 50, sim=sim)
+        for index, sim in enumerate(sims)
+    ]
+    # Each rejection opens an episode; a warm-up longer than the test walks nothing before
+    # the tick.
+    tuned = settings(
+        shard_warmup=timedelta(hours=1),
+        fleets={FLEET_A: ThresholdOverrides(storm_rejections=1)},
+    )
+    clock = Clock(at(3600))
+    rejections = handler("rejections", redis, clock, tuned)
+    try:
+        await feed([rejections], events, batch_size=len(events))
+        assert await redis.zcard(f"{PREFIX}:alerts:rejections:pend") == len(sims)
+        assert not rejections.transitions
+        await rejections.tick(at(3000))
+        assert rejections.transitions[("rejection_storm", "open")] == len(sims)
+        assert rejections.transitions[("rejection_storm", "resolved")] == len(sims)
+        assert await redis.zcard(f"{PREFIX}:alerts:rejections:pend") == 0
+        assert await redis.zcard(f"{PREFIX}:alerts:rejections:open") == 0
+    finally:
+        await close_all([rejections])

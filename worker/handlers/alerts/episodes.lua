@@ -67,7 +67,8 @@ including t; later hits are after it), everywhere below.
 Episodes close when event time (LOW) passes their end by grace; hits are kept until LOW
 (or their subject's newest event, if earlier) passes them by l + w.
 
-Returns {transitions (JSON strings), claimed (flat: entry, payload, tries, ...)}.
+Returns {transitions (JSON strings), claimed (flat: entry, payload, tries, ...), more (1
+when a loop below took its limit of subjects, so more may be due: call again)}.
 ]==]
 
 local OPEN_KEY, ACTIVE_KEY = P .. ':open', P .. ':active'
@@ -899,8 +900,12 @@ end
 -- Subjects whose stored events event time has now passed walk them (they may open, grow
 -- or end episodes), then episodes whose end (pending clear, or quiet for the window) event
 -- time has passed by grace close.
+local DUE_LIMIT = 1000  -- subjects each loop below takes a call
+local more = 0
 if WARM then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', PEND_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', '1000')) do
+  local due = redis.call('ZRANGEBYSCORE', PEND_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', fmt(DUE_LIMIT))
+  if #due == DUE_LIMIT then more = 1 end
+  for _, m in ipairs(due) do
     local st = load_member(m)
     if st.need then
       walk(st, CUTOFF)
@@ -909,7 +914,9 @@ if WARM then
       redis.call('ZREM', PEND_KEY, m)
     end
   end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', '1000')) do
+  local ending = redis.call('ZRANGEBYSCORE', OPEN_KEY, '-inf', fmt(CUTOFF), 'LIMIT', '0', fmt(DUE_LIMIT))
+  if #ending == DUE_LIMIT then more = 1 end
+  for _, m in ipairs(ending) do
     local st = load_member(m)
     if st.need then walk(st, CUTOFF) end
     if st.state == 'open' and pending(st) and st.pend <= CUTOFF then
@@ -927,4 +934,4 @@ if WARM then
   end
 end
 
-return {transitions, claim_due(P, NOW, req.claim, req.lease)}
+return {transitions, claim_due(P, NOW, req.claim, req.lease), more}

@@ -211,10 +211,12 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What one script call did: transitions recorded, outbox entries claimed."""
+    """What one script call did: transitions recorded, outbox entries claimed, and whether
+    it walked or closed as many subjects as one call takes (more may be due)."""
 
     transitions: list[Transition]
     claimed: list[ClaimedEntry]
+    more: bool = False
 
 
 class EpisodeStore:
@@ -298,10 +300,11 @@ class EpisodeStore:
         }
         reply = await self._script(keys=[self._prefix], args=[orjson.dumps(request)])
         self._kept = True
-        recorded, claimed = reply
+        recorded, claimed, more = reply
         return Applied(
             transitions=[Transition.parse(item) for item in recorded],
             claimed=ClaimedEntry.from_reply(claimed),
+            more=more == 1,
         )
 
 

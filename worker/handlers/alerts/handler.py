@@ -34,6 +34,10 @@ from worker.handlers.alerts.sinks import AlertSink, load_sink
 from worker.handlers.base import Batch, Gauge, HandlerContext
 
 CLOSE_GRACE_S = 5.0
+TICK_CALLS = 200
+"""Script calls one ``tick`` makes at most while subjects stay due: each walks up to 1,000
+subjects with stored events and closes up to 1,000 episodes, so a tick gets through 200,000
+of each (a lagging live worker's next tick goes on from there)."""
 """At shutdown, queued deliveries get this long; the rest are delivered after their lease
 (by another replica or the next start), with the same idempotency keys."""
 
@@ -212,7 +216,9 @@ class AlertHandler(ABC):
         seconds while idle); during a backfill event time comes from the batches."""
         now_ms = round(self._clock() * 1000)
         tick_ms = now_ms - self._delay_ms if now is None else to_ms(now)
-        await self._apply(Subjects(), now_ms, tick_ms=tick_ms)
+        for _ in range(TICK_CALLS):
+            if not await self._apply(Subjects(), now_ms, tick_ms=tick_ms):
+                break
 
     async def flush(self) -> None:
         """Wait for the deliveries queued so far."""
@@ -290,7 +296,8 @@ class AlertHandler(ABC):
         shard: str = "",
         newest_ms: int = 0,
         tick_ms: int = 0,
-    ) -> None:
+    ) -> bool:
+        """One script call; True if more subjects may be due than one call walks."""
         claimed: list[ClaimedEntry] = []
         limit = self.dispatcher.reserve()
         try:
@@ -310,6 +317,7 @@ class AlertHandler(ABC):
             self.transitions[(transition.kind, transition.status.value)] += 1
             if not transition.sent:
                 self._record_unsent(transition)
+        return applied.more
 
     def _record_unsent(self, transition: Transition) -> None:
         alert = self.render(transition)
