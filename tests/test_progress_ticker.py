@@ -84,3 +84,45 @@ async def test_ticker_ticks_only_while_every_shard_is_caught_up() -> None:
         await asyncio.sleep(0.1)
     assert handler.ticks > 0
     assert metrics.gauges["open_alerts:data_limit_reached:HF1"] == 2
+
+
+class SlowToStop(Ticking):
+    """Ticks, and on a cancelled tick runs on briefly (e.g. awaiting its script's reply)
+    before it ends; flushes on request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.started = asyncio.Event()
+
+    async def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == 1:
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)
+                raise
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_last_tick_waits_for_a_call_abandoned_as_the_ticker_stopped_then_flushes() -> None:
+    """A run that ended caught up ticks every ``Ticks`` handler once more and then flushes
+    each ``Flushes`` one; a tick cut off when the ticker's task stopped, still ending, does
+    not make its handler miss that last tick."""
+    handler = SlowToStop()
+
+    async def caught_up() -> bool:
+        return True
+
+    ticker = Ticker([handler], caught_up, Metrics(), interval=0.01, timeout=60)
+    async with ticker:
+        await handler.started.wait()
+    with capture_logs() as logs:
+        await ticker.last_tick([handler])
+    assert (handler.ticks, handler.flushes) == (2, 1)
+    assert not [e for e in logs if e["event"] == "handler_periodic_call_failed"], logs
+    assert [e["event"] for e in logs] == ["last_tick"]

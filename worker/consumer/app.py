@@ -226,8 +226,9 @@ async def run_worker(
                 # Ended caught up on every shard (``--until-caught-up``): tick once, as the
                 # ticker does while every shard stays caught up, so that what event time has
                 # passed is walked and closed now (a short backfill ends within its warm-up,
-                # its last events within the quiet grace), not left for a later run.
-                await ticker.tick()
+                # its last events within the quiet grace), and deliver what that queued,
+                # not left for a later run of the group (a backfill's may never come).
+                await ticker.last_tick(svc.handlers)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,

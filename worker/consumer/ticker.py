@@ -3,8 +3,9 @@
 Handlers with event-time windows (the alert handlers) close episodes that went quiet only
 when event time moves on. While events flow, the batches move it; once every shard is
 caught up nothing arrives, so the ticker calls ``tick()`` of each handler that ``Ticks``
-every ``interval`` seconds, and only then (``run --until-caught-up`` calls ``tick`` once
-more as it ends caught up). It also reads the gauges of each handler that
+every ``interval`` seconds, and only then (a run that ends caught up, ``run
+--until-caught-up``, ticks once more as it exits and flushes the handlers that
+``Flushes``: ``last_tick``). It also reads the gauges of each handler that
 ``HasGauges`` into the metrics, every ``GAUGE_EVERY`` rounds, whether or not the shards are
 caught up (and whether or not that could be told).
 
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from worker.handlers.base import Gauge, Handler, HasGauges, Ticks
+from worker.handlers.base import Flushes, Gauge, Handler, HasGauges, Ticks
 from worker.metrics import Metrics
 from worker.owned_task import OwnedTask
 
@@ -64,9 +65,9 @@ class Ticker(OwnedTask):
         self._interval = interval
         self._timeout = timeout
         self._last: dict[int, Sequence[Gauge]] = {}
+        """Per handler (its index in ``_gauges``): the readings it last reported."""
         self._strays: dict[int, asyncio.Future[Any]] = {}
         """Per handler (``id``): its call cut off and abandoned, until it ends."""
-        """Per handler (its index in ``_gauges``): the readings it last reported."""
         self._log = structlog.get_logger("worker.consumer.ticker")
 
     async def _run(self) -> None:
@@ -92,6 +93,24 @@ class Ticker(OwnedTask):
         as the rounds' calls are. Only while every shard is caught up."""
         for ticking in self._tickers:
             await self._call(ticking, ticking.tick)
+
+    async def last_tick(self, handlers: Sequence[Handler]) -> None:
+        """As a run that ended caught up exits, with the ticker's own task stopped: tick
+        once more (after giving a call abandoned when the task stopped ``ABANDON_GRACE``
+        to end, so that it does not make its handler skip this one), then ``flush()`` each
+        handler that ``Flushes``, each bounded by the timeout."""
+        if self._strays:
+            await asyncio.wait(list(self._strays.values()), timeout=ABANDON_GRACE)
+            await asyncio.sleep(0)  # their done callbacks drop them from _strays
+        flushing = [h for h in handlers if isinstance(h, Flushes)]
+        self._log.info(
+            "last_tick",
+            ticks=[h.name for h in self._tickers],
+            flushes=[h.name for h in flushing],
+        )
+        await self.tick()
+        for handler in flushing:
+            await self._call(handler, handler.flush)
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and

@@ -28,7 +28,7 @@ registers it under the ``supersim_worker.handlers`` entry-point group (see
 ``worker.handlers.registry``); a bare factory is accepted too (a handler without settings).
 
 **Optional hooks**, each a Protocol a handler may implement (``Starts``, ``Ticks``,
-``HasGauges``, ``ShardListener``); the consumer checks them with ``isinstance``.
+``Flushes``, ``HasGauges``, ``ShardListener``); the consumer checks them with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -139,9 +139,19 @@ class Starts(Protocol):
 @runtime_checkable
 class Ticks(Protocol):
     """Called every idle interval while the consumer is caught up on every shard of the
-    stream (its own and other replicas'): event time may move to the wall clock."""
+    stream (its own and other replicas'): event time may move to the wall clock. Called
+    once more as a run that ended caught up (``run --until-caught-up``) exits, after its
+    readers stopped."""
 
     async def tick(self) -> None: ...
+
+
+@runtime_checkable
+class Flushes(Protocol):
+    """Called once as a run that ended caught up exits, after the last ``tick`` and before
+    ``close``: finish the work queued so far (e.g. deliveries), within the handler timeout."""
+
+    async def flush(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,12 @@ from worker.handlers.alerts.sinks import AlertSink, load_sink
 from worker.handlers.base import Batch, Gauge, HandlerContext
 
 CLOSE_GRACE_S = 5.0
+"""At shutdown, queued deliveries get this long; the rest are delivered after their lease
+(by another replica or the next start), with the same idempotency keys."""
 TICK_CALLS = 200
 """Script calls one ``tick`` makes at most while subjects stay due: each walks up to 1,000
 subjects with stored events and closes up to 1,000 episodes, so a tick gets through 200,000
 of each (a lagging live worker's next tick goes on from there)."""
-"""At shutdown, queued deliveries get this long; the rest are delivered after their lease
-(by another replica or the next start), with the same idempotency keys."""
 
 
 def window_ms(window: timedelta) -> int:
