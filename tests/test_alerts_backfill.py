@@ -8,6 +8,8 @@ from alerts_support import (
     FLEET_A,
     NOISY,
     PREFIX,
+    SIM_A,
+    SIM_B,
     Clock,
     Receiver,
     at,
@@ -27,6 +29,7 @@ from alerts_support import (
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from worker.handlers.alerts.model import to_ms
 from worker.handlers.alerts.settings import ThresholdOverrides
 from worker.handlers.base import Batch
 
@@ -164,3 +167,36 @@ async def test_one_tick_walks_and_closes_more_subjects_than_one_script_call_take
         assert await redis.zcard(f"{PREFIX}:alerts:rejections:open") == 0
     finally:
         await close_all([rejections])
+
+
+async def test_an_open_episode_whose_window_grew_is_indexed_at_its_new_end_by_a_tick(
+    redis: Redis,
+) -> None:
+    """An episode indexed to end when quiet at ``last + window`` whose rule's window then grew
+    (new settings) is, when event time passes its old end, indexed at its new end: it leaves
+    the due range, so a tick (which calls again while a call took its limit of due
+    subjects) never takes it again for nothing."""
+    clock = Clock(at(10_000))
+    overrides = {"storm_rejections": 1, "storm_window": timedelta(seconds=300)}
+    short = settings(shard_warmup=timedelta(0), fleets={FLEET_A: ThresholdOverrides(**overrides)})
+    first = handler("rejections", redis, clock, short)
+    try:
+        await first.handle(Batch("s0", [event("attachment.rejected", 1, 0)]))
+        await first.handle(Batch("s0", [event("attachment.rejected", 2, 200, sim=SIM_B)]))
+        assert first.transitions[("rejection_storm", "open")] == 1  # SIM_A, walked
+    finally:
+        await close_all([first])
+    longer = short.model_copy(
+        update={"fleets": {FLEET_A: ThresholdOverrides(**{**overrides, "storm_window": 900})}}
+    )
+    second = handler("rejections", redis, clock, longer)
+    try:
+        # A hit on another shard, later than shard s0's progress: stored, not walked; the
+        # subject takes the rule's new window.
+        await second.handle(Batch("s1", [event("attachment.rejected", 3, 2000)]))
+        member = f"rejection_storm\tsim:{SIM_A}"
+        assert await redis.zscore(f"{PREFIX}:alerts:rejections:open", member) == to_ms(at(300))
+        await second.tick(at(660))  # event time 600 s: past the old end, before the new one
+        assert await redis.zscore(f"{PREFIX}:alerts:rejections:open", member) == to_ms(at(900))
+    finally:
+        await close_all([second])

@@ -96,21 +96,23 @@ class Ticker(OwnedTask):
 
     async def last_tick(self, handlers: Sequence[Handler]) -> None:
         """As a run that ended caught up exits, with the ticker's own task stopped: tick
-        once more (after giving a call abandoned when the task stopped ``ABANDON_GRACE``
-        to end, so that it does not make its handler skip this one), then ``flush()`` each
-        handler that ``Flushes``, each bounded by the timeout."""
-        if self._strays:
-            await asyncio.wait(list(self._strays.values()), timeout=ABANDON_GRACE)
-            await asyncio.sleep(0)  # their done callbacks drop them from _strays
+        every handler that ``Ticks`` once more (after giving a call abandoned when the task
+        stopped ``ABANDON_GRACE`` to end, so that it does not make its handler skip this
+        one), then ``flush()`` every handler that ``Flushes``. The handlers' calls run
+        concurrently, each bounded by the timeout: the ticks, then the flushes, take one
+        timeout each at most."""
         flushing = [h for h in handlers if isinstance(h, Flushes)]
+        if not self._tickers and not flushing:
+            return
+        if self._strays:  # their done callbacks, added first, drop them as they end
+            await asyncio.wait(list(self._strays.values()), timeout=ABANDON_GRACE)
         self._log.info(
             "last_tick",
             ticks=[h.name for h in self._tickers],
             flushes=[h.name for h in flushing],
         )
-        await self.tick()
-        for handler in flushing:
-            await self._call(handler, handler.flush)
+        await asyncio.gather(*(self._call(h, h.tick) for h in self._tickers))
+        await asyncio.gather(*(self._call(h, h.flush) for h in flushing))
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and

@@ -11,7 +11,8 @@ Entering builds the handler from its ``Plugin`` (or its registered name) with it
 (given, or read from ``SUPERSIM_<SECTION>__*`` like the worker does), an asyncio Redis
 client and a key prefix, then calls its ``start`` hook. Feeding a shard for the first time
 calls ``on_shards_assigned``; leaving calls ``on_shards_revoked`` for the shards fed, then
-``close()``. ``tick()`` and ``gauges()`` call those hooks when the handler has them.
+``close()``. ``tick()``, ``flush()`` and ``gauges()`` call those hooks when the handler has
+them.
 
 Fed items may be decoded ``ConnectionEvent``s, record bytes or event dicts; sink test
 events and other CloudEvents are skipped, as the consumer skips them, and a record that
@@ -36,6 +37,7 @@ from worker import keys
 from worker.events.records import ConnectionEvent, KinesisMeta
 from worker.handlers.base import (
     Batch,
+    Flushes,
     Gauge,
     Handler,
     HasGauges,
@@ -222,11 +224,19 @@ class HandlerRunner:
     # --- the other hooks -----------------------------------------------------------------
 
     async def tick(self) -> bool:
-        """Call the handler's ``tick`` (the consumer does while caught up); False if it
-        has none."""
+        """Call the handler's ``tick`` (the consumer does while caught up, and once more as a
+        run that ended caught up exits); False if it has none."""
         if not isinstance(self.handler, Ticks):
             return False
         await self.handler.tick()
+        return True
+
+    async def flush(self) -> bool:
+        """Call the handler's ``flush`` (the consumer does once as a run that ended caught
+        up exits, after the last tick); False if it has none."""
+        if not isinstance(self.handler, Flushes):
+            return False
+        await self.handler.flush()
         return True
 
     async def gauges(self) -> list[Gauge]:

@@ -926,7 +926,11 @@ if WARM then
       close(st, st.last + st.w, 'quiet')
       save(st)
     elseif st.state == 'open' then
-      save(st)  -- the walk moved its end on (schedule re-indexed it)
+      -- Its end is later than CUTOFF now (its walk grew it, or its rule's window changed
+      -- since it was indexed): index it there, so that it leaves the due range and the
+      -- next call (a tick calls again while 'more') does not take it again.
+      if deadline(st) then schedule(st) else redis.call('ZREM', OPEN_KEY, m) end
+      save(st)
     else
       if st.need then save(st) end  -- keep what its walk did
       redis.call('ZREM', OPEN_KEY, m)

@@ -8,7 +8,8 @@ episode store, the outbox, the sinks and the dispatcher.
 Besides the ``Handler`` methods it offers ``tick(now)``, which the consumer may call
 periodically when its shards are caught up (``now`` = wall clock, which is then the event
 time too): it closes episodes that went quiet while no events arrived and retries pending
-deliveries. ``flush()`` waits for queued deliveries (tests, shutdown).
+deliveries. ``flush()`` delivers what is due now and waits for it (tests, and a run
+that ends caught up: the ``Flushes`` hook).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ CLOSE_GRACE_S = 5.0
 TICK_CALLS = 200
 """Script calls one ``tick`` makes at most while subjects stay due: each walks up to 1,000
 subjects with stored events and closes up to 1,000 episodes, so a tick gets through 200,000
-of each (a lagging live worker's next tick goes on from there)."""
+of each, within the consumer's handler timeout (a live worker's next tick goes on from
+there)."""
 
 
 def window_ms(window: timedelta) -> int:
