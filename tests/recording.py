@@ -90,3 +90,20 @@ async def wait_handled(redis_url: str, key_prefix: str, count: int, within: floa
             return handled
         await asyncio.sleep(0.05)
     raise AssertionError(f"only {len(await seen(redis_url, key_prefix))} of {count} handled")
+
+
+class HangingTickHandler(RecordingHandler):
+    """Records as ``RecordingHandler``; its ``tick`` notes in Redis that it started
+    (``ticked_key``), then never returns."""
+
+    async def tick(self) -> None:
+        await self._redis.set(ticked_key(self._key), "1")
+        await asyncio.Event().wait()
+
+
+def ticked_key(seen: str) -> str:
+    return f"{seen}:ticked"
+
+
+def create_hanging_tick(context: HandlerContext[Any]) -> HangingTickHandler:
+    return HangingTickHandler(context)

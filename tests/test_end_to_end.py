@@ -12,6 +12,7 @@ import orjson
 import redis
 from alerts_support import fleet_subject, match, sim_subject
 from kinesis_support import create_stream, put, worker_settings
+from recording import seen_key, ticked_key
 
 from worker import keys
 from worker.consumer.app import run_worker
@@ -200,4 +201,42 @@ async def test_a_backfill_job_that_ends_caught_up_walks_and_alerts_what_event_ti
             assert client.hlen(f"{prefix}:alerts:{name}:outbox") == 0, name
         check_exact(client, prefix, truth)
     finally:
+        client.close()
+
+
+async def test_a_stop_asked_for_during_the_last_tick_cuts_it_short(
+    kinesalite_endpoint: str, redis_url: str
+) -> None:
+    """The last tick of a run that ended caught up is cut short by a stop (a signal in
+    production), instead of holding the exit for the handler timeout."""
+    records, _ = generate(SimulationOptions(sims=3, hours=1, seed=5))
+    stream = f"lt-{uuid.uuid4().hex[:8]}"
+    await create_stream(kinesalite_endpoint, stream, shards=1)
+    await put(kinesalite_endpoint, stream, records[:20])
+    settings = worker_settings(
+        kinesalite_endpoint,
+        redis_url,
+        stream,
+        handlers=("recording:create_hanging_tick",),
+        idle_interval=30.0,  # no periodic tick: only the last one
+        handler_timeout=60.0,
+    )
+    prefix = keys.prefix(stream, "supersim-worker")
+    client = redis.Redis.from_url(redis_url)
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        run_worker(settings, until_caught_up=True, install_signals=False, stop=stop)
+    )
+    try:
+        for _ in range(300):
+            if client.exists(ticked_key(seen_key(prefix))) or run.done():
+                break
+            await asyncio.sleep(0.1)
+        assert client.exists(ticked_key(seen_key(prefix))), "the last tick never started"
+        stop.set()
+        summary = await asyncio.wait_for(run, 10)
+        assert summary.caught_up
+    finally:
+        stop.set()
+        await asyncio.gather(run, return_exceptions=True)
         client.close()

@@ -15,11 +15,12 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import structlog
 from pydantic import BaseModel
@@ -222,13 +223,14 @@ async def run_worker(
                     await supervisor.run()
                 else:
                     await _run_until(supervisor, stop)
-            if supervisor.caught_up:
+            if supervisor.caught_up and not supervisor.stopping:
                 # Ended caught up on every shard (``--until-caught-up``): tick once, as the
                 # ticker does while every shard stays caught up, so that what event time has
                 # passed is walked and closed now (a short backfill ends within its warm-up,
                 # its last events within the quiet grace), and deliver what that queued,
-                # not left for a later run of the group (a backfill's may never come).
-                await ticker.last_tick(svc.handlers)
+                # not left for a later run of the group (a backfill's may never come). A
+                # stop asked for meanwhile (a signal, ``stop``) cuts it short.
+                await _unless_stopped(ticker.last_tick(svc.handlers), supervisor, stop)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,
@@ -254,10 +256,32 @@ async def _start_handlers(
         await handler.start(facts)
 
 
+async def _unless_stopped(
+    work: Coroutine[Any, Any, None], supervisor: Supervisor, stop: asyncio.Event | None
+) -> None:
+    """Run ``work`` to its end, or cancel it once a stop is asked for (a signal reaches
+    ``supervisor.stop``; ``stop`` is the caller's event), so that a stop is still prompt."""
+    task = asyncio.ensure_future(work)
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(supervisor.stop_requested())]
+    if stop is not None:
+        waiters.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        if not task.done():
+            structlog.get_logger("worker.consumer.app").warning("last_tick_cut_short")
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:
     """Run the supervisor until it returns or ``stop`` is set (then stop it gracefully)."""
     waiter = asyncio.create_task(stop.wait(), name="stop-waiter")
-    waiter.add_done_callback(lambda _: supervisor.stop())
+    # Only when ``stop`` was set: cancelling the waiter below is not a stop request.
+    waiter.add_done_callback(lambda done: None if done.cancelled() else supervisor.stop())
     try:
         await supervisor.run()
     finally:

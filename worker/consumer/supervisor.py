@@ -183,6 +183,15 @@ class Supervisor:
         for running in self._running.values():
             running.reader.stop()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (``stop``)."""
+        return self._stopping.is_set()
+
+    async def stop_requested(self) -> None:
+        """Return once a stop is asked for (at once if one was), also after ``run``."""
+        await self._stopping.wait()
+
     async def run(self) -> None:
         """Run until stopped (or, with ``until_caught_up``, until every shard is at its tip)."""
         async with self._leases:  # renews the leases until the readers are shut down
