@@ -13,6 +13,7 @@ import redis
 from alerts_support import fleet_subject, match, sim_subject
 from kinesis_support import create_stream, put, worker_settings
 from recording import seen_key, ticked_key
+from structlog.testing import capture_logs
 
 from worker import keys
 from worker.consumer.app import run_worker
@@ -233,9 +234,13 @@ async def test_a_stop_asked_for_during_the_last_tick_cuts_it_short(
                 break
             await asyncio.sleep(0.1)
         assert client.exists(ticked_key(seen_key(prefix))), "the last tick never started"
-        stop.set()
-        summary = await asyncio.wait_for(run, 10)
+        with capture_logs() as logs:
+            stop.set()
+            summary = await asyncio.wait_for(run, 10)
         assert summary.caught_up
+        assert [e for e in logs if e["event"] == "last_tick_cut_short"] == [
+            {"event": "last_tick_cut_short", "started": True, "log_level": "warning"}
+        ]
     finally:
         stop.set()
         await asyncio.gather(run, return_exceptions=True)

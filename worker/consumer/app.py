@@ -223,7 +223,9 @@ async def run_worker(
                     await supervisor.run()
                 else:
                     await _run_until(supervisor, stop)
-            if supervisor.caught_up and not supervisor.stopping:
+            if supervisor.caught_up and supervisor.stopping:
+                log.warning("last_tick_cut_short", started=False)
+            elif supervisor.caught_up:
                 # Ended caught up on every shard (``--until-caught-up``): tick once, as the
                 # ticker does while every shard stays caught up, so that what event time has
                 # passed is walked and closed now (a short backfill ends within its warm-up,
@@ -260,7 +262,8 @@ async def _unless_stopped(
     work: Coroutine[Any, Any, None], supervisor: Supervisor, stop: asyncio.Event | None
 ) -> None:
     """Run ``work`` to its end, or cancel it once a stop is asked for (a signal reaches
-    ``supervisor.stop``; ``stop`` is the caller's event), so that a stop is still prompt."""
+    ``supervisor.stop``; ``stop`` is the caller's event), so that a stop is still prompt.
+    What ``work`` raises is raised here, as is the cancellation of the caller."""
     task = asyncio.ensure_future(work)
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(supervisor.stop_requested())]
     if stop is not None:
@@ -272,9 +275,14 @@ async def _unless_stopped(
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
         if not task.done():
-            structlog.get_logger("worker.consumer.app").warning("last_tick_cut_short")
+            if supervisor.stopping or (stop is not None and stop.is_set()):
+                structlog.get_logger("worker.consumer.app").warning(
+                    "last_tick_cut_short", started=True
+                )
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled():
+        task.result()  # a failure of the work itself (handlers' are logged by the ticker)
 
 
 async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:
