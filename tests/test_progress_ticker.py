@@ -122,7 +122,7 @@ async def test_last_tick_waits_for_a_call_abandoned_as_the_ticker_stopped_then_f
     async with ticker:
         await handler.started.wait()
     with capture_logs() as logs:
-        await ticker.last_tick([handler])
+        await ticker.last_tick()
     assert (handler.ticks, handler.flushes) == (2, 1)
     assert not [e for e in logs if e["event"] == "handler_periodic_call_failed"], logs
     assert [e["event"] for e in logs] == ["last_tick"]

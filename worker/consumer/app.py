@@ -217,12 +217,9 @@ async def run_worker(
             interval=settings.idle_interval,
             timeout=settings.handler_timeout,
         )
-        async with reporter:
+        async with reporter, _stopping_on(stop, supervisor):
             async with ticker:
-                if stop is None:
-                    await supervisor.run()
-                else:
-                    await _run_until(supervisor, stop)
+                await supervisor.run()
             if supervisor.caught_up and supervisor.stopping:
                 log.warning("last_tick_cut_short", started=False)
             elif supervisor.caught_up:
@@ -232,7 +229,7 @@ async def run_worker(
                 # its last events within the quiet grace), and deliver what that queued,
                 # not left for a later run of the group (a backfill's may never come). A
                 # stop asked for meanwhile (a signal, ``stop``) cuts it short.
-                await _unless_stopped(ticker.last_tick(svc.handlers), supervisor, stop)
+                await _unless_stopped(ticker.last_tick(), supervisor)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,
@@ -258,24 +255,19 @@ async def _start_handlers(
         await handler.start(facts)
 
 
-async def _unless_stopped(
-    work: Coroutine[Any, Any, None], supervisor: Supervisor, stop: asyncio.Event | None
-) -> None:
-    """Run ``work`` to its end, or cancel it once a stop is asked for (a signal reaches
-    ``supervisor.stop``; ``stop`` is the caller's event), so that a stop is still prompt.
-    What ``work`` raises is raised here, as is the cancellation of the caller."""
+async def _unless_stopped(work: Coroutine[Any, Any, None], supervisor: Supervisor) -> None:
+    """Run ``work`` to its end, or cancel it once a stop is asked for (``supervisor.stop``:
+    a signal, or ``run_worker``'s ``stop``), so that a stop is still prompt. What ``work``
+    raises is raised here, as is the cancellation of the caller."""
     task = asyncio.ensure_future(work)
-    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(supervisor.stop_requested())]
-    if stop is not None:
-        waiters.append(asyncio.ensure_future(stop.wait()))
+    waiter = asyncio.ensure_future(supervisor.stop_requested())
     try:
-        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
         if not task.done():
-            if supervisor.stopping or (stop is not None and stop.is_set()):
+            if supervisor.stopping:
                 structlog.get_logger("worker.consumer.app").warning(
                     "last_tick_cut_short", started=True
                 )
@@ -285,13 +277,18 @@ async def _unless_stopped(
         task.result()  # a failure of the work itself (handlers' are logged by the ticker)
 
 
-async def _run_until(supervisor: Supervisor, stop: asyncio.Event) -> None:
-    """Run the supervisor until it returns or ``stop`` is set (then stop it gracefully)."""
+@asynccontextmanager
+async def _stopping_on(stop: asyncio.Event | None, supervisor: Supervisor) -> AsyncIterator[None]:
+    """While inside, ``stop`` being set (if given) asks the supervisor to stop gracefully,
+    as a signal does: during the run and during its last tick alike."""
+    if stop is None:
+        yield
+        return
     waiter = asyncio.create_task(stop.wait(), name="stop-waiter")
     # Only when ``stop`` was set: cancelling the waiter below is not a stop request.
     waiter.add_done_callback(lambda done: None if done.cancelled() else supervisor.stop())
     try:
-        await supervisor.run()
+        yield
     finally:
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)

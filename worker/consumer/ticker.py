@@ -59,6 +59,7 @@ class Ticker(OwnedTask):
     ) -> None:
         self._tickers = [h for h in handlers if isinstance(h, Ticks)]
         self._gauges = [h for h in handlers if isinstance(h, HasGauges)]
+        self._flushers = [h for h in handlers if isinstance(h, Flushes)]
         super().__init__(enabled=bool(self._tickers or self._gauges))
         self._caught_up = caught_up
         self._metrics = metrics
@@ -94,25 +95,24 @@ class Ticker(OwnedTask):
         for ticking in self._tickers:
             await self._call(ticking, ticking.tick)
 
-    async def last_tick(self, handlers: Sequence[Handler]) -> None:
+    async def last_tick(self) -> None:
         """As a run that ended caught up exits, with the ticker's own task stopped: tick
         every handler that ``Ticks`` once more (after giving a call abandoned when the task
         stopped ``ABANDON_GRACE`` to end, so that it does not make its handler skip this
         one), then ``flush()`` every handler that ``Flushes``. The handlers' calls run
         concurrently, each bounded by the timeout: the ticks, then the flushes, take one
         timeout each at most."""
-        flushing = [h for h in handlers if isinstance(h, Flushes)]
-        if not self._tickers and not flushing:
+        if not self._tickers and not self._flushers:
             return
         if self._strays:  # their done callbacks, added first, drop them as they end
             await asyncio.wait(list(self._strays.values()), timeout=ABANDON_GRACE)
         self._log.info(
             "last_tick",
             ticks=[h.name for h in self._tickers],
-            flushes=[h.name for h in flushing],
+            flushes=[h.name for h in self._flushers],
         )
         await asyncio.gather(*(self._call(h, h.tick) for h in self._tickers))
-        await asyncio.gather(*(self._call(h, h.flush) for h in flushing))
+        await asyncio.gather(*(self._call(h, h.flush) for h in self._flushers))
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and
