@@ -107,3 +107,18 @@ def ticked_key(seen: str) -> str:
 
 def create_hanging_tick(context: HandlerContext[Any]) -> HangingTickHandler:
     return HangingTickHandler(context)
+
+
+LEFT_BY_FLUSH = "1 alert transition(s) still in the outbox"
+
+
+class UnfinishedFlushHandler(RecordingHandler):
+    """Records as ``RecordingHandler``; its ``flush`` says it left ``LEFT_BY_FLUSH``, as the
+    alert handlers' does while their outbox still holds transitions."""
+
+    async def flush(self) -> str | None:
+        return LEFT_BY_FLUSH
+
+
+def create_unfinished_flush(context: HandlerContext[Any]) -> UnfinishedFlushHandler:
+    return UnfinishedFlushHandler(context)

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import redis
-from alerts_support import fleet_subject, match, sim_subject
+from alerts_support import Receiver, fleet_subject, match, sim_subject, webhook_settings
 from kinesis_support import create_stream, put, worker_settings
 from recording import seen_key, ticked_key
 from structlog.testing import capture_logs
@@ -23,6 +23,7 @@ from worker.handlers.metering.usage import figures
 from worker.settings import Settings
 
 HANDLERS = ("metering", "rejections", "data_limit", "attach_loops")
+ALERT_HANDLERS = ("rejections", "data_limit", "attach_loops")
 OPTIONS = SimulationOptions(
     sims=70,
     hours=3,
@@ -197,10 +198,65 @@ async def test_a_backfill_job_that_ends_caught_up_walks_and_alerts_what_event_ti
             sections=long_warmup,
         )
         assert summary.caught_up
-        for name in ("rejections", "data_limit", "attach_loops"):
+        assert summary.last_tick_incomplete == {}
+        for name in ALERT_HANDLERS:
             assert client.zcard(f"{prefix}:alerts:{name}:pend") == 0, name
             assert client.hlen(f"{prefix}:alerts:{name}:outbox") == 0, name
         check_exact(client, prefix, truth)
+    finally:
+        client.close()
+
+
+async def test_a_backfill_job_whose_webhook_fails_says_so_and_its_retry_delivers(
+    kinesalite_endpoint: str, redis_url: str, receiver: Receiver
+) -> None:
+    """A backfill Job whose webhook refuses what its last tick sends ends caught up but
+    names the handlers left with undelivered alerts (the ``run`` command exits 3, so the
+    Job is retried); the retry, resuming at the checkpoints, delivers them: every alert
+    reaches the webhook exactly once."""
+    settings, prefix, truth = await prepare(kinesalite_endpoint, redis_url)
+    settings = settings.model_copy(update={"idle_interval": 30.0})  # only the last tick
+    hooked = webhook_settings(receiver.url, retry_base=0.2, retry_cap=0.5)
+    sections = {
+        "alerts": hooked.model_copy(
+            update={"stale_after": None, "shard_warmup": timedelta(hours=1)}
+        )
+    }
+    client = redis.Redis.from_url(redis_url)
+    try:
+        receiver.status = 503
+        with capture_logs() as logs:
+            summary = await run_worker(
+                settings,
+                from_start=True,
+                until_caught_up=True,
+                install_signals=False,
+                sections=sections,
+            )
+        assert summary.caught_up
+        assert sorted(summary.last_tick_incomplete) == sorted(ALERT_HANDLERS)
+        for name, left in summary.last_tick_incomplete.items():
+            waiting = client.hlen(f"{prefix}:alerts:{name}:outbox")
+            assert waiting > 0, name
+            assert left.startswith(f"{waiting} alert transition(s) still in the outbox"), left
+        assert [e["handlers"] for e in logs if e["event"] == "last_tick_incomplete"] == [
+            summary.last_tick_incomplete
+        ]
+        assert receiver.accepted == {}
+
+        receiver.status = 200
+        await asyncio.sleep(1.0)  # past the retries' due times (at most retry_cap)
+        summary = await run_worker(
+            settings, until_caught_up=True, install_signals=False, sections=sections
+        )
+        assert summary.caught_up
+        assert summary.last_tick_incomplete == {}
+        for name in ALERT_HANDLERS:
+            assert client.hlen(f"{prefix}:alerts:{name}:outbox") == 0, name
+        check_exact(client, prefix, truth)
+        delivered = Counter((a["id"], a["status"]) for a in receiver.accepted.values())
+        assert delivered == Counter((a["id"], a["status"]) for a in alerts(client, prefix))
+        assert receiver.repeats == 0
     finally:
         client.close()
 

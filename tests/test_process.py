@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from kinesis_support import create_stream, events, put, worker_settings
-from recording import seen, seen_key, wait_handled
+from recording import LEFT_BY_FLUSH, seen, seen_key, wait_handled
 from redis.asyncio import Redis
 
 from worker import keys
@@ -116,6 +116,27 @@ async def test_kill_9_then_restart_loses_nothing(moto_endpoint: str, redis_url: 
     assert set(sids) == {str(orjson.loads(record)["id"]) for record in events(200)}
     repeats = len(sids) - len(set(sids))
     assert repeats <= 2 * batch, "at most the in-flight batch of each shard is delivered again"
+
+
+async def test_until_caught_up_exits_3_when_a_handler_left_work_undone(
+    moto_endpoint: str, redis_url: str
+) -> None:
+    """``run --until-caught-up`` that ends caught up but whose last flush left work undone
+    (alerts undelivered) exits 3, saying what each handler left in
+    ``last_tick_incomplete``, so that a Kubernetes Job does not pass for complete."""
+    stream = f"flush-{uuid.uuid4().hex[:8]}"
+    key_prefix = keys.prefix(stream, "supersim-worker")
+    await create_stream(moto_endpoint, stream, shards=1)
+    await put(moto_endpoint, stream, events(20))
+    env = worker_env(moto_endpoint, redis_url, stream)
+    env["SUPERSIM_HANDLERS"] = "recording:create_unfinished_flush"
+    process = start_worker(env, "--until-caught-up")
+    _, stderr = await asyncio.to_thread(process.communicate, timeout=90)
+    assert process.returncode == 3, stderr.decode()[-2000:]
+    lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+    incomplete = [line for line in lines if line["event"] == "last_tick_incomplete"]
+    assert [line["handlers"] for line in incomplete] == [{"recording": LEFT_BY_FLUSH}]
+    assert len(await seen(redis_url, key_prefix)) == 20
 
 
 async def test_stale_owner_checkpoint_is_refused(redis_url: str) -> None:

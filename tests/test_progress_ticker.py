@@ -122,7 +122,57 @@ async def test_last_tick_waits_for_a_call_abandoned_as_the_ticker_stopped_then_f
     async with ticker:
         await handler.started.wait()
     with capture_logs() as logs:
-        await ticker.last_tick()
+        failed = await ticker.last_tick()
+    assert failed == {}
     assert (handler.ticks, handler.flushes) == (2, 1)
     assert not [e for e in logs if e["event"] == "handler_periodic_call_failed"], logs
     assert [e["event"] for e in logs] == ["last_tick"]
+
+
+class FailsToFinish(Ticking):
+    """Ticks (with ``tick_fails``, its tick raises); its ``flush`` raises, or with
+    ``left`` returns it: what it says it left undone."""
+
+    def __init__(self, name: str, tick_fails: bool = False, left: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.tick_fails = tick_fails
+        self.left = left
+
+    async def tick(self) -> None:
+        self.ticks += 1
+        if self.tick_fails:
+            raise ConnectionError("Redis went away")
+
+    async def flush(self) -> str | None:
+        if self.left is None:
+            raise RuntimeError("the sink's client is closed")
+        return self.left
+
+
+async def test_last_tick_tells_what_each_handler_left_undone() -> None:
+    """The last tick tells, by handler, what its tick and flush left undone: a call that
+    failed (logged and counted as usual) or what its flush said it left; the run's exit
+    status says so. A handler whose flush left nothing is not named."""
+    fine, flush_fails = SlowToStop(), FailsToFinish("a")
+    both_fail = FailsToFinish("b", tick_fails=True)
+    left_some = FailsToFinish("c", left="2 alert transition(s) still in the outbox")
+    fine.ticks = 1  # no first tick to wait for
+
+    async def caught_up() -> bool:
+        return False
+
+    ticker = Ticker(
+        [fine, flush_fails, both_fail, left_some], caught_up, Metrics(), interval=60, timeout=5
+    )
+    with capture_logs() as logs:
+        left = await ticker.last_tick()
+    assert left == {
+        "a": "its flush failed",
+        "b": "its last tick failed; its flush failed",
+        "c": "2 alert transition(s) still in the outbox",
+    }
+    assert (fine.flushes, flush_fails.ticks, both_fail.ticks, left_some.ticks) == (1, 1, 1, 1)
+    assert sorted(
+        (e["handler"], e["method"]) for e in logs if e["event"] == "handler_periodic_call_failed"
+    ) == [("a", "flush"), ("b", "flush"), ("b", "tick")]

@@ -30,7 +30,7 @@ import structlog
 from worker import logs
 from worker.cli.commands import COMMANDS
 from worker.cli.decode import iter_records
-from worker.cli.runner import run_until_done
+from worker.cli.runner import LAST_TICK_INCOMPLETE, run_until_done
 from worker.consumer import kinesis
 from worker.consumer.app import run_worker, tune_gc
 from worker.errors import ConfigError
@@ -102,6 +102,8 @@ class ReplaySummary:
     dead_lettered: int
     seconds: float
     caught_up: bool
+    last_tick_incomplete: dict[str, str]
+    """By handler: what its last tick and flush left undone (see ``RunSummary``)."""
 
 
 async def replay(settings: Settings, records: Sequence[bytes], shards: int) -> ReplaySummary:
@@ -119,6 +121,7 @@ async def replay(settings: Settings, records: Sequence[bytes], shards: int) -> R
         dead_lettered=int(metrics.get("dead_letters", 0)),
         seconds=time.monotonic() - started,
         caught_up=summary.caught_up,
+        last_tick_incomplete=summary.last_tick_incomplete,
     )
 
 
@@ -173,7 +176,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'skipped':<24} {summary.skipped}")
     print(f"  {'dead-lettered':<24} {summary.dead_lettered}")
     print(f"stream {settings.stream_name}, consumer group {settings.consumer_group}")
-    return 0 if summary.caught_up else 1
+    if not summary.caught_up:
+        return 1
+    if summary.last_tick_incomplete:
+        for name, left in summary.last_tick_incomplete.items():
+            print(f"  left by {name}: {left}")
+        return LAST_TICK_INCOMPLETE
+    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from worker import logs
 from worker.cli.commands import COMMANDS
-from worker.cli.runner import run_until_done
+from worker.cli.runner import LAST_TICK_INCOMPLETE, run_until_done
 from worker.consumer.app import run_worker, tune_gc
 from worker.errors import ConfigError
 from worker.settings import load_settings, utc_timestamp
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.until_caught_up and not summary.caught_up:
         return 1
+    if summary.last_tick_incomplete:
+        return LAST_TICK_INCOMPLETE
     return 0
 
 

@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import BaseModel
@@ -44,6 +44,8 @@ from worker.handlers.base import Handler, ShardListener, Starts, StreamFacts
 from worker.metrics import Metrics
 from worker.settings import Settings, load_settings
 
+T = TypeVar("T")
+
 
 @dataclass(slots=True)
 class RunSummary:
@@ -53,6 +55,10 @@ class RunSummary:
     abandoned: list[str] = field(default_factory=list)
     """Shards whose reader ignored its cancellation at shutdown (a handler swallowing it)
     and was left running; their leases were released all the same."""
+    last_tick_incomplete: dict[str, str] = field(default_factory=dict)
+    """By handler: what its last tick and flush (a run that ended caught up) left undone, a
+    call that failed or timed out, or what its flush said was left (alerts to deliver). It
+    waits for a later run of the group."""
 
 
 GC_THRESHOLD = (500_000, 50, 100)
@@ -217,6 +223,7 @@ async def run_worker(
             interval=settings.idle_interval,
             timeout=settings.handler_timeout,
         )
+        incomplete: dict[str, str] | None = None
         async with reporter, _stopping_on(stop, supervisor):
             async with ticker:
                 await supervisor.run()
@@ -229,12 +236,15 @@ async def run_worker(
                 # its last events within the quiet grace), and deliver what that queued,
                 # not left for a later run of the group (a backfill's may never come). A
                 # stop asked for meanwhile (a signal, ``stop``) cuts it short.
-                await _unless_stopped(ticker.last_tick(), supervisor)
+                incomplete = await _unless_stopped(ticker.last_tick(), supervisor)
+                if incomplete:
+                    log.warning("last_tick_incomplete", handlers=incomplete)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,
             metrics=svc.metrics.snapshot(),
             abandoned=list(supervisor.abandoned),
+            last_tick_incomplete=incomplete or {},
         )
         log.info("worker_stopped", seconds=round(summary.seconds, 2), **summary.metrics)
         return summary
@@ -255,10 +265,11 @@ async def _start_handlers(
         await handler.start(facts)
 
 
-async def _unless_stopped(work: Coroutine[Any, Any, None], supervisor: Supervisor) -> None:
-    """Run ``work`` to its end, or cancel it once a stop is asked for (``supervisor.stop``:
-    a signal, or ``run_worker``'s ``stop``), so that a stop is still prompt. What ``work``
-    raises is raised here, as is the cancellation of the caller."""
+async def _unless_stopped(work: Coroutine[Any, Any, T], supervisor: Supervisor) -> T | None:
+    """Run ``work`` to its end and return its result, or cancel it once a stop is asked for
+    (``supervisor.stop``: a signal, or ``run_worker``'s ``stop``) and return None, so that a
+    stop is still prompt. What ``work`` raises is raised here, as is the cancellation of the
+    caller."""
     task = asyncio.ensure_future(work)
     waiter = asyncio.ensure_future(supervisor.stop_requested())
     try:
@@ -273,8 +284,9 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], supervisor: Superviso
                 )
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    if not task.cancelled():
-        task.result()  # a failure of the work itself (handlers' are logged by the ticker)
+    if task.cancelled():
+        return None
+    return task.result()  # or a failure of the work itself (handlers' are logged by the ticker)
 
 
 @asynccontextmanager

@@ -95,15 +95,17 @@ class Ticker(OwnedTask):
         for ticking in self._tickers:
             await self._call(ticking, ticking.tick)
 
-    async def last_tick(self) -> None:
+    async def last_tick(self) -> dict[str, str]:
         """As a run that ended caught up exits, with the ticker's own task stopped: tick
         every handler that ``Ticks`` once more (after giving a call abandoned when the task
         stopped ``ABANDON_GRACE`` to end, so that it does not make its handler skip this
         one), then ``flush()`` every handler that ``Flushes``. The handlers' calls run
         concurrently, each bounded by the timeout: the ticks, then the flushes, take one
-        timeout each at most."""
+        timeout each at most. Returns, by handler name, what is left undone: a tick or
+        flush that failed (logged and counted as the rounds' calls are), or what its flush
+        says it left."""
         if not self._tickers and not self._flushers:
-            return
+            return {}
         if self._strays:  # their done callbacks, added first, drop them as they end
             await asyncio.wait(list(self._strays.values()), timeout=ABANDON_GRACE)
         self._log.info(
@@ -111,8 +113,18 @@ class Ticker(OwnedTask):
             ticks=[h.name for h in self._tickers],
             flushes=[h.name for h in self._flushers],
         )
-        await asyncio.gather(*(self._call(h, h.tick) for h in self._tickers))
-        await asyncio.gather(*(self._call(h, h.flush) for h in self._flushers))
+        ticked = await asyncio.gather(*(self._call(h, h.tick) for h in self._tickers))
+        flushed = await asyncio.gather(*(self._call(h, h.flush) for h in self._flushers))
+        left: dict[str, list[str]] = {}
+        for handler, result in zip(self._tickers, ticked, strict=True):
+            if isinstance(result, _Failed):
+                left.setdefault(handler.name, []).append("its last tick failed")
+        for flusher, said in zip(self._flushers, flushed, strict=True):
+            if isinstance(said, _Failed):
+                left.setdefault(flusher.name, []).append("its flush failed")
+            elif said:
+                left.setdefault(flusher.name, []).append(said)
+        return {name: "; ".join(reasons) for name, reasons in left.items()}
 
     async def read_gauges(self) -> None:
         """Read every handler's gauges into the metrics (summed over handlers per name and

@@ -149,9 +149,11 @@ class Ticks(Protocol):
 @runtime_checkable
 class Flushes(Protocol):
     """Called once as a run that ended caught up exits, after the last ``tick`` and before
-    ``close``: finish the work queued so far (e.g. deliveries), within the handler timeout."""
+    ``close``: finish the work queued so far (e.g. deliveries), within the handler timeout.
+    Returns None once it is all done, else what is left, in words (it stays queued for a
+    later run): the run then exits saying so (``last_tick_incomplete``, status 3)."""
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)

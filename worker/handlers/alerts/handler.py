@@ -222,9 +222,18 @@ class AlertHandler(ABC):
             if not await self._apply(Subjects(), now_ms, tick_ms=tick_ms):
                 break
 
-    async def flush(self) -> None:
-        """Wait for the deliveries queued so far."""
+    async def flush(self) -> str | None:
+        """Wait for the deliveries queued so far; then say how many transitions the outbox
+        still holds, if any (a sink failed and they wait for a retry, or another replica of
+        the group has them claimed)."""
         await self.dispatcher.flush()
+        left = await self.outbox.pending()
+        if not left:
+            return None
+        return (
+            f"{left} alert transition(s) still in the outbox (see alert_delivery_deferred): "
+            "a later run of this consumer group delivers them"
+        )
 
     async def close(self) -> None:
         await self.dispatcher.close(grace=CLOSE_GRACE_S)
