@@ -211,12 +211,14 @@ async def test_a_backfill_job_whose_webhook_fails_says_so_and_its_retry_delivers
     kinesalite_endpoint: str, redis_url: str, receiver: Receiver
 ) -> None:
     """A backfill Job whose webhook refuses what its last tick sends ends caught up but
-    names the handlers left with undelivered alerts (the ``run`` command exits 3, so the
-    Job is retried); the retry, resuming at the checkpoints, delivers them: every alert
+    says, by handler, how many alerts it left undelivered (the ``run`` command exits 3);
+    a later run of the group, resuming at the checkpoints, delivers them: every alert
     reaches the webhook exactly once."""
     settings, prefix, truth = await prepare(kinesalite_endpoint, redis_url)
     settings = settings.model_copy(update={"idle_interval": 30.0})  # only the last tick
-    hooked = webhook_settings(receiver.url, retry_base=0.2, retry_cap=0.5)
+    # A failed delivery is due again 2-4 s later: long after the flush's few rounds, so that
+    # it does not try them again; over before the rerun.
+    hooked = webhook_settings(receiver.url, retry_base=4.0, retry_cap=4.0)
     sections = {
         "alerts": hooked.model_copy(
             update={"stale_after": None, "shard_warmup": timedelta(hours=1)}
@@ -245,7 +247,7 @@ async def test_a_backfill_job_whose_webhook_fails_says_so_and_its_retry_delivers
         assert receiver.accepted == {}
 
         receiver.status = 200
-        await asyncio.sleep(1.0)  # past the retries' due times (at most retry_cap)
+        await asyncio.sleep(4.2)  # past the retries' due times (at most retry_cap)
         summary = await run_worker(
             settings, until_caught_up=True, install_signals=False, sections=sections
         )
@@ -297,6 +299,9 @@ async def test_a_stop_asked_for_during_the_last_tick_cuts_it_short(
         assert [e for e in logs if e["event"] == "last_tick_cut_short"] == [
             {"event": "last_tick_cut_short", "started": True, "log_level": "warning"}
         ]
+        left = {"recording": "its last tick was cut short by a stop"}
+        assert summary.last_tick_incomplete == left
+        assert [e["handlers"] for e in logs if e["event"] == "last_tick_incomplete"] == [left]
     finally:
         stop.set()
         await asyncio.gather(run, return_exceptions=True)

@@ -63,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--until-caught-up",
         action="store_true",
-        help="exit 0 once every shard is at its tip (for a batch job)",
+        help="exit 0 once every shard is at its tip (for a batch job); 3 if the last tick "
+        "of its handlers left work undone (alerts not delivered)",
     )
     parser.set_defaults(func=run)

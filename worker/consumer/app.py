@@ -227,8 +227,11 @@ async def run_worker(
         async with reporter, _stopping_on(stop, supervisor):
             async with ticker:
                 await supervisor.run()
+            # What a stop before or during the last tick leaves undone: all of it.
+            cut_short = dict.fromkeys(ticker.last, "its last tick was cut short by a stop")
             if supervisor.caught_up and supervisor.stopping:
                 log.warning("last_tick_cut_short", started=False)
+                incomplete = cut_short
             elif supervisor.caught_up:
                 # Ended caught up on every shard (``--until-caught-up``): tick once, as the
                 # ticker does while every shard stays caught up, so that what event time has
@@ -237,8 +240,10 @@ async def run_worker(
                 # not left for a later run of the group (a backfill's may never come). A
                 # stop asked for meanwhile (a signal, ``stop``) cuts it short.
                 incomplete = await _unless_stopped(ticker.last_tick(), supervisor)
-                if incomplete:
-                    log.warning("last_tick_incomplete", handlers=incomplete)
+                if incomplete is None:
+                    incomplete = cut_short
+            if incomplete:
+                log.warning("last_tick_incomplete", handlers=incomplete)
         summary = RunSummary(
             seconds=time.monotonic() - started,
             caught_up=supervisor.caught_up,

@@ -71,6 +71,11 @@ class Ticker(OwnedTask):
         """Per handler (``id``): its call cut off and abandoned, until it ends."""
         self._log = structlog.get_logger("worker.consumer.ticker")
 
+    @property
+    def last(self) -> list[str]:
+        """The names of the handlers ``last_tick`` calls (ticks or flushes)."""
+        return list(dict.fromkeys(h.name for h in [*self._tickers, *self._flushers]))
+
     async def _run(self) -> None:
         rounds = 0
         while True:
@@ -122,7 +127,7 @@ class Ticker(OwnedTask):
         for flusher, said in zip(self._flushers, flushed, strict=True):
             if isinstance(said, _Failed):
                 left.setdefault(flusher.name, []).append("its flush failed")
-            elif said:
+            elif isinstance(said, str) and said:  # anything else says nothing
                 left.setdefault(flusher.name, []).append(said)
         return {name: "; ".join(reasons) for name, reasons in left.items()}
 

@@ -231,7 +231,8 @@ class AlertHandler(ABC):
         if not left:
             return None
         return (
-            f"{left} alert transition(s) still in the outbox (see alert_delivery_deferred): "
+            f"{left} alert transition(s) still in the outbox (deferred after a failed "
+            "delivery, held while the dead store is full, or claimed by another replica): "
             "a later run of this consumer group delivers them"
         )
 
