@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from alerts_support import (
     FLEET_A,
     NOISY,
@@ -29,6 +30,7 @@ from alerts_support import (
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from worker.handlers.alerts import handler as alert_handler
 from worker.handlers.alerts.model import to_ms
 from worker.handlers.alerts.settings import ThresholdOverrides
 from worker.handlers.base import Batch
@@ -165,6 +167,34 @@ async def test_one_tick_walks_and_closes_more_subjects_than_one_script_call_take
         assert rejections.transitions[("rejection_storm", "resolved")] == len(sims)
         assert await redis.zcard(f"{PREFIX}:alerts:rejections:pend") == 0
         assert await redis.zcard(f"{PREFIX}:alerts:rejections:open") == 0
+        assert await rejections.flush() is None  # nothing left: the run may exit 0
+    finally:
+        await close_all([rejections])
+
+
+async def test_a_tick_stopped_at_its_call_limit_says_so_at_the_flush(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick that took its limit of script calls with subjects still due tells so at the
+    flush (a run that ends caught up then exits 3), until a tick gets through them."""
+    monkeypatch.setattr(alert_handler, "TICK_CALLS", 1)
+    sims = [f"HS{index:032x}" for index in range(1_100)]
+    events = [event("attachment.rejected", index, 10, sim=sim) for index, sim in enumerate(sims)]
+    tuned = settings(
+        shard_warmup=timedelta(hours=1),
+        fleets={FLEET_A: ThresholdOverrides(storm_rejections=1)},
+    )
+    rejections = handler("rejections", redis, Clock(at(3600)), tuned)
+    try:
+        await feed([rejections], events, batch_size=len(events))
+        await rejections.tick(at(3000))
+        assert await redis.zcard(f"{PREFIX}:alerts:rejections:pend") == 100
+        left = await rejections.flush()
+        assert left is not None
+        assert left.startswith("the last tick stopped at its 1 script calls"), left
+        await rejections.tick(at(3000))
+        assert await redis.zcard(f"{PREFIX}:alerts:rejections:pend") == 0
+        assert await rejections.flush() is None
     finally:
         await close_all([rejections])
 

@@ -102,6 +102,8 @@ class AlertHandler(ABC):
         self._prefix = prefix
         self.transitions: Counter[tuple[str, str]] = Counter()
         """Alerts recorded by (kind, status), for the metrics."""
+        self._tick_cut = False
+        """The last ``tick`` stopped at ``TICK_CALLS`` calls while more was due."""
         self._log = structlog.get_logger("worker.handlers.alerts")
 
     # --- what a subclass provides -------------------------------------------------------
@@ -218,23 +220,32 @@ class AlertHandler(ABC):
         seconds while idle); during a backfill event time comes from the batches."""
         now_ms = round(self._clock() * 1000)
         tick_ms = now_ms - self._delay_ms if now is None else to_ms(now)
+        self._tick_cut = True
         for _ in range(TICK_CALLS):
             if not await self._apply(Subjects(), now_ms, tick_ms=tick_ms):
+                self._tick_cut = False
                 break
 
     async def flush(self) -> str | None:
-        """Wait for the deliveries queued so far; then say how many transitions the outbox
-        still holds, if any (a sink failed and they wait for a retry, or another replica of
-        the group has them claimed)."""
+        """Wait for the deliveries queued so far; then say what is left, if anything: the
+        transitions the outbox still holds (a sink failed and they wait for a retry, or
+        another replica of the group has them claimed), and subjects the last tick left to
+        walk (it stopped at ``TICK_CALLS`` calls with more due)."""
         await self.dispatcher.flush()
+        said = []
+        if self._tick_cut:
+            said.append(
+                f"the last tick stopped at its {TICK_CALLS} script calls with subjects still "
+                "to walk or episodes to close: a later tick of this consumer group does it"
+            )
         left = await self.outbox.pending()
-        if not left:
-            return None
-        return (
-            f"{left} alert transition(s) still in the outbox (deferred after a failed "
-            "delivery, held while the dead store is full, or claimed by another replica): "
-            "a later run of this consumer group delivers them"
-        )
+        if left:
+            said.append(
+                f"{left} alert transition(s) still in the outbox (deferred after a failed "
+                "delivery, held while the dead store is full, or claimed by another replica): "
+                "a later run of this consumer group delivers them"
+            )
+        return "; ".join(said) or None
 
     async def close(self) -> None:
         await self.dispatcher.close(grace=CLOSE_GRACE_S)
