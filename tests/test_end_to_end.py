@@ -216,8 +216,8 @@ async def test_a_backfill_job_whose_webhook_fails_says_so_and_its_retry_delivers
     reaches the webhook exactly once."""
     settings, prefix, truth = await prepare(kinesalite_endpoint, redis_url)
     settings = settings.model_copy(update={"idle_interval": 30.0})  # only the last tick
-    # A failed delivery is due again 2-4 s later: long after the flush's few rounds, so that
-    # it does not try them again; over before the rerun.
+    # A failed delivery is due again 2-4 s later: after the flush's few rounds, as a rule (a
+    # round that comes later only fails them again), and before the rerun.
     hooked = webhook_settings(receiver.url, retry_base=4.0, retry_cap=4.0)
     sections = {
         "alerts": hooked.model_copy(

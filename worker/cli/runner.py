@@ -22,8 +22,9 @@ EXIT_GRACE: Final = 1.0
 """Seconds the tasks left at exit get to end after their cancellation."""
 LAST_TICK_INCOMPLETE: Final = 3
 """Exit status of a run that ended caught up but whose last tick or flush left work undone
-(``last_tick_incomplete``): a call failed or timed out, or a flush said what it left (alerts
-still in the outbox). That work waits for a later run of the group."""
+(``last_tick_incomplete``): a call failed or timed out, a flush said what it left (alerts
+still in the outbox), or a stop cut the last tick short. That work waits for a later run of
+the group."""
 
 
 def run_until_done(main: Coroutine[Any, Any, T], grace: float = EXIT_GRACE) -> T:

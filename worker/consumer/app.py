@@ -56,9 +56,10 @@ class RunSummary:
     """Shards whose reader ignored its cancellation at shutdown (a handler swallowing it)
     and was left running; their leases were released all the same."""
     last_tick_incomplete: dict[str, str] = field(default_factory=dict)
-    """By handler: what its last tick and flush (a run that ended caught up) left undone, a
-    call that failed or timed out, or what its flush said was left (alerts to deliver). It
-    waits for a later run of the group."""
+    """By handler: what its last tick and flush (a run that ended caught up) left undone: a
+    call that failed or timed out, what its flush said was left (alerts to deliver, subjects
+    the tick may not have walked), or all of it when a stop cut the last tick short. It waits
+    for a later run of the group."""
 
 
 GC_THRESHOLD = (500_000, 50, 100)
@@ -230,7 +231,8 @@ async def run_worker(
             # What a stop before or during the last tick leaves undone: all of it.
             cut_short = dict.fromkeys(ticker.last, "its last tick was cut short by a stop")
             if supervisor.caught_up and supervisor.stopping:
-                log.warning("last_tick_cut_short", started=False)
+                if cut_short:
+                    log.warning("last_tick_cut_short", started=False)
                 incomplete = cut_short
             elif supervisor.caught_up:
                 # Ended caught up on every shard (``--until-caught-up``): tick once, as the

@@ -220,23 +220,25 @@ class AlertHandler(ABC):
         seconds while idle); during a backfill event time comes from the batches."""
         now_ms = round(self._clock() * 1000)
         tick_ms = now_ms - self._delay_ms if now is None else to_ms(now)
-        self._tick_cut = True
+        self._tick_cut = False
         for _ in range(TICK_CALLS):
             if not await self._apply(Subjects(), now_ms, tick_ms=tick_ms):
-                self._tick_cut = False
                 break
+        else:  # every call took its limit: more may be due (a tick that raised is not cut)
+            self._tick_cut = True
 
     async def flush(self) -> str | None:
         """Wait for the deliveries queued so far; then say what is left, if anything: the
         transitions the outbox still holds (a sink failed and they wait for a retry, or
-        another replica of the group has them claimed), and subjects the last tick left to
-        walk (it stopped at ``TICK_CALLS`` calls with more due)."""
+        another replica of the group has them claimed), and subjects the last tick may have
+        left to walk (each of its ``TICK_CALLS`` calls took its limit)."""
         await self.dispatcher.flush()
         said = []
         if self._tick_cut:
             said.append(
-                f"the last tick stopped at its {TICK_CALLS} script calls with subjects still "
-                "to walk or episodes to close: a later tick of this consumer group does it"
+                f"the last tick stopped at its {TICK_CALLS} script calls, each of which took its "
+                "limit: subjects may be left to walk or episodes to close, for a later tick of "
+                "this consumer group"
             )
         left = await self.outbox.pending()
         if left:
