@@ -53,7 +53,9 @@ class FaultProxy:
     async def start(self) -> FaultProxy:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A stop does not wait for answers it holds back (``Faults.delay``): the worker that
+        # asked has gone by then, and a graceful wait would hold each test up for the delay.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
