@@ -175,6 +175,22 @@ async def test_the_runner_calls_the_hooks_as_the_consumer_does(redis_url: str) -
     assert handler.calls[-2] == ("revoked", "shardId-000000000001", False)
 
 
+class Unfinished(Recorder):
+    """A ``Recorder`` whose ``flush`` says it left something undone."""
+
+    async def flush(self) -> str | None:
+        return "2 reports not sent"
+
+
+async def test_the_runners_flush_returns_what_the_handler_says_it_left(redis_url: str) -> None:
+    """``flush()`` gives what the handler's flush said (the run's exit 3 and its
+    ``last_tick_incomplete`` line come from it); None for a handler without one."""
+    async with HandlerRunner(Plugin(Unfinished), redis_url) as run:
+        assert await run.flush() == "2 reports not sent"
+    async with HandlerRunner(Plugin(Recorder), redis_url) as run:
+        assert await run.flush() is None
+
+
 async def test_feed_stream_spreads_sims_over_shards_never_two_batches_of_one_at_once(
     redis_url: str, supersim_fleet: SimulatedFleet
 ) -> None:

@@ -231,13 +231,13 @@ class HandlerRunner:
         await self.handler.tick()
         return True
 
-    async def flush(self) -> bool:
+    async def flush(self) -> str | None:
         """Call the handler's ``flush`` (the consumer does once as a run that ended caught
-        up exits, after the last tick); False if it has none."""
+        up exits, after the last tick) and return what it says it left undone: None when
+        all is done, or when the handler has no ``flush``."""
         if not isinstance(self.handler, Flushes):
-            return False
-        await self.handler.flush()
-        return True
+            return None
+        return await self.handler.flush()
 
     async def gauges(self) -> list[Gauge]:
         """The handler's gauges ([] if it has none)."""
