@@ -277,9 +277,10 @@ class Receiver:
         app.router.add_post("/alerts", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        port = servers.free_port()
-        await web.TCPSite(self._runner, servers.HOST, port).start()
-        self.url = f"http://{servers.HOST}:{port}/alerts"
+        # Port 0: the OS picks a free port as it binds, so no other process can take the
+        # port between its choice and the bind.
+        await web.TCPSite(self._runner, servers.HOST, 0).start()
+        self.url = f"http://{servers.HOST}:{self._runner.addresses[0][1]}/alerts"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -96,6 +96,13 @@ def kinesalite_endpoint(kinesalite_server: servers.KinesaliteServer) -> str:
 
 
 @pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections for the whole test (held bound)."""
+    with servers.refusing_port() as port:
+        yield port
+
+
+@pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     """An asyncio client of the (flushed) test redis-server."""
     client = Redis.from_url(redis_url)

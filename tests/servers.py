@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ __all__ = [
     "ServerError",
     "ServerProcess",
     "free_port",
+    "free_ports",
+    "refusing_port",
     "start_kinesalite",
     "start_moto",
     "start_redis",
@@ -53,6 +57,27 @@ _FAKE_AWS: dict[str, str] = {
     "aws_secret_access_key": "testing",
     "region_name": "us-east-1",
 }
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports of 127.0.0.1 free right now (each held bound until all are
+    chosen, so the OS cannot hand out one of them twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections while the block runs: bound by this
+    process without listening, so no other process (another test process's server) can
+    start answering on it, as it could on a port found free and let go."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        yield port
 
 
 # --- kinesalite ------------------------------------------------------------------------------

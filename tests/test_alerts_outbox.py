@@ -117,10 +117,12 @@ async def test_claim_of_a_crashed_worker_is_delivered_by_another_once(redis: Red
     await close_all([crashed, survivor])
 
 
-async def test_entries_of_a_sink_no_longer_enabled_are_dead_lettered(redis: Redis) -> None:
+async def test_entries_of_a_sink_no_longer_enabled_are_dead_lettered(
+    redis: Redis, closed_port: int
+) -> None:
     """Alerts waiting for a sink that was switched off are dead-lettered with the reason."""
     clock = Clock(at(3600))
-    down = f"http://{servers.HOST}:{servers.free_port()}/alerts"
+    down = f"http://{servers.HOST}:{closed_port}/alerts"
     before = handler("rejections", redis, clock, webhook_settings(down, attempts=1))
     await feed([before], storm())
     await before.tick(OPENED)

@@ -7,7 +7,7 @@ layer      modules                                         may import
 =========  ==============================================  ==================================
 base       ``worker`` itself and ``worker/{errors,         base
            backoff,keys,logs,owned_task,metrics,
-           settings}.py``
+           settings,version}.py``
 events     ``worker/events/``                              base
 handlers   ``worker/handlers/``                            events, base
 consumer   ``worker/consumer/``                            the handler API (``worker.handlers``,
@@ -39,7 +39,7 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 PACKAGE: Final = ROOT / "worker"
 
 BASE_MODULES: Final = frozenset(
-    {"errors", "backoff", "keys", "logs", "owned_task", "metrics", "settings"}
+    {"errors", "backoff", "keys", "logs", "owned_task", "metrics", "settings", "version"}
 )
 FOLDERS: Final = ("events", "handlers", "consumer", "devtools", "cli")
 HANDLER_API: Final = frozenset(

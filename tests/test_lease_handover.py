@@ -20,8 +20,6 @@ from kinesis_support import events, kinesis_client, put, wait_active
 from replica_support import Group, Trickle, duplicates
 from test_observability import get, samples, until
 
-from worker.devtools.local_servers import free_port
-
 pytestmark = pytest.mark.timeout(240)
 
 TTL = 4
@@ -83,7 +81,7 @@ async def test_a_steal_waits_for_the_owners_slow_batch_and_the_metrics_follow(
     lease is lost. The owner's /metrics count the hand-over and drop the shard's lag
     series; the thief's count its steal request and the lease taken."""
     await group.create(2)  # the default handler timeout (60 s): the held batch stays within it
-    ports = free_port(), free_port()
+    ports = servers.free_ports(2)
     owner = group.start(SUPERSIM_HTTP_PORT=str(ports[0]))
     await group.wait_balanced([2], SETTLE)
     async with Trickle(group) as trickle:
@@ -225,7 +223,7 @@ async def test_an_ended_shards_lag_series_is_removed(group: Group) -> None:
     """Once a split parent is read to its end, the replica stops serving its lag series,
     and serves its children's."""
     await group.create(1)
-    port = free_port()
+    port = servers.free_port()
     group.start(SUPERSIM_HTTP_PORT=str(port))
     await put(group.kinesalite, group.stream, events(20))
     (parent,) = group.shards

@@ -11,7 +11,7 @@ import pytest
 from kinesis_support import create_stream, worker_settings
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from servers import HOST, free_port
+from servers import HOST, refusing_port
 from structlog.testing import capture_logs
 
 from worker.consumer.app import run_worker
@@ -130,12 +130,13 @@ async def test_a_policy_that_cannot_be_read_is_a_warning_not_a_failure(
 
 async def test_an_unreachable_redis_is_raised_not_swallowed() -> None:
     """A connection failure is not a refused command: it reaches the caller."""
-    client = Redis(host=HOST, port=free_port(), socket_connect_timeout=2)
-    try:
-        with pytest.raises(RedisConnectionError):
-            await check_eviction_policy(client)
-    finally:
-        await client.aclose()
+    with refusing_port() as port:
+        client = Redis(host=HOST, port=port, socket_connect_timeout=2)
+        try:
+            with pytest.raises(RedisConnectionError):
+                await check_eviction_policy(client)
+        finally:
+            await client.aclose()
 
 
 def test_require_noeviction_setting(monkeypatch: pytest.MonkeyPatch) -> None:

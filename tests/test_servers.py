@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,3 +91,27 @@ async def test_kinesis_reset_removes_streams(
     server.reset()
 
     assert (await kinesis.list_streams())["StreamNames"] == []
+
+
+def test_a_redis_server_on_the_port_that_is_not_ours_is_not_taken_for_ours(
+    redis_server: servers.RedisServer,
+) -> None:
+    """Started on a port another process's redis-server holds (as when two test processes
+    find the same free port), start-up fails instead of passing off the other server as
+    this one (whose data every flush would then wipe)."""
+    with pytest.raises(servers.ServerError, match="redis-server on port"):
+        servers.start_redis(port=redis_server.port, timeout=5)
+    assert redis_server.ping()
+
+
+def test_a_moto_server_on_the_port_that_is_not_ours_is_not_taken_for_ours(
+    moto_server: servers.MotoServer,
+) -> None:
+    """The same for moto_server: it is ready only once its own output says it listens."""
+    binary = Path(sys.executable).parent / "moto_server"
+    other = servers.MotoServer(
+        [str(binary), "-H", servers.HOST, "-p", str(moto_server.port)], port=moto_server.port
+    )
+    with pytest.raises(servers.ServerError, match="moto_server on port"):
+        other.wait_ready(other.serving, timeout=30)
+    assert moto_server.serving()

@@ -150,9 +150,11 @@ async def test_client_errors_are_dead_lettered_not_retried(
     await close_all(handlers)
 
 
-async def test_unreachable_receiver_keeps_the_alert_for_a_later_round(redis: Redis) -> None:
+async def test_unreachable_receiver_keeps_the_alert_for_a_later_round(
+    redis: Redis, closed_port: int
+) -> None:
     """Connection errors are retriable: the alert stays pending with a later due time."""
-    url = f"http://{servers.HOST}:{servers.free_port()}/alerts"
+    url = f"http://{servers.HOST}:{closed_port}/alerts"
     clock = Clock(at(3600))
     handlers = [handler("rejections", redis, clock, webhook_settings(url, attempts=2))]
     await feed(handlers, storm())

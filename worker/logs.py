@@ -24,13 +24,14 @@ import logging
 import re
 import sys
 from collections.abc import Callable, MutableMapping
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any, Final, TextIO
 
 import orjson
 import structlog
 from pydantic import BaseModel
+
+from worker.version import package_version
 
 REDACTED: Final = "[redacted]"
 PII_KEYS: Final = frozenset(
@@ -64,8 +65,6 @@ SESSION_TOKEN: Final = re.compile(
 )
 """Temporary AWS credentials' session token in botocore's debug dump of a signed request
 (a role's credentials): a secret, whatever the redaction setting says about personal data."""
-
-DISTRIBUTION: Final = "supersim-worker"
 
 _MAX_DEPTH: Final = 8
 """Containers nested deeper than this are replaced whole by the marker."""
@@ -154,15 +153,6 @@ def hide_session_tokens(
     if isinstance(value, str) and "ecurity" in value:
         event_dict["event"] = SESSION_TOKEN.sub(rf"\1{REDACTED}", value)
     return event_dict
-
-
-def package_version() -> str:
-    """The installed version of ``supersim-worker`` (``unknown`` when run from a source
-    tree that was never installed)."""
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class ProcessFields:

@@ -15,21 +15,15 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from worker.version import package_version
+
 MAX_SERIES = 200
 """Most label sets one handler reading may export (e.g. blocked SIMs for 200 fleets)."""
-
-
-def package_version() -> str:
-    try:
-        return version("supersim-worker")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
 
 
 class _Readings(Collector):

@@ -41,7 +41,7 @@ class _Version(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> NoReturn:
-        from worker.logs import package_version  # structlog and pydantic: only when asked
+        from worker.version import package_version
 
         print(f"{parser.prog} {package_version()}")
         parser.exit()

@@ -182,10 +182,22 @@ class RedisServer(ServerProcess):
         return f"redis://{HOST}:{self.port}/0"
 
     def ping(self) -> bool:
-        """True if the server answers PING (raw socket: redis-py would retry with backoff)."""
+        """True if this server answers on its port: the redis-server answering ``INFO
+        server`` there is this child process, not another one (a redis-server another
+        process started on the same port meanwhile) whose data a flush would wipe. A raw
+        socket: redis-py would retry with backoff."""
         with socket.create_connection((HOST, self.port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return False
+                reply += chunk
+        for line in reply.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                return int(line.partition(b":")[2]) == self.process.pid
+        return False
 
     def flush(self) -> None:
         """Delete every key in every database (FLUSHALL)."""
@@ -218,6 +230,15 @@ def start_redis(
 class MotoServer(ServerProcess):
     name = "moto_server"
 
+    def serving(self) -> bool:
+        """True once this child says it listens on its port (werkzeug prints the line after
+        binding; a port taken meanwhile makes it exit instead) and answers HTTP there, so
+        another process's server on the same port never passes for this one."""
+        bound = f"Running on {self.url}"
+        return bound in self.stderr_path.read_text(errors="replace") and http_answers(
+            f"{self.url}/moto-api/"
+        )
+
     def reset(self) -> None:
         """Drop all state of all mocked services (POST /moto-api/reset)."""
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
@@ -239,7 +260,7 @@ def start_moto(timeout: float = 60.0) -> MotoServer:
 
     def start(port: int) -> MotoServer:
         server = MotoServer([binary, "-H", HOST, "-p", str(port)], port=port)
-        server.wait_ready(lambda: http_answers(f"{server.url}/moto-api/"), timeout=timeout)
+        server.wait_ready(server.serving, timeout=timeout)
         return server
 
     return start_on_free_port(start)
