@@ -20,6 +20,7 @@ them. Every line carries the ``version`` of the package, and once the worker kno
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -39,7 +40,7 @@ PII_KEYS: Final = frozenset(
 )
 
 FREE_TEXT_KEYS: Final = frozenset({"error", "exception"})
-PII_TEXT: Final = re.compile(
+PII_TEXT: Final = (
     r"(?<![0-9A-Za-z])(?<![0-9]\.)[0-9]{14,20}(?!\.?[0-9A-Za-z])"  # IMSI, IMEI, ICCID
     r"|(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?!\.?[0-9])"  # IPv4
     r"|(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){3,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])"  # IPv6
@@ -50,19 +51,17 @@ PII_TEXT: Final = re.compile(
 (a 56-digit Kinesis sequence number, a hex SID or a number's decimals are left alone), addresses dotted or
 colon-separated with three colons or more (a time of day has two) or with ``::``, and
 a latitude and longitude pair (``34.166991, -118.5720773``; a lone number is not one)."""
-PII_FIELD_TEXT: Final = re.compile(
+PII_FIELD_TEXT: Final = (
     r"(?i)(?<![0-9A-Za-z_])(imsi|imei|iccid|sim_iccid|ip_address|cell_id|lac|lat|lon)"
     r"""(['"]?\s*[:=]\s*['"]?)([^'",\s)}\]]+)"""
 )
 """A personal data field quoted in a message with its value, ``lac='15170'``,
 ``"cell_id": "47322374"`` or ``imsi=732...``: the value goes whatever it looks like."""
 
-KINESIS_DATA: Final = re.compile(r"""(['"]Data['"]\s*:\s*['"])[A-Za-z0-9+/=]{16,}""")
+KINESIS_DATA: Final = r"""(['"]Data['"]\s*:\s*['"])[A-Za-z0-9+/=]{16,}"""
 """A Kinesis record's payload in a library's debug dump of a request or response
 (botocore at DEBUG logs bodies): base64 of the event, personal data included."""
-SESSION_TOKEN: Final = re.compile(
-    r"""(?i)(x-amz-security-token['"]?\s*[:=]\s*b?['"]?)[A-Za-z0-9+/=%_-]{16,}"""
-)
+SESSION_TOKEN: Final = r"""(?i)(x-amz-security-token['"]?\s*[:=]\s*b?['"]?)[A-Za-z0-9+/=%_-]{16,}"""
 """Temporary AWS credentials' session token in botocore's debug dump of a signed request
 (a role's credentials): a secret, whatever the redaction setting says about personal data."""
 
@@ -89,9 +88,18 @@ def redact_pii(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
     return event_dict
 
 
+@functools.cache
+def _compiled(source: str) -> re.Pattern[str]:
+    """The scrubbers' patterns, compiled on first use: a command that logs nothing (``dlq
+    list``, ``usage``) does not pay for compiling them at start-up."""
+    return re.compile(source)
+
+
 def scrub_text(text: str) -> str:
     """``text`` with the personal data a message may quote replaced by the marker."""
-    return PII_TEXT.sub(REDACTED, PII_FIELD_TEXT.sub(rf"\1\2{REDACTED}", text))
+    return _compiled(PII_TEXT).sub(
+        REDACTED, _compiled(PII_FIELD_TEXT).sub(rf"\1\2{REDACTED}", text)
+    )
 
 
 def _scrubbed(value: Any, depth: int) -> Any:
@@ -141,7 +149,7 @@ def scrub_foreign(
     for key in ("event", "stack_info"):
         value = event_dict.get(key)
         if isinstance(value, str):
-            event_dict[key] = scrub_text(KINESIS_DATA.sub(rf"\1{REDACTED}", value))
+            event_dict[key] = scrub_text(_compiled(KINESIS_DATA).sub(rf"\1{REDACTED}", value))
     return event_dict
 
 
@@ -151,7 +159,7 @@ def hide_session_tokens(
     """A standard library record's message with AWS session tokens replaced (always on)."""
     value = event_dict.get("event")
     if isinstance(value, str) and "ecurity" in value:
-        event_dict["event"] = SESSION_TOKEN.sub(rf"\1{REDACTED}", value)
+        event_dict["event"] = _compiled(SESSION_TOKEN).sub(rf"\1{REDACTED}", value)
     return event_dict
 
 

@@ -14,6 +14,7 @@ a misspelt name fails loudly instead of leaving its default in place.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import types
@@ -325,9 +326,14 @@ _SERVICE_LINKS: Final = (
     (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)_PORT", r"[0-9]+"),
     (r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR", r"[0-9A-Fa-f.:]+"),
 )
-_SERVICE_LINK_PATTERNS: Final = tuple(
-    (re.compile(rf"[A-Z0-9_]+{name}"), re.compile(value)) for name, value in _SERVICE_LINKS
-)
+
+
+@functools.cache
+def _service_link_patterns() -> tuple[tuple[re.Pattern[str], re.Pattern[str]], ...]:
+    """``_SERVICE_LINKS`` compiled on first use: only a variable we do not know is checked."""
+    return tuple(
+        (re.compile(rf"[A-Z0-9_]+{name}"), re.compile(value)) for name, value in _SERVICE_LINKS
+    )
 
 
 def is_service_link(name: str, value: str) -> bool:
@@ -338,7 +344,7 @@ def is_service_link(name: str, value: str) -> bool:
     upper = name.upper()
     return any(
         pattern.fullmatch(upper) and shape.fullmatch(value)
-        for pattern, shape in _SERVICE_LINK_PATTERNS
+        for pattern, shape in _service_link_patterns()
     )
 
 
