@@ -31,26 +31,31 @@ tests/node_modules/.installed: tests/package.json tests/package-lock.json
 	@touch $@
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each with its own servers; a test
-# file stays in one process, so a file's module-scoped scenarios run once. TEST_WORKERS=0
-# runs it in this process, one test after another.
+# file stays in one process, so a file's module-scoped scenarios run once. The files marked
+# `alone` (many worker processes each) run afterwards, by themselves. TEST_WORKERS=0 runs
+# the rest in this process too, one test after another.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q
+PARALLEL := $(PYTEST) -n $(TEST_WORKERS) --dist loadfile
+# The whole suite, extra pytest arguments in $(1); fails if either part fails.
+SUITE = $(PARALLEL) -m "not alone" $(1); parallel=$$?; $(PYTEST) -m alone $(1); \
+	alone=$$?; [ $$parallel = 0 ] && [ $$alone = 0 ]
 
 test:
-	$(PYTEST)
+	$(call SUITE,)
 
 # Flakiness check: the alert and multi-replica test files REPEAT times in a row, then the
 # whole suite SUITE_REPEAT times; stops at the first failing run and says which.
 REPEAT ?= 200
 SUITE_REPEAT ?= 5
-REPEAT_FILES ?= $(filter-out tests/test_alerts_live.py,$(wildcard tests/test_alerts_*.py tests/test_*replica*.py))
+REPEAT_FILES ?= $(filter-out tests/test_alerts_live.py,$(sort $(wildcard tests/test_alerts_*.py tests/test_*replica*.py)))
 test-repeat:
 	@log=$$(mktemp); for i in $$(seq 1 $(REPEAT)); do \
-		$(PYTEST) -p no:cacheprovider $(REPEAT_FILES) >"$$log" 2>&1 \
+		$(PARALLEL) -p no:cacheprovider $(REPEAT_FILES) >"$$log" 2>&1 \
 			|| { echo "alert/replica files failed on run $$i of $(REPEAT):"; tail -40 "$$log"; exit 1; }; \
 	done; echo "alert/replica files: $(REPEAT) of $(REPEAT) runs passed"
 	@log=$$(mktemp); for i in $$(seq 1 $(SUITE_REPEAT)); do \
-		$(PYTEST) -p no:cacheprovider >"$$log" 2>&1 \
+		( $(call SUITE,-p no:cacheprovider) ) >"$$log" 2>&1 \
 			|| { echo "suite failed on run $$i of $(SUITE_REPEAT):"; tail -40 "$$log"; exit 1; }; \
 	done; echo "whole suite: $(SUITE_REPEAT) of $(SUITE_REPEAT) runs passed"
 

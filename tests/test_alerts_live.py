@@ -29,12 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from alerts_support import Episode, parse, reference
 from events import make_record
 from kinesis_support import create_stream, kinesis_client
 from redis.asyncio import Redis
 
 from worker import keys
+
+# Alone: three replica processes under live load, with timing of its own to keep; run by
+# itself (after the other files), neither starves nor is starved by a file beside it.
+pytestmark = pytest.mark.alone
 
 TESTS = Path(__file__).parent
 SEEDS = (11, 12, 13)

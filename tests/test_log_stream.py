@@ -29,11 +29,12 @@ from kinesis_support import create_stream, put
 from worker import logs
 from worker.cli.main import main
 from worker.handlers.base import Batch, HandlerContext
+from worker.version import package_version
 
 TESTS = Path(__file__).parent
 IMSI, IMEI, ICCID, IP = SIM["imsi"], SIM["imei"], SIM["sim_iccid"], SESSION["ip_address"]
 SECRETS = (IMSI, IMEI, ICCID, IP, LOCATION["cell_id"], str(LOCATION["lat"]))
-VERSION = logs.package_version()
+VERSION = package_version()
 
 
 # --- the handler the worker subprocesses load -----------------------------------------------

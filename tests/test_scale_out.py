@@ -36,7 +36,13 @@ from replica_support import (
 
 from worker import keys
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
+# Alone: its scenarios run about 16 worker processes at once, which would starve a file
+# running beside it in the other test process of the CPU its leases' renewals need.
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(300),
+    pytest.mark.alone,
+]
 
 SHORT_TTL = 4
 """Lease TTL (s) where a test waits for leases to expire: the 10 s bound holds with margin."""

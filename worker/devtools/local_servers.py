@@ -105,6 +105,8 @@ class ServerProcess:
         stdin_pipe: bool = False,
     ) -> None:
         self.port: int = port or 0
+        self.not_ready = ""
+        """Why the readiness check last failed, when it can say (for the error message)."""
         self.workdir = Path(tempfile.mkdtemp(prefix=f"sw-{self.name}-"))
         self.stdout_path = self.workdir / "stdout.log"
         self.stderr_path = self.workdir / "stderr.log"
@@ -142,6 +144,8 @@ class ServerProcess:
             time.sleep(0.05)
         code = self.process.poll()
         status = f"exited with code {code}" if code is not None else f"not ready in {timeout}s"
+        if self.not_ready:
+            status += f" ({self.not_ready})"
         message = f"{self.name} on port {self.port} {status}\n{self.output()}"
         self.stop()
         raise ServerError(message)
@@ -196,7 +200,14 @@ class RedisServer(ServerProcess):
                 reply += chunk
         for line in reply.split(b"\r\n"):
             if line.startswith(b"process_id:"):
-                return int(line.partition(b":")[2]) == self.process.pid
+                pid = int(line.partition(b":")[2])
+                if pid == self.process.pid:
+                    return True
+                self.not_ready = (
+                    f"the redis-server answering on port {self.port} is process {pid}, not "
+                    f"this child ({self.process.pid}): another one holds the port, or "
+                    "REDIS_SERVER names a wrapper that does not exec redis-server"
+                )
         return False
 
     def flush(self) -> None:
@@ -235,9 +246,11 @@ class MotoServer(ServerProcess):
         binding; a port taken meanwhile makes it exit instead) and answers HTTP there, so
         another process's server on the same port never passes for this one."""
         bound = f"Running on {self.url}"
-        return bound in self.stderr_path.read_text(errors="replace") and http_answers(
-            f"{self.url}/moto-api/"
+        said = "".join(
+            path.read_text(errors="replace") if path.exists() else ""
+            for path in (self.stderr_path, self.stdout_path)  # wherever its logging goes
         )
+        return bound in said and http_answers(f"{self.url}/moto-api/")
 
     def reset(self) -> None:
         """Drop all state of all mocked services (POST /moto-api/reset)."""
