@@ -18,9 +18,12 @@ import servers
 from kinesis_support import create_stream, events, put
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 from test_process import worker_env
 
+from worker import keys
+from worker.consumer.deadletter import DeadLetter, DeadLetterStore, LengthGauge
 from worker.consumer.ticker import Ticker
 from worker.devtools.local_servers import RedisServer, free_port
 from worker.handlers.base import Batch, Gauge
@@ -89,13 +92,62 @@ def health(env: dict[str, str], *args: str) -> int:
     ).returncode
 
 
+def letters(count: int) -> list[DeadLetter]:
+    return [
+        DeadLetter(b"{", "shardId-000000000000", str(n), "pk", None, "bad JSON", "decode")
+        for n in range(count)
+    ]
+
+
+async def left_by_an_earlier_run(redis_url: str, stream: str, count: int) -> None:
+    """``count`` dead letters in the store of ``stream``'s default consumer group."""
+    client = Redis.from_url(redis_url)
+    try:
+        key = keys.dead_letters(keys.prefix(stream, "supersim-worker"))
+        await DeadLetterStore(client, key, 1000).add(letters(count))
+    finally:
+        await client.aclose()
+
+
+async def test_the_dead_letter_gauge_follows_the_store_not_only_this_process(
+    redis: Redis,
+) -> None:
+    """The gauge is read from the store at start and every ``every`` seconds: it shows
+    entries already there and follows deletions made elsewhere (``dlq delete``)."""
+    metrics = Metrics()
+    key = f"test:{uuid.uuid4().hex}:dlq"
+    writer = DeadLetterStore(redis, key, 1000)
+    await writer.add(letters(3))
+    watched = DeadLetterStore(redis, key, 1000, metrics)
+
+    def shown() -> float | None:
+        value = metrics.registry.get_sample_value("supersim_dead_letter_length")
+        return None if value is None else float(value)
+
+    async with LengthGauge(watched, every=0.1):
+        await until(_async(lambda: shown() == 3), 5, "the length at start")
+        (first, *_) = await writer.list()
+        await writer.delete([first.entry_id])
+        await until(_async(lambda: shown() == 2), 5, "the length after a deletion elsewhere")
+    assert metrics.gauges["dead_letter_length"] == 2
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Any]:
+    async def run() -> bool:
+        return check()
+
+    return run
+
+
 async def test_metrics_move_while_a_stream_is_consumed(
     kinesalite_endpoint: str, redis_url: str
 ) -> None:
-    """Counters move with the records read, lag reaches 0, and the probes answer 200."""
+    """Counters move with the records read, lag reaches 0, and the probes answer 200; the
+    dead-letter gauge shows what an earlier run left in the store."""
     stream = f"obs-{uuid.uuid4().hex[:8]}"
     await create_stream(kinesalite_endpoint, stream, shards=2)
     await put(kinesalite_endpoint, stream, events(150))
+    await left_by_an_earlier_run(redis_url, stream, 2)
     port = free_port()
     env = worker_env(kinesalite_endpoint, redis_url, stream, SUPERSIM_HTTP_PORT=str(port))
     process = start(env)
@@ -114,6 +166,7 @@ async def test_metrics_move_while_a_stream_is_consumed(
 
         found = await until(consumed, 60, "150 records read and lag 0 on both shards")
         assert total(found, "supersim_events_handled_total") == 150
+        assert total(found, "supersim_dead_letter_length") == 2
         assert total(found, "supersim_get_records_calls_total") >= 2
         assert total(found, "supersim_checkpoint_writes_total") >= 2
         assert total(found, "supersim_handler_duration_seconds_count") >= 2

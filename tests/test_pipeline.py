@@ -21,6 +21,7 @@ from events import make_other_event, make_record, make_sink_test_event
 from redis.asyncio import Redis
 
 from worker.backoff import Backoff
+from worker.consumer import pipeline as pipeline_module
 from worker.consumer.deadletter import DeadLetter, DeadLetterStore, DeadLetterStoreFull
 from worker.consumer.pipeline import (
     BROKEN_HANDLER_RECORDS,
@@ -242,10 +243,14 @@ async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Re
     assert len(set(handler.handled)) == 40
 
 
-async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) -> None:
+async def test_a_batch_failing_whole_waits_at_most_the_patience(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same for a big batch whose every record fails (a handler failing on everything):
     once the patience is spent the whole batch is dead-lettered in one pass, not eight
-    records per patience; a batch that then goes through ends the outage."""
+    records per patience; a batch that goes through once no record has failed for the
+    window (0.3 s here) ends the outage."""
+    monkeypatch.setattr(pipeline_module, "BROKEN_HANDLER_WINDOW", 0.3)
     dlq = store(redis)
     handler = Failing(lambda event: event.kind.is_data_session, lambda: RuntimeError("boom"))
     pipeline = BatchProcessor(
@@ -260,10 +265,41 @@ async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) ->
     # Still broken: new records are dead-lettered at once while the outage lasts...
     outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=100))
     assert outcome.dead_lettered == 10
-    # ...until a batch goes through; the next outage waits again.
+    # ...also after a batch goes through while records still fail it...
+    await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=150))
+    outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=160))
+    assert outcome.dead_lettered == 10
+    # ...until one goes through once none has failed for the window; the next outage waits.
+    await asyncio.sleep(0.35)
     await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=200))
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=300))
+
+
+async def test_other_shards_batches_going_through_do_not_hold_a_batch_back_for_good(
+    redis: Redis,
+) -> None:
+    """Eight bad records on one shard make its batch wait as for a broken handler, while
+    the handler goes on handling other shards' batches. Those passes do not restart the
+    wait: the batch's bad records are dead-lettered once the patience is spent, so a busy
+    stream never holds one shard back for good."""
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: ValueError("bad session sid"))
+    pipeline = BatchProcessor(
+        [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
+    )
+    stuck = records(["attachment.accepted"] * 40 + ["data-session.updated"] * 8)
+    other = "shardId-000000000001"
+    with pytest.raises(HandlerUnavailable):
+        await pipeline.process(SHARD, stuck)
+    for start in (1000, 2000, 3000):
+        await asyncio.sleep(0.2)
+        outcome = await pipeline.process(other, records(["attachment.accepted"] * 5, start=start))
+        assert outcome.handled == 5
+    outcome = await pipeline.process(SHARD, stuck)
+    assert outcome.dead_lettered == 8
+    assert len(await dlq.list()) == 8
+    assert outcome.handled == 40
 
 
 async def test_each_handler_failing_on_a_record_gets_its_own_entry(redis: Redis) -> None:

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from worker import keys, logs
 from worker.consumer import kinesis, redis_checks
 from worker.consumer.checkpoints import Checkpoints
-from worker.consumer.deadletter import DeadLetterStore
+from worker.consumer.deadletter import DeadLetterStore, LengthGauge
 from worker.consumer.fanout import open_retrieval
 from worker.consumer.http import Health, HttpServer
 from worker.consumer.leases import LeaseManager
@@ -62,6 +62,9 @@ class RunSummary:
     for a later run of the group."""
 
 
+DEAD_LETTER_GAUGE_EVERY = 15.0
+"""Seconds between reads of the dead-letter store's length for its gauge (a scrape
+interval): entries redriven or deleted elsewhere show within it."""
 GC_THRESHOLD = (500_000, 50, 100)
 """Young collections once the tracked objects alive grew by 500,000: more than a shard's
 batches held at once at the largest batch limit (a 10,000-record batch is about 200,000
@@ -172,6 +175,7 @@ async def run_worker(
         progress: dict[str, ShardProgress] = {}
         health = Health(svc.redis, lambda: list(progress.values()), settings.stall_timeout)
         await stack.enter_async_context(HttpServer(svc.metrics, health, settings.http_port))
+        await stack.enter_async_context(LengthGauge(svc.dead_letters, DEAD_LETTER_GAUGE_EVERY))
         await redis_checks.check_access(svc.redis, svc.key_prefix)
         await redis_checks.check_eviction_policy(
             svc.redis, require_noeviction=settings.require_noeviction

@@ -11,6 +11,7 @@ deleted (``supersim-worker dlq``) or the capacity is raised.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from worker.errors import RetriableError
+from worker.owned_task import OwnedTask
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -100,8 +102,7 @@ class DeadLetterStore:
         if length and length + len(letters) > self.maxlen:
             if self._metrics is not None:
                 self._metrics.incr("dead_letter_store_full")
-                self._metrics.gauge("dead_letter_length", length)
-                self._metrics.dead_letter_length.set(length)
+            self._show_length(length)
             self._log.error(
                 "dead_letter_store_full",
                 length=length,
@@ -122,8 +123,7 @@ class DeadLetterStore:
         length += len(results)
         if self._metrics is not None:
             self._metrics.incr("dead_letters", len(letters))
-            self._metrics.gauge("dead_letter_length", length)
-            self._metrics.dead_letter_length.set(length)
+        self._show_length(length)
         for letter in letters:
             self._log.warning(
                 "dead_lettered",
@@ -162,6 +162,41 @@ class DeadLetterStore:
 
     async def length(self) -> int:
         return int(await self._redis.xlen(self.key))
+
+    async def read_length(self) -> int:
+        """The store's length, read now and shown in the metrics."""
+        length = await self.length()
+        self._show_length(length)
+        return length
+
+    def _show_length(self, length: int) -> None:
+        if self._metrics is not None:
+            self._metrics.gauge("dead_letter_length", length)
+            self._metrics.dead_letter_length.set(length)
+
+
+class LengthGauge(OwnedTask):
+    """Keeps ``supersim_dead_letter_length`` current while the worker runs: the store's
+    length read at start-up and every ``every`` seconds, so the gauge shows entries earlier
+    runs left and follows redrives and deletions (``supersim-worker dlq``) and other
+    replicas' writes, not only this process's own writes. A failed read (Redis
+    unreachable: the consumer reports that itself) keeps the last value until one passes."""
+
+    name = "dead-letter-gauge"
+
+    def __init__(self, store: DeadLetterStore, every: float) -> None:
+        super().__init__()
+        self._store = store
+        self._every = every
+        self._log = structlog.get_logger("worker.consumer.deadletter")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._store.read_length()
+            except Exception as exc:
+                self._log.debug("dead_letter_length_unread", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self._every)
 
 
 def _text(value: bytes | str) -> str:

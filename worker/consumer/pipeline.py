@@ -126,6 +126,8 @@ class BatchProcessor:
         """Per handler taken to be broken: when it first was, in this outage."""
         self._patience_spent: dict[str, float] = {}
         """Per handler: the outage whose patience running out was logged (its start)."""
+        self._failed_at: dict[str, float] = {}
+        """Per handler: when a record last failed it after retries."""
         self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
         """Per handler, per record (shard, sequence number), oldest first: when it last
         failed, with which exception type. Keyed by record, so that a batch retried for
@@ -184,8 +186,12 @@ class BatchProcessor:
         if events:
             for handler in self.handlers:
                 failed = await self._run(handler, batch, self._attempts)
-                if not failed:
-                    self._outage_since.pop(handler.name, None)  # it works: any outage is over
+                if not failed and self._quiet(handler.name):
+                    # It works, and no record has failed it lately: any outage is over. A
+                    # batch of other records going through while some keep failing (another
+                    # shard's) does not end it: the batch kept back would wait afresh after
+                    # each such pass, for good, and never be dead-lettered.
+                    self._outage_since.pop(handler.name, None)
                 if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
                     # deploy, a dependency down), not the data's: keep the batch, retry later.
@@ -302,6 +308,7 @@ class BatchProcessor:
         be broken (``_outage``)."""
         assert event.meta is not None  # events from records always carry it
         now = time.monotonic()
+        self._failed_at[handler.name] = now
         recent = self._poisoned.setdefault(handler.name, {})
         key = (event.meta.shard_id, event.meta.sequence_number)
         recent.pop(key, None)  # re-inserted last: the dict stays oldest first
@@ -320,11 +327,17 @@ class BatchProcessor:
                 error,
             )
 
+    def _quiet(self, name: str) -> bool:
+        """Whether no record has failed handler ``name`` within ``BROKEN_HANDLER_WINDOW``."""
+        failed_at = self._failed_at.get(name)
+        return failed_at is None or time.monotonic() - failed_at >= BROKEN_HANDLER_WINDOW
+
     def _outage(self, handler: Handler, what: str, error: Exception) -> None:
         """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
         has been taken to be broken for ``outage_patience`` already: then return, and the
         records it fails on are dead-lettered. The clock starts at the first such raise and
-        stops when a batch goes through the handler without a failure."""
+        stops when a batch goes through the handler without a failure once no record has
+        failed it for ``BROKEN_HANDLER_WINDOW``."""
         now = time.monotonic()
         since = self._outage_since.setdefault(handler.name, now)
         if now - since < self._patience:
