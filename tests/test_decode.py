@@ -528,6 +528,7 @@ DATETIME = "Input should be an RFC 3339 date-time string"
 RFC3339 = "not an RFC 3339 date-time"
 NO_OFFSET = "an RFC 3339 date-time needs a UTC offset"
 OUT_OF_RANGE = "date-time out of range"
+BEFORE_1970 = "date-time before 1970: not an event's time"
 
 # (id, overrides of the valid data-session.updated event, field, message)
 FIELD_ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
@@ -588,6 +589,20 @@ FIELD_ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
         {"timestamp": "9999-12-31T23:59:59-10:00"},
         "data.timestamp",
         OUT_OF_RANGE,
+    ),
+    ("timestamp-year-999", {"timestamp": "0999-01-01T00:00:00Z"}, "data.timestamp", BEFORE_1970),
+    ("timestamp-1969", {"timestamp": "1969-12-31T23:59:59Z"}, "data.timestamp", BEFORE_1970),
+    (
+        "timestamp-1969-in-utc",
+        {"timestamp": "1970-01-01T00:30:00+01:00"},
+        "data.timestamp",
+        BEFORE_1970,
+    ),
+    (
+        "start-time-1900",
+        {"data_session_start_time": "1900-01-01T00:00:00Z"},
+        "data.data_session_start_time",
+        BEFORE_1970,
     ),
     (
         "timestamp-underflow",
@@ -872,7 +887,7 @@ def test_valid_event_is_not_changed_by_the_factory_copy() -> None:
 
 def reference_time(text: str) -> datetime | None:
     """What the careful path makes of a time string: ``fromisoformat`` (also in upper case),
-    aware, converted to UTC; None where it refuses the string."""
+    aware, converted to UTC, from 1970 on; None where it refuses the string."""
     for candidate in (text, text.upper()):
         try:
             parsed = datetime.fromisoformat(candidate)
@@ -881,9 +896,10 @@ def reference_time(text: str) -> datetime | None:
         if parsed.tzinfo is None:
             return None
         try:
-            return parsed.astimezone(UTC)
+            utc = parsed.astimezone(UTC)
         except OverflowError:
             return None
+        return utc if utc.year >= 1970 else None
     return None
 
 

@@ -19,6 +19,7 @@ import redis.exceptions
 from botocore.exceptions import ClientError, EndpointConnectionError
 from events import make_other_event, make_record, make_sink_test_event
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from worker.backoff import Backoff
 from worker.consumer import pipeline as pipeline_module
@@ -415,6 +416,33 @@ async def test_the_batch_notes_kinds_and_latest_time_as_it_decodes(redis: Redis)
     assert latest == latest_told == start + timedelta(seconds=count - 1)
     assert last_told < latest_told
     assert dict(outcome.kinds) == {k.value: noted_kinds.count(k) for k in set(noted_kinds)}
+
+
+async def test_each_other_event_type_is_logged_once_as_it_is_skipped(redis: Redis) -> None:
+    """Records of other CloudEvent types are skipped and counted; the first record of each
+    type is logged with where it is, so a misspelt connection type does not go unseen."""
+    misspelt = "com.twilio.iot.SuperSim.connection.data-session.updated"
+    raw = [
+        orjson.dumps(make_other_event()),
+        orjson.dumps(make_other_event(misspelt)),
+        make_record("attachment.accepted", seq=1),
+        orjson.dumps(make_other_event()),
+        orjson.dumps(make_other_event(misspelt)),
+    ]
+    batch_records = [RawRecord(data, str(i).zfill(20), "pk") for i, data in enumerate(raw)]
+    handler = Failing(lambda event: False, lambda: ValueError("never"))
+    pipeline = processor(handler, store(redis))
+    with capture_logs() as logs:
+        outcome = await pipeline.process(SHARD, batch_records)
+        again = await pipeline.process(SHARD, batch_records)
+    assert outcome.skipped["other_type"] == again.skipped["other_type"] == 4
+    assert outcome.handled == 1
+    lines = [line for line in logs if line["event"] == "other_event_type_skipped"]
+    assert [(line["type"], line["sequence_number"]) for line in lines] == [
+        ("com.twilio.messaging.message.delivered", "0" * 20),
+        (misspelt, "0" * 19 + "1"),
+    ]
+    assert lines[0]["shard_id"] == SHARD
 
 
 def test_a_split_batch_works_out_its_halves() -> None:

@@ -205,6 +205,17 @@ def test_a_broken_plugin_not_chosen_does_not_stop_the_worker(
     assert "SUPERSIM_BROKEN__X: unknown variable" in refusal({"SUPERSIM_BROKEN__X": "1"})
 
 
+def test_a_broken_plugin_chosen_by_name_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chosen by its entry-point name, a plugin that fails to load is reported with its
+    import error, not as unknown variables for its settings."""
+    broken = EntryPoint("broken", "no_such_package:plugin", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda *, group: [broken])
+    environ = {"SUPERSIM_HANDLERS": "log,broken", "SUPERSIM_BROKEN__X": "1"}
+    said = refusal(environ)
+    assert "cannot import handler 'broken'" in said
+    assert "unknown variable" not in said
+
+
 # --- Kubernetes service links ----------------------------------------------------------------
 
 

@@ -39,7 +39,13 @@ from worker.backoff import Backoff
 from worker.consumer.deadletter import DECODE, DeadLetter, DeadLetterStore
 from worker.errors import DecodeError, RetriableError, is_infrastructure_failure
 from worker.events.decode import decode
-from worker.events.records import ConnectionEvent, EventKind, SinkTestEvent, new_kinesis_meta
+from worker.events.records import (
+    ConnectionEvent,
+    EventKind,
+    OtherEvent,
+    SinkTestEvent,
+    new_kinesis_meta,
+)
 from worker.handlers.base import Batch, Handler
 from worker.metrics import Metrics
 
@@ -77,6 +83,8 @@ BROKEN_HANDLER_RECORDS = 8
 BROKEN_HANDLER_WINDOW = 60.0
 """A handler that fails, after retries, on this many single records with the same exception
 type within this many seconds (across batches and shards) is broken, not the data."""
+OTHER_TYPES_LOGGED: Final = 100
+"""Distinct other CloudEvent types whose first record is logged (``other_event_type_skipped``)."""
 DEFAULT_OUTAGE_PATIENCE = 600.0
 """Seconds batches wait for a handler taken to be broken before the records it fails on
 are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
@@ -121,6 +129,8 @@ class BatchProcessor:
         self._attempts = attempts
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self._log = structlog.get_logger("worker.consumer.pipeline")
+        self._other_types: set[str] = set()
+        """The other CloudEvent types skipped so far (their first record was logged)."""
         self._patience = outage_patience
         self._outage_since: dict[str, float] = {}
         """Per handler taken to be broken: when it first was, in this outage."""
@@ -170,9 +180,28 @@ class BatchProcessor:
                     outcome.skipped["sink_test"] += 1
                 else:
                     outcome.skipped["other_type"] += 1
+                    if isinstance(event, OtherEvent) and event.type not in self._other_types:
+                        self._note_other_type(event)
         for kind, count in Counter(kinds).items():
             outcome.kinds[kind.value] += count
         return Batch.decoded(shard_id, events, kinds, latest), letters
+
+    def _note_other_type(self, event: OtherEvent) -> None:
+        """Log the first record of each CloudEvent type that is not a connection event, so
+        what the counter ``supersim_records_skipped_total{reason="other_type"}`` skips can be
+        told apart (another product's events, or a connection event with a misspelt type);
+        the first ``OTHER_TYPES_LOGGED`` types only, so a stream of many never floods the log."""
+        if len(self._other_types) >= OTHER_TYPES_LOGGED:
+            return
+        self._other_types.add(event.type)
+        assert event.meta is not None  # events from records always carry it
+        self._log.info(
+            "other_event_type_skipped",
+            type=event.type[:200],
+            shard_id=event.meta.shard_id,
+            sequence_number=event.meta.sequence_number,
+            types_seen=len(self._other_types),
+        )
 
     async def process(self, shard_id: str, records: Sequence[RawRecord]) -> BatchOutcome:
         """Handle one batch completely; returns when it may be checkpointed."""

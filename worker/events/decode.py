@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from worker.errors import DecodeError
 from worker.events.records import (
+    EARLIEST_YEAR,
     MAX_RECORD_BYTES,
     ConnectionData,
     ConnectionEnvelope,
@@ -267,11 +268,14 @@ def _normalise_times(obj: dict[str, Any], names: tuple[str, ...], what: str, pre
             problem = "an RFC 3339 date-time needs a UTC offset (Z or +hh:mm)"
         else:
             try:
-                obj[name] = parsed.astimezone(UTC).isoformat()
+                utc = parsed.astimezone(UTC)
             except OverflowError:
                 problem = "date-time out of range once converted to UTC"
             else:
-                continue
+                if utc.year >= EARLIEST_YEAR:
+                    obj[name] = utc.isoformat()
+                    continue
+                problem = f"date-time before {EARLIEST_YEAR}: not an event's time"
         raise DecodeError(f"invalid {what} event: {prefix}{name}: {problem}", prefix + name)
 
 

@@ -36,11 +36,14 @@ MAX_RECORD_BYTES: Final = 1024 * 1024
 """Kinesis' own limit for one record's data blob; anything larger is not a real record."""
 
 
+EARLIEST_YEAR: Final = 1970
+"""Event times before this year are refused (``RFC3339_UTC`` below)."""
 RFC3339_UTC: Final = (
-    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
     r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|\+00:00)$"
 )
-"""The RFC 3339 form events use (upper-case ``T``, offset ``Z`` or ``+00:00``), which the
+"""The RFC 3339 form events use (upper-case ``T``, offset ``Z`` or ``+00:00``, a year from
+1970: no event predates Unix time, and metering keys hours by four-digit years), which the
 models parse themselves. ``worker.events.decode`` rewrites any other valid RFC 3339 time (another
 offset, lower case) into this form first, and rejects what is not RFC 3339 with a reason."""
 

@@ -6,7 +6,8 @@ calls and costs about 0.7 µs. The handlers read several times of every event, s
 functions subtract an epoch that carries the same tzinfo object instead: datetimes with
 one tzinfo object subtract without asking it anything (about 0.2 µs), and any other aware
 datetime still subtracts correctly (its offsets are asked, as before). The figures are
-those of ``timestamp()`` bit for bit (a test checks both ways agree from year 1 to 9999).
+those of ``timestamp()`` bit for bit (a test checks both ways agree from 1970, the
+earliest time an event may carry, to 9999, and from year 1 for ``datetime.UTC``).
 """
 
 from __future__ import annotations

@@ -214,10 +214,13 @@ def known_variables(handlers: Iterable[str] = ()) -> frozenset[str]:
     named in ``handlers`` by import path. A plugin that cannot be loaded is left out
     unless it is named (then its ConfigError is raised: it could not run anyway)."""
     known = set(variable_names(Settings))
+    chosen = set(handlers)
     for name in available():
         try:
             plugin = find(name)
         except ConfigError:
+            if name in chosen:
+                raise  # chosen: its own import error, not "unknown variable" for its settings
             continue
         known |= _plugin_variables(name, plugin)
     for name in handlers:
