@@ -244,19 +244,17 @@ async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Re
     assert len(set(handler.handled)) == 40
 
 
-async def test_a_batch_failing_whole_waits_at_most_the_patience(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) -> None:
     """The same for a big batch whose every record fails (a handler failing on everything):
     once the patience is spent the whole batch is dead-lettered in one pass, not eight
-    records per patience; a batch that goes through once no record has failed for the
-    window (0.3 s here) ends the outage."""
-    monkeypatch.setattr(pipeline_module, "BROKEN_HANDLER_WINDOW", 0.3)
+    records per patience. A batch going through does not end the outage; the handler not
+    looking broken for ``outage_gap`` (1 s here) does, and the next outage waits again."""
     dlq = store(redis)
     handler = Failing(lambda event: event.kind.is_data_session, lambda: RuntimeError("boom"))
     pipeline = BatchProcessor(
         [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
     )
+    pipeline.outage_gap = 1.0
     batch = records(["data-session.updated"] * 40)
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, batch)
@@ -270,11 +268,39 @@ async def test_a_batch_failing_whole_waits_at_most_the_patience(
     await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=150))
     outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=160))
     assert outcome.dead_lettered == 10
-    # ...until one goes through once none has failed for the window; the next outage waits.
-    await asyncio.sleep(0.35)
-    await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=200))
+    # ...until it has not looked broken for the gap; the next outage waits again.
+    await asyncio.sleep(1.05)
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=300))
+
+
+async def test_an_outage_ends_though_a_few_bad_records_keep_coming(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage, bad records now and then (too few to look like a broken handler)
+    are dead-lettered one by one and do not keep that outage going: a later broken spell
+    is a new outage, and its batch waits the patience again instead of being dead-lettered
+    at once."""
+    monkeypatch.setattr(pipeline_module, "BROKEN_HANDLER_WINDOW", 0.3)
+    dlq = store(redis)
+    handler = Failing(is_session, lambda: ValueError("bad session sid"))
+    pipeline = BatchProcessor(
+        [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
+    )
+    pipeline.outage_gap = 1.0
+    kinds = ["attachment.accepted"] * 4 + ["data-session.updated"] * 8
+    with pytest.raises(HandlerUnavailable):
+        await pipeline.process(SHARD, records(kinds))
+    await asyncio.sleep(0.6)
+    assert (await pipeline.process(SHARD, records(kinds))).dead_lettered == 8
+    for start in range(100, 600, 100):  # one bad record every 0.4 s, for 2 s
+        await asyncio.sleep(0.4)
+        outcome = await pipeline.process(
+            SHARD, records(["attachment.accepted", "data-session.updated"], start=start)
+        )
+        assert outcome.dead_lettered == 1
+    with pytest.raises(HandlerUnavailable, match="the batch waits"):
+        await pipeline.process(SHARD, records(kinds, start=1000))
 
 
 async def test_other_shards_batches_going_through_do_not_hold_a_batch_back_for_good(

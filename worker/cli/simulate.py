@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from worker.cli.commands import COMMANDS
 from worker.errors import ConfigError
+from worker.events.records import EARLIEST_YEAR
 
 if TYPE_CHECKING:
     from worker.devtools.simulator.options import SimulationOptions
@@ -100,15 +101,24 @@ def _start(text: str) -> datetime:
     if relative:
         sign, amount, unit = relative.groups()
         offset = timedelta(seconds=int(amount or 0) * _UNIT_SECONDS[unit or "s"])
-        moment = datetime.now(UTC) + (-offset if sign == "-" else offset)
-        return moment.replace(microsecond=0)
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"start needs a UTC offset (e.g. Z): {text!r}")
-    return value.astimezone(UTC).replace(microsecond=0)
+        try:
+            moment = datetime.now(UTC) + (-offset if sign == "-" else offset)
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"out of range: {text!r}") from None
+    else:
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+        if value.tzinfo is None:
+            raise argparse.ArgumentTypeError(f"start needs a UTC offset (e.g. Z): {text!r}")
+        try:
+            moment = value.astimezone(UTC)
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"out of range: {text!r}") from None
+    if moment.year < EARLIEST_YEAR:  # the worker dead-letters such events
+        raise argparse.ArgumentTypeError(f"start before {EARLIEST_YEAR}: {text!r}")
+    return moment.replace(microsecond=0)
 
 
 def _schema(text: str) -> int | str:

@@ -19,8 +19,9 @@ sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the
 exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
 whole class of events). Its shards then wait and retry instead of dead-lettering live
 traffic record by record, but only for ``outage_patience`` seconds from when the handler
-was first taken to be broken: after that the records it fails on are dead-lettered until
-a batch goes through it without a failure, so a shard never stalls for good.
+was first taken to be broken: after that the records it fails on are dead-lettered, so a
+shard never stalls for good. The outage ends once the handler has not looked broken for
+twice the patience (``outage_gap``); other batches going through meanwhile do not end it.
 """
 
 from __future__ import annotations
@@ -132,12 +133,14 @@ class BatchProcessor:
         self._other_types: set[str] = set()
         """The other CloudEvent types skipped so far (their first record was logged)."""
         self._patience = outage_patience
+        self.outage_gap = max(2 * outage_patience, BROKEN_HANDLER_WINDOW)
+        """Seconds without the handler looking broken after which an outage is over."""
         self._outage_since: dict[str, float] = {}
         """Per handler taken to be broken: when it first was, in this outage."""
         self._patience_spent: dict[str, float] = {}
         """Per handler: the outage whose patience running out was logged (its start)."""
-        self._failed_at: dict[str, float] = {}
-        """Per handler: when a record last failed it after retries."""
+        self._outage_at: dict[str, float] = {}
+        """Per handler: when it last looked broken (``_outage`` was called)."""
         self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
         """Per handler, per record (shard, sequence number), oldest first: when it last
         failed, with which exception type. Keyed by record, so that a batch retried for
@@ -180,7 +183,7 @@ class BatchProcessor:
                     outcome.skipped["sink_test"] += 1
                 else:
                     outcome.skipped["other_type"] += 1
-                    if isinstance(event, OtherEvent) and event.type not in self._other_types:
+                    if isinstance(event, OtherEvent):
                         self._note_other_type(event)
         for kind, count in Counter(kinds).items():
             outcome.kinds[kind.value] += count
@@ -191,13 +194,14 @@ class BatchProcessor:
         what the counter ``supersim_records_skipped_total{reason="other_type"}`` skips can be
         told apart (another product's events, or a connection event with a misspelt type);
         the first ``OTHER_TYPES_LOGGED`` types only, so a stream of many never floods the log."""
-        if len(self._other_types) >= OTHER_TYPES_LOGGED:
+        shown = event.type[:200]  # kept and logged: a type is no longer in a real stream
+        if shown in self._other_types or len(self._other_types) >= OTHER_TYPES_LOGGED:
             return
-        self._other_types.add(event.type)
+        self._other_types.add(shown)
         assert event.meta is not None  # events from records always carry it
         self._log.info(
             "other_event_type_skipped",
-            type=event.type[:200],
+            type=shown,
             shard_id=event.meta.shard_id,
             sequence_number=event.meta.sequence_number,
             types_seen=len(self._other_types),
@@ -215,12 +219,6 @@ class BatchProcessor:
         if events:
             for handler in self.handlers:
                 failed = await self._run(handler, batch, self._attempts)
-                if not failed and self._quiet(handler.name):
-                    # It works, and no record has failed it lately: any outage is over. A
-                    # batch of other records going through while some keep failing (another
-                    # shard's) does not end it: the batch kept back would wait afresh after
-                    # each such pass, for good, and never be dead-lettered.
-                    self._outage_since.pop(handler.name, None)
                 if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
                     # deploy, a dependency down), not the data's: keep the batch, retry later.
@@ -337,7 +335,6 @@ class BatchProcessor:
         be broken (``_outage``)."""
         assert event.meta is not None  # events from records always carry it
         now = time.monotonic()
-        self._failed_at[handler.name] = now
         recent = self._poisoned.setdefault(handler.name, {})
         key = (event.meta.shard_id, event.meta.sequence_number)
         recent.pop(key, None)  # re-inserted last: the dict stays oldest first
@@ -356,19 +353,21 @@ class BatchProcessor:
                 error,
             )
 
-    def _quiet(self, name: str) -> bool:
-        """Whether no record has failed handler ``name`` within ``BROKEN_HANDLER_WINDOW``."""
-        failed_at = self._failed_at.get(name)
-        return failed_at is None or time.monotonic() - failed_at >= BROKEN_HANDLER_WINDOW
-
     def _outage(self, handler: Handler, what: str, error: Exception) -> None:
         """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
         has been taken to be broken for ``outage_patience`` already: then return, and the
-        records it fails on are dead-lettered. The clock starts at the first such raise and
-        stops when a batch goes through the handler without a failure once no record has
-        failed it for ``BROKEN_HANDLER_WINDOW``."""
+        records it fails on are dead-lettered. The clock starts at the first such call; a
+        call after ``outage_gap`` seconds without one starts a new outage. Batches going
+        through the handler meanwhile do not end it: they may be other records than the
+        ones failing (another shard's), and a batch held back would then wait afresh after
+        each of them, for good. The batch held back is retried far more often than the gap
+        (every few seconds to half a minute), so its own failures keep its outage going."""
         now = time.monotonic()
-        since = self._outage_since.setdefault(handler.name, now)
+        last = self._outage_at.get(handler.name)
+        self._outage_at[handler.name] = now
+        if last is None or now - last >= self.outage_gap:
+            self._outage_since[handler.name] = now
+        since = self._outage_since[handler.name]
         if now - since < self._patience:
             self._metrics.handler_outages.labels(handler=handler.name).inc()
             raise HandlerUnavailable(
