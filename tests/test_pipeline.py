@@ -247,14 +247,13 @@ async def test_a_batch_waits_for_a_broken_handler_at_most_the_patience(redis: Re
 async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) -> None:
     """The same for a big batch whose every record fails (a handler failing on everything):
     once the patience is spent the whole batch is dead-lettered in one pass, not eight
-    records per patience. A batch going through does not end the outage; the handler not
-    looking broken for ``outage_gap`` (1 s here) does, and the next outage waits again."""
+    records per patience. A batch of the shard going through the handler without it
+    looking broken ends the outage, and the next one waits again."""
     dlq = store(redis)
     handler = Failing(lambda event: event.kind.is_data_session, lambda: RuntimeError("boom"))
     pipeline = BatchProcessor(
         [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
     )
-    pipeline.outage_gap = 1.0
     batch = records(["data-session.updated"] * 40)
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, batch)
@@ -264,12 +263,12 @@ async def test_a_batch_failing_whole_waits_at_most_the_patience(redis: Redis) ->
     # Still broken: new records are dead-lettered at once while the outage lasts...
     outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=100))
     assert outcome.dead_lettered == 10
-    # ...also after a batch goes through while records still fail it...
-    await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=150))
+    # ...also while another shard's batches go through...
+    await pipeline.process("shardId-000000000001", records(["attachment.accepted"] * 3, 150))
     outcome = await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=160))
     assert outcome.dead_lettered == 10
-    # ...until it has not looked broken for the gap; the next outage waits again.
-    await asyncio.sleep(1.05)
+    # ...until one of this shard's goes through; the next outage waits again.
+    await pipeline.process(SHARD, records(["attachment.accepted"] * 3, start=200))
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, records(["data-session.updated"] * 10, start=300))
 
@@ -278,16 +277,15 @@ async def test_an_outage_ends_though_a_few_bad_records_keep_coming(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After an outage, bad records now and then (too few to look like a broken handler)
-    are dead-lettered one by one and do not keep that outage going: a later broken spell
-    is a new outage, and its batch waits the patience again instead of being dead-lettered
-    at once."""
+    are dead-lettered one by one and end that outage: a later broken spell is a new
+    outage, and its batch waits the patience again instead of being dead-lettered at once
+    (and the patience running out is logged again)."""
     monkeypatch.setattr(pipeline_module, "BROKEN_HANDLER_WINDOW", 0.3)
     dlq = store(redis)
     handler = Failing(is_session, lambda: ValueError("bad session sid"))
     pipeline = BatchProcessor(
         [handler], dlq, Metrics(), backoff=Backoff(base=0.001, cap=0.002), outage_patience=0.5
     )
-    pipeline.outage_gap = 1.0
     kinds = ["attachment.accepted"] * 4 + ["data-session.updated"] * 8
     with pytest.raises(HandlerUnavailable):
         await pipeline.process(SHARD, records(kinds))

@@ -19,9 +19,10 @@ sizeable batch, or failing on ``BROKEN_HANDLER_RECORDS`` single records with the
 exception type within ``BROKEN_HANDLER_WINDOW`` seconds (a lost permission, a bug hit by a
 whole class of events). Its shards then wait and retry instead of dead-lettering live
 traffic record by record, but only for ``outage_patience`` seconds from when the handler
-was first taken to be broken: after that the records it fails on are dead-lettered, so a
-shard never stalls for good. The outage ends once the handler has not looked broken for
-twice the patience (``outage_gap``); other batches going through meanwhile do not end it.
+was first taken to be broken on that shard: after that the records it fails on there are
+dead-lettered, so a shard never stalls for good. A shard's outage ends when one of its
+batches goes through the handler without it looking broken; other shards' batches going
+through do not end it (they may be other records than the failing ones).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ BROKEN_HANDLER_WINDOW = 60.0
 type within this many seconds (across batches and shards) is broken, not the data."""
 OTHER_TYPES_LOGGED: Final = 100
 """Distinct other CloudEvent types whose first record is logged (``other_event_type_skipped``)."""
+OUTAGE_GAP_FLOOR: Final = 600.0
+"""Least ``outage_gap``: far longer than a held batch takes to be tried again."""
 DEFAULT_OUTAGE_PATIENCE = 600.0
 """Seconds batches wait for a handler taken to be broken before the records it fails on
 are dead-lettered after all (``SUPERSIM_HANDLER_OUTAGE_PATIENCE``)."""
@@ -133,14 +136,18 @@ class BatchProcessor:
         self._other_types: set[str] = set()
         """The other CloudEvent types skipped so far (their first record was logged)."""
         self._patience = outage_patience
-        self.outage_gap = max(2 * outage_patience, BROKEN_HANDLER_WINDOW)
-        """Seconds without the handler looking broken after which an outage is over."""
-        self._outage_since: dict[str, float] = {}
-        """Per handler taken to be broken: when it first was, in this outage."""
-        self._patience_spent: dict[str, float] = {}
-        """Per handler: the outage whose patience running out was logged (its start)."""
-        self._outage_at: dict[str, float] = {}
-        """Per handler: when it last looked broken (``_outage`` was called)."""
+        self.outage_gap = max(2 * outage_patience, OUTAGE_GAP_FLOOR)
+        """Seconds without the handler looking broken on a shard after which that shard's
+        outage is over anyway (the shard moved to another replica and back, say)."""
+        self._outage_since: dict[tuple[str, str], float] = {}
+        """Per handler and shard taken to be broken there: when it first was, this outage."""
+        self._patience_spent: dict[tuple[str, str], float] = {}
+        """Per handler and shard: the outage whose patience running out was logged."""
+        self._outage_at: dict[tuple[str, str], float] = {}
+        """Per handler and shard: when it last looked broken there (``_outage``)."""
+        self._outage_calls = 0
+        """``_outage`` calls so far: a batch that made none went through without the
+        handler looking broken."""
         self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
         """Per handler, per record (shard, sequence number), oldest first: when it last
         failed, with which exception type. Keyed by record, so that a batch retried for
@@ -218,16 +225,22 @@ class BatchProcessor:
         """The batch's records by sequence number, once a handler has failed on one."""
         if events:
             for handler in self.handlers:
+                calls = self._outage_calls
                 failed = await self._run(handler, batch, self._attempts)
                 if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
                     # deploy, a dependency down), not the data's: keep the batch, retry later.
                     self._outage(
                         handler,
+                        shard_id,
                         f"handler {handler.name} failed on all {len(batch)} events of the "
                         f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
                         failed[0][1],
                     )
+                elif self._outage_calls == calls and (handler.name, shard_id) in self._outage_at:
+                    # A batch of this shard went through without the handler looking broken
+                    # (any call while it ran, on any shard, counts: on the safe side).
+                    self._end_outage(handler.name, shard_id)
                 if failed and not raw:
                     raw = {record.sequence_number: record for record in records}
                 for event, exc in failed:
@@ -348,40 +361,51 @@ class BatchProcessor:
         if count >= BROKEN_HANDLER_RECORDS:
             self._outage(
                 handler,
+                event.meta.shard_id,
                 f"handler {handler.name} failed with {name} on {count} records within "
                 f"{BROKEN_HANDLER_WINDOW:.0f} s",
                 error,
             )
 
-    def _outage(self, handler: Handler, what: str, error: Exception) -> None:
+    def _end_outage(self, name: str, shard_id: str) -> None:
+        key = (name, shard_id)
+        self._outage_at.pop(key, None)
+        self._outage_since.pop(key, None)
+        self._patience_spent.pop(key, None)
+
+    def _outage(self, handler: Handler, shard_id: str, what: str, error: Exception) -> None:
         """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
-        has been taken to be broken for ``outage_patience`` already: then return, and the
-        records it fails on are dead-lettered. The clock starts at the first such call; a
-        call after ``outage_gap`` seconds without one starts a new outage. Batches going
-        through the handler meanwhile do not end it: they may be other records than the
-        ones failing (another shard's), and a batch held back would then wait afresh after
-        each of them, for good. The batch held back is retried far more often than the gap
-        (every few seconds to half a minute), so its own failures keep its outage going."""
+        has been taken to be broken on this shard for ``outage_patience`` already: then
+        return, and the records it fails on are dead-lettered. The clock, one per handler
+        and shard, starts at the first such call and stops when a batch of the shard goes
+        through the handler without it looking broken (``process``), or after
+        ``outage_gap`` seconds without such a call. Other shards' batches going through do
+        not stop it: they may be other records than the ones failing, and a batch held back
+        would then wait afresh after each of them, for good."""
+        self._outage_calls += 1
         now = time.monotonic()
-        last = self._outage_at.get(handler.name)
-        self._outage_at[handler.name] = now
+        key = (handler.name, shard_id)
+        last = self._outage_at.get(key)
+        self._outage_at[key] = now
         if last is None or now - last >= self.outage_gap:
-            self._outage_since[handler.name] = now
-        since = self._outage_since[handler.name]
+            self._outage_since[key] = now
+        since = self._outage_since[key]
         if now - since < self._patience:
             self._metrics.handler_outages.labels(handler=handler.name).inc()
             raise HandlerUnavailable(
                 f"{what}: treated as an outage, the batch waits (for at most "
                 f"{self._patience - (now - since):.0f} s more): {error}"
             ) from error
-        if self._patience_spent.get(handler.name) != since:
-            self._patience_spent[handler.name] = since
+        if self._patience_spent.get(key) != since:
+            self._patience_spent[key] = since
             self._log.error(
                 "handler_outage_patience_exhausted",
                 handler=handler.name,
+                shard_id=shard_id,
                 broken_for=round(now - since, 1),
                 error=f"{type(error).__name__}: {error}",
-                hint="the records it fails on are dead-lettered until a batch goes through; "
+                hint="the records it fails on here are dead-lettered until a batch of this "
+                "shard goes through it; "
                 "redrive them with `supersim-worker dlq redrive` once it is fixed",
             )
 
