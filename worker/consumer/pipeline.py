@@ -143,11 +143,12 @@ class BatchProcessor:
         """Per handler and shard taken to be broken there: when it first was, this outage."""
         self._patience_spent: dict[tuple[str, str], float] = {}
         """Per handler and shard: the outage whose patience running out was logged."""
-        self._outage_at: dict[tuple[str, str], float] = {}
-        """Per handler and shard: when it last looked broken there (``_outage``)."""
-        self._outage_calls = 0
-        """``_outage`` calls so far: a batch that made none went through without the
-        handler looking broken."""
+        self._bad_at: dict[tuple[str, str], float] = {}
+        """Per handler and shard: when a record last failed it there, or it last looked
+        broken there (``_outage``); ``outage_gap`` counts from this."""
+        self._outage_calls: dict[tuple[str, str], int] = {}
+        """Per handler and shard in an outage: ``_outage`` calls so far (a batch during
+        which there was none went through without the handler looking broken there)."""
         self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
         """Per handler, per record (shard, sequence number), oldest first: when it last
         failed, with which exception type. Keyed by record, so that a batch retried for
@@ -225,7 +226,8 @@ class BatchProcessor:
         """The batch's records by sequence number, once a handler has failed on one."""
         if events:
             for handler in self.handlers:
-                calls = self._outage_calls
+                key = (handler.name, shard_id)
+                calls = self._outage_calls.get(key)
                 failed = await self._run(handler, batch, self._attempts)
                 if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
@@ -237,10 +239,10 @@ class BatchProcessor:
                         f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
                         failed[0][1],
                     )
-                elif self._outage_calls == calls and (handler.name, shard_id) in self._outage_at:
+                elif calls is not None and self._outage_calls.get(key) == calls:
                     # A batch of this shard went through without the handler looking broken
-                    # (any call while it ran, on any shard, counts: on the safe side).
-                    self._end_outage(handler.name, shard_id)
+                    # here: the shard's outage is over.
+                    self._end_outage(key)
                 if failed and not raw:
                     raw = {record.sequence_number: record for record in records}
                 for event, exc in failed:
@@ -358,37 +360,44 @@ class BatchProcessor:
                 break
             del recent[old]
         count = sum(1 for _, seen in recent.values() if seen == name)
-        if count >= BROKEN_HANDLER_RECORDS:
-            self._outage(
-                handler,
-                event.meta.shard_id,
-                f"handler {handler.name} failed with {name} on {count} records within "
-                f"{BROKEN_HANDLER_WINDOW:.0f} s",
-                error,
-            )
+        shard = (handler.name, event.meta.shard_id)
+        try:
+            if count >= BROKEN_HANDLER_RECORDS:
+                self._outage(
+                    handler,
+                    event.meta.shard_id,
+                    f"handler {handler.name} failed with {name} on {count} records within "
+                    f"{BROKEN_HANDLER_WINDOW:.0f} s",
+                    error,
+                )
+        finally:
+            if shard in self._outage_since:  # failures keep a slow outage's clock going
+                self._bad_at[shard] = now
 
-    def _end_outage(self, name: str, shard_id: str) -> None:
-        key = (name, shard_id)
-        self._outage_at.pop(key, None)
+    def _end_outage(self, key: tuple[str, str]) -> None:
+        self._outage_calls.pop(key, None)
         self._outage_since.pop(key, None)
         self._patience_spent.pop(key, None)
+        self._bad_at.pop(key, None)
 
     def _outage(self, handler: Handler, shard_id: str, what: str, error: Exception) -> None:
         """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
         has been taken to be broken on this shard for ``outage_patience`` already: then
         return, and the records it fails on are dead-lettered. The clock, one per handler
         and shard, starts at the first such call and stops when a batch of the shard goes
-        through the handler without it looking broken (``process``), or after
-        ``outage_gap`` seconds without such a call. Other shards' batches going through do
-        not stop it: they may be other records than the ones failing, and a batch held back
-        would then wait afresh after each of them, for good."""
-        self._outage_calls += 1
+        through the handler without it looking broken (``process``); a call after
+        ``outage_gap`` seconds without a failure there starts a new one. Other shards'
+        batches going through do not stop it: they may be other records than the ones
+        failing, and a batch held back would then wait afresh after each of them, for
+        good."""
         now = time.monotonic()
         key = (handler.name, shard_id)
-        last = self._outage_at.get(key)
-        self._outage_at[key] = now
-        if last is None or now - last >= self.outage_gap:
+        self._outage_calls[key] = self._outage_calls.get(key, 0) + 1
+        last = self._bad_at.get(key)
+        self._bad_at[key] = now
+        if key not in self._outage_since or last is None or now - last >= self.outage_gap:
             self._outage_since[key] = now
+            self._patience_spent.pop(key, None)
         since = self._outage_since[key]
         if now - since < self._patience:
             self._metrics.handler_outages.labels(handler=handler.name).inc()
