@@ -139,16 +139,8 @@ class BatchProcessor:
         self.outage_gap = max(2 * outage_patience, OUTAGE_GAP_FLOOR)
         """Seconds without the handler looking broken on a shard after which that shard's
         outage is over anyway (the shard moved to another replica and back, say)."""
-        self._outage_since: dict[tuple[str, str], float] = {}
-        """Per handler and shard taken to be broken there: when it first was, this outage."""
-        self._patience_spent: dict[tuple[str, str], float] = {}
-        """Per handler and shard: the outage whose patience running out was logged."""
-        self._bad_at: dict[tuple[str, str], float] = {}
-        """Per handler and shard: when a record last failed it there, or it last looked
-        broken there (``_outage``); ``outage_gap`` counts from this."""
-        self._outage_calls: dict[tuple[str, str], int] = {}
-        """Per handler and shard in an outage: ``_outage`` calls so far (a batch during
-        which there was none went through without the handler looking broken there)."""
+        self._outages: dict[tuple[str, str], _Outage] = {}
+        """Per handler and shard where the handler is taken to be broken: that outage."""
         self._poisoned: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
         """Per handler, per record (shard, sequence number), oldest first: when it last
         failed, with which exception type. Keyed by record, so that a batch retried for
@@ -227,7 +219,8 @@ class BatchProcessor:
         if events:
             for handler in self.handlers:
                 key = (handler.name, shard_id)
-                calls = self._outage_calls.get(key)
+                outage = self._outages.get(key)
+                calls = outage.calls if outage is not None else 0
                 failed = await self._run(handler, batch, self._attempts)
                 if len(failed) == len(batch) >= BROKEN_HANDLER_BATCH:
                     # Every record of a sizeable batch failing is the handler's fault (a bad
@@ -239,10 +232,14 @@ class BatchProcessor:
                         f"batch: {type(failed[0][1]).__name__}: {failed[0][1]}",
                         failed[0][1],
                     )
-                elif calls is not None and self._outage_calls.get(key) == calls:
+                elif (
+                    outage is not None
+                    and self._outages.get(key) is outage
+                    and outage.calls == calls
+                ):
                     # A batch of this shard went through without the handler looking broken
                     # here: the shard's outage is over.
-                    self._end_outage(key)
+                    self._outages.pop(key, None)
                 if failed and not raw:
                     raw = {record.sequence_number: record for record in records}
                 for event, exc in failed:
@@ -360,7 +357,6 @@ class BatchProcessor:
                 break
             del recent[old]
         count = sum(1 for _, seen in recent.values() if seen == name)
-        shard = (handler.name, event.meta.shard_id)
         try:
             if count >= BROKEN_HANDLER_RECORDS:
                 self._outage(
@@ -371,14 +367,9 @@ class BatchProcessor:
                     error,
                 )
         finally:
-            if shard in self._outage_since:  # failures keep a slow outage's clock going
-                self._bad_at[shard] = now
-
-    def _end_outage(self, key: tuple[str, str]) -> None:
-        self._outage_calls.pop(key, None)
-        self._outage_since.pop(key, None)
-        self._patience_spent.pop(key, None)
-        self._bad_at.pop(key, None)
+            outage = self._outages.get((handler.name, event.meta.shard_id))
+            if outage is not None:  # failures keep a slow outage's clock going
+                outage.bad_at = now
 
     def _outage(self, handler: Handler, shard_id: str, what: str, error: Exception) -> None:
         """Raise ``HandlerUnavailable`` (the batch waits and is retried), unless the handler
@@ -392,21 +383,20 @@ class BatchProcessor:
         good."""
         now = time.monotonic()
         key = (handler.name, shard_id)
-        self._outage_calls[key] = self._outage_calls.get(key, 0) + 1
-        last = self._bad_at.get(key)
-        self._bad_at[key] = now
-        if key not in self._outage_since or last is None or now - last >= self.outage_gap:
-            self._outage_since[key] = now
-            self._patience_spent.pop(key, None)
-        since = self._outage_since[key]
+        outage = self._outages.get(key)
+        if outage is None or now - outage.bad_at >= self.outage_gap:
+            outage = self._outages[key] = _Outage(since=now, bad_at=now)
+        outage.bad_at = now
+        outage.calls += 1
+        since = outage.since
         if now - since < self._patience:
             self._metrics.handler_outages.labels(handler=handler.name).inc()
             raise HandlerUnavailable(
                 f"{what}: treated as an outage, the batch waits (for at most "
                 f"{self._patience - (now - since):.0f} s more): {error}"
             ) from error
-        if self._patience_spent.get(key) != since:
-            self._patience_spent[key] = since
+        if not outage.logged:
+            outage.logged = True
             self._log.error(
                 "handler_outage_patience_exhausted",
                 handler=handler.name,
@@ -417,6 +407,22 @@ class BatchProcessor:
                 "shard goes through it; "
                 "redrive them with `supersim-worker dlq redrive` once it is fixed",
             )
+
+
+@dataclass(slots=True)
+class _Outage:
+    """A handler taken to be broken on one shard."""
+
+    since: float
+    """When it first was, in this outage."""
+    bad_at: float
+    """When a record last failed it there, or it last looked broken there; the outage is
+    over once ``outage_gap`` passes from this (or a batch of the shard goes through)."""
+    calls: int = 0
+    """``_outage`` calls so far: a batch during which there was none went through without
+    the handler looking broken there."""
+    logged: bool = False
+    """Whether its patience running out was logged."""
 
 
 def _as_handler_error(caught: BaseException) -> Exception:
